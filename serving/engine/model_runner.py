@@ -1,0 +1,218 @@
+"""Runs the scheduler's steps on a real model: one flattened forward pass per step.
+
+KV cache: one tensor ``[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]``;
+layer ``i`` uses the view ``kv_cache[i]`` (see ``layers/attention.py`` for the slot layout).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from serving.engine.layers.attention import SeqSpan, make_attn_metadata
+from serving.engine.layers.sampler import sample
+from serving.engine.models.llama import LlamaForCausalLM
+from serving.engine.models.loader import ModelArchConfig, iter_weights, load_arch_config
+from serving.engine.scheduler_output import (
+    ModelRunnerOutput,
+    ScheduledSeq,
+    SchedulerOutput,
+    TokenLogprobs,
+)
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
+
+
+class ModelRunner:
+    """Owns the weights, the paged KV cache and each request's seeded sampler generator.
+
+    Never decides what runs: block ids, positions and tokens come from the scheduler.
+    """
+
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        device: str = "cpu",
+        dtype: str = "auto",
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        kv_cache_bytes: int | None = None,
+        gpu_memory_utilization: float = 0.9,
+        max_num_batched_tokens: int = 2048,
+    ) -> None:
+        self.device = torch.device(device)
+        self.arch: ModelArchConfig = load_arch_config(Path(model_dir))
+        self.dtype = resolve_dtype(dtype, self.device, self.arch)
+        self.block_size = block_size
+        self.model = load_model(Path(model_dir), self.arch, self.dtype, self.device)
+        elem_bytes = torch.empty((), dtype=self.dtype).element_size()
+        arch = self.arch
+        self.kv_bytes_per_token = (
+            2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * elem_bytes
+        )
+        if num_blocks is None:
+            num_blocks = self._decide_num_blocks(
+                kv_cache_bytes, gpu_memory_utilization, max_num_batched_tokens
+            )
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.kv_cache = self._make_kv_cache(num_blocks)
+        self.kv_caches: list[torch.Tensor] = list(self.kv_cache.unbind(0))
+        self._generators: dict[str, torch.Generator] = {}
+        self._global_generator = torch.Generator(device=self.device)
+        self._global_generator.seed()
+
+    @property
+    def bytes_per_block(self) -> int:
+        return self.kv_bytes_per_token * self.block_size
+
+    @torch.inference_mode()
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        """Compute every scheduled token in one forward pass; sample for seqs with ``sample``."""
+        for req_id in scheduler_output.finished_req_ids:
+            self._generators.pop(req_id, None)
+        if scheduler_output.is_empty:
+            return ModelRunnerOutput(sampled_token_ids={})
+        # Decodes (one new token) first: the attention metadata batches them as one group.
+        seqs = [s for s in scheduler_output.seqs if s.num_tokens == 1]
+        seqs += [s for s in scheduler_output.seqs if s.num_tokens != 1]
+        hidden = self._forward(seqs, self.kv_caches)
+        sample_rows: list[int] = []
+        sample_seqs: list[ScheduledSeq] = []
+        offset = 0
+        for seq in seqs:
+            offset += seq.num_tokens
+            if seq.sample:
+                sample_rows.append(offset - 1)
+                sample_seqs.append(seq)
+        if not sample_seqs:
+            return ModelRunnerOutput(sampled_token_ids={})
+        rows = torch.tensor(sample_rows, device=self.device)
+        logits = self.model.compute_logits(hidden.index_select(0, rows))
+        params = [s.sampling_params for s in sample_seqs]
+        generators = [self._generator_for(s) for s in sample_seqs]
+        token_ids, logprobs = sample(logits, params, generators)
+        out = ModelRunnerOutput(
+            sampled_token_ids={s.req_id: t for s, t in zip(sample_seqs, token_ids, strict=True)}
+        )
+        out.logprobs = _logprobs_by_req(sample_seqs, logprobs)
+        return out
+
+    def read_kv_blocks(self, block_ids: Sequence[int]) -> torch.Tensor:
+        """Copy of whole blocks: ``[layers, 2, len(block_ids), block_size, kv_heads, head_dim]``.
+
+        The result is contiguous and independent of the cache.
+        """
+        index = torch.tensor(list(block_ids), dtype=torch.int64, device=self.device)
+        return self.kv_cache.index_select(2, index)
+
+    def write_kv_blocks(self, block_ids: Sequence[int], data: torch.Tensor) -> None:
+        """Overwrite whole blocks with ``data`` shaped as ``read_kv_blocks`` returns."""
+        expected = (*self.kv_cache.shape[:2], len(block_ids), *self.kv_cache.shape[3:])
+        if tuple(data.shape) != expected:
+            raise ValueError(f"KV data has shape {tuple(data.shape)}, expected {expected}")
+        index = torch.tensor(list(block_ids), dtype=torch.int64, device=self.device)
+        self.kv_cache.index_copy_(2, index, data.to(device=self.device, dtype=self.dtype))
+
+    def _forward(self, seqs: Sequence[ScheduledSeq], kv_caches: list[torch.Tensor]) -> torch.Tensor:
+        spans = [SeqSpan(s.start_pos, s.num_tokens, s.block_ids) for s in seqs]
+        meta, positions = make_attn_metadata(spans, self.block_size, self.device)
+        token_ids = [t for s in seqs for t in s.token_ids]
+        input_ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
+        return self.model(input_ids, positions, meta, kv_caches)
+
+    def _generator_for(self, seq: ScheduledSeq) -> torch.Generator:
+        seed = seq.sampling_params.seed
+        if seed is None:
+            return self._global_generator
+        generator = self._generators.get(seq.req_id)
+        if generator is None:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(seed)
+            self._generators[seq.req_id] = generator
+        return generator
+
+    def _make_kv_cache(self, num_blocks: int) -> torch.Tensor:
+        arch = self.arch
+        shape = (arch.num_layers, 2, num_blocks, self.block_size, arch.num_kv_heads, arch.head_dim)
+        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    def _decide_num_blocks(
+        self, kv_cache_bytes: int | None, gpu_memory_utilization: float, max_batched_tokens: int
+    ) -> int:
+        if kv_cache_bytes is None and self.device.type == "cuda":
+            kv_cache_bytes = self._profile_free_bytes(gpu_memory_utilization, max_batched_tokens)
+        if kv_cache_bytes is None:
+            kv_cache_bytes = _DEFAULT_CPU_KV_CACHE_BYTES
+        num_blocks = kv_cache_bytes // self.bytes_per_block
+        if num_blocks < 1:
+            raise ValueError(
+                f"KV cache budget of {kv_cache_bytes} bytes holds no block of "
+                f"{self.bytes_per_block} bytes"
+            )
+        logger.info("KV cache: %d blocks of %d tokens", num_blocks, self.block_size)
+        return int(num_blocks)
+
+    @torch.inference_mode()
+    def _profile_free_bytes(self, utilization: float, max_batched_tokens: int) -> int:
+        """Bytes left for the KV cache after weights and a warm-up forward's activation peak."""
+        num_tokens = min(max_batched_tokens, self.arch.max_model_len)
+        num_blocks = -(-num_tokens // self.block_size)
+        scratch = self._make_kv_cache(num_blocks)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        seq = SeqSpan(0, num_tokens, range(num_blocks))
+        meta, positions = make_attn_metadata([seq], self.block_size, self.device)
+        input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
+        hidden = self.model(input_ids, positions, meta, list(scratch.unbind(0)))
+        self.model.compute_logits(hidden[-1:])
+        torch.cuda.synchronize(self.device)
+        peak_bytes = torch.cuda.max_memory_allocated(self.device) - scratch.nbytes
+        del scratch, hidden
+        torch.cuda.empty_cache()
+        free_bytes, total_bytes = torch.cuda.mem_get_info(self.device)
+        activation_bytes = max(0, peak_bytes - torch.cuda.memory_allocated(self.device))
+        budget = int(total_bytes * utilization) - (total_bytes - free_bytes) - activation_bytes
+        logger.info(
+            "GPU memory: total %d, in use %d, activation peak %d, KV budget %d bytes",
+            total_bytes,
+            total_bytes - free_bytes,
+            activation_bytes,
+            budget,
+        )
+        return max(0, budget)
+
+
+def resolve_dtype(dtype: str, device: torch.device, arch: ModelArchConfig) -> torch.dtype:
+    """``auto``: float32 on CPU; on CUDA bfloat16, or float16 when the checkpoint says so."""
+    if dtype == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.float16 if arch.config_dtype == torch.float16 else torch.bfloat16
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def load_model(
+    model_dir: Path, arch: ModelArchConfig, dtype: torch.dtype, device: torch.device
+) -> LlamaForCausalLM:
+    """Build the model without allocating, then assign the checkpoint's tensors."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(arch)
+    model.load_weights(iter_weights(model_dir, dtype=dtype, device=device))
+    model.rotary_emb.to(device)
+    return model.eval()
+
+
+def _logprobs_by_req(
+    seqs: Sequence[ScheduledSeq], logprobs: Sequence[TokenLogprobs | None]
+) -> dict[str, TokenLogprobs]:
+    return {s.req_id: lp for s, lp in zip(seqs, logprobs, strict=True) if lp is not None}
