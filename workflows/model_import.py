@@ -44,8 +44,9 @@ SMOLLM2_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROVENANCE_FILENAME = "strata_import.json"
 # Bumped when the checkpoint or provenance layout changes, so caches know to rebuild.
 PROVENANCE_FORMAT = 1
-# GGUF ``general.architecture`` values whose conversion the built-in engine can serve.
-SUPPORTED_ARCHITECTURES = frozenset({"llama"})
+# GGUF ``general.architecture`` values whose conversion the built-in engine loads (see
+# ``serving.engine.models.loader.SUPPORTED_ARCHITECTURES``); llama.cpp files Mistral as "llama".
+SUPPORTED_ARCHITECTURES = frozenset({"llama", "qwen2"})
 
 
 class ModelImportError(Exception):
