@@ -9,14 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from workflows.model_import import (
-    PROVENANCE_FILENAME,
-    PROVENANCE_FORMAT,
-    ModelImportError,
-    bundled_smollm2_gguf,
-    import_gguf,
-)
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TEST_CACHE_DIR = REPO_ROOT / ".strata" / "test-cache"
 
@@ -29,6 +21,8 @@ def smollm2_dir() -> Path:
     ``.strata/test-cache``; a cache without ``strata_import.json`` (or with an older format) is
     rebuilt. An exclusive ``flock`` keeps two pytest processes from converting at the same time.
     """
+    from workflows.model_import import ModelImportError, bundled_smollm2_gguf, import_gguf
+
     try:
         gguf_path = bundled_smollm2_gguf()
     except ModelImportError as exc:
@@ -46,6 +40,8 @@ def smollm2_dir() -> Path:
 
 
 def _is_current_import(out_dir: Path) -> bool:
+    from workflows.model_import import PROVENANCE_FILENAME, PROVENANCE_FORMAT
+
     try:
         provenance = json.loads((out_dir / PROVENANCE_FILENAME).read_text())
     except (OSError, ValueError):
