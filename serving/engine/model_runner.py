@@ -204,12 +204,14 @@ def resolve_dtype(dtype: str, device: torch.device, arch: ModelArchConfig) -> to
 def load_model(
     model_dir: Path, arch: ModelArchConfig, dtype: torch.dtype, device: torch.device
 ) -> LlamaForCausalLM:
-    """Build the model without allocating, then assign the checkpoint's tensors."""
+    """Allocate the model uninitialized on ``device``, then copy the checkpoint's tensors in."""
     with torch.device("meta"):
         model = LlamaForCausalLM(arch)
+    inv_freq = model.rotary_emb.inv_freq  # float32, computed on CPU: keep it exact
+    model = model.to(dtype=dtype).to_empty(device=device)
+    model.rotary_emb.inv_freq = inv_freq.to(device)
     model.load_weights(iter_weights(model_dir, dtype=dtype, device=device))
-    model.rotary_emb.to(device)
-    return model.eval()
+    return model.eval().requires_grad_(False)
 
 
 def _logprobs_by_req(

@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, rotate_half
 
-from serving.engine.layers.rotary import RotaryEmbedding, compute_inv_freq
+from serving.engine.layers.rotary import RotaryEmbedding, apply_rotary, compute_inv_freq
 from serving.engine.model_runner import ModelRunner, load_model
 from serving.engine.models.loader import (
     ModelArchConfig,
@@ -131,11 +131,14 @@ def test_rope_matches_transformers_bit_for_bit(rope: dict[str, Any]) -> None:
         expected = ROPE_INIT_FUNCTIONS[rope["rope_type"]](hf_config, "cpu")[0]
     assert torch.equal(ours, expected)
     positions = torch.arange(300)
-    cos, sin = RotaryEmbedding(arch.head_dim, arch.rope_theta, arch.rope_scaling)(
+    cos, signed_sin = RotaryEmbedding(arch.head_dim, arch.rope_theta, arch.rope_scaling)(
         positions, torch.float32
     )
     hf_cos, hf_sin = LlamaRotaryEmbedding(hf_config)(torch.zeros(1), positions[None])
-    assert torch.equal(cos[:, 0], hf_cos[0]) and torch.equal(sin[:, 0], hf_sin[0])
+    assert torch.equal(cos[:, 0], hf_cos[0])
+    x = torch.randn(300, 3, arch.head_dim)
+    hf_rotated = x * hf_cos[0][:, None] + rotate_half(x) * hf_sin[0][:, None]
+    assert torch.equal(apply_rotary(x, cos, signed_sin), hf_rotated)
 
 
 def test_qwen2_and_mistral_fields(caplog: pytest.LogCaptureFixture) -> None:
@@ -206,8 +209,15 @@ def test_sharded_checkpoint_loads_every_shard(tmp_path: Path) -> None:
     assert sorted(files) == sorted(tmp_path.glob("*.safetensors"))
     model = load_model(tmp_path, load_arch_config(tmp_path), torch.float32, torch.device("cpu"))
     ours = dict(model.named_parameters())
-    for name, tensor in hf.state_dict().items():
-        assert torch.equal(ours[name], tensor), name
+    hf_state = hf.state_dict()
+    fused = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+    for name, param in ours.items():
+        module, _, kind = name.rpartition(".")
+        owner, _, leaf = module.rpartition(".")
+        prefix = f"{owner}." if owner else ""
+        parts = [f"{prefix}{p}.{kind}" for p in fused.get(leaf, (leaf,))]
+        assert torch.equal(param, torch.cat([hf_state[p] for p in parts])), name
+    assert len(ours) == len(hf_state) - 3 * 2  # q/k/v -> qkv and gate/up -> gate_up, 2 layers
 
 
 def test_missing_or_unexpected_tensors_raise(tmp_path: Path) -> None:
@@ -226,6 +236,8 @@ def test_missing_or_unexpected_tensors_raise(tmp_path: Path) -> None:
 
 def test_tied_embeddings_share_one_tensor(tmp_path: Path) -> None:
     _hf_llama(tie_word_embeddings=True).save_pretrained(tmp_path)
-    runner = ModelRunner(tmp_path, num_blocks=2)
-    model = runner.model
-    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    model = ModelRunner(tmp_path, num_blocks=2).model
+    assert model.lm_head is None
+    hidden = torch.randn(3, 64)
+    embed = model.model.embed_tokens.weight
+    assert torch.equal(model.compute_logits(hidden), torch.nn.functional.linear(hidden, embed))

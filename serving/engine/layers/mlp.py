@@ -1,4 +1,4 @@
-"""SwiGLU feed-forward block: ``down(silu(gate(x)) * up(x))``."""
+"""SwiGLU feed-forward block: ``down(silu(gate(x)) * up(x))``, gate and up in one matmul."""
 
 from __future__ import annotations
 
@@ -8,11 +8,15 @@ from torch import nn
 
 
 class SwiGLUMLP(nn.Module):
+    """``gate_up_proj`` holds the gate rows, then the up rows (``shard_sizes``)."""
+
     def __init__(self, hidden_size: int, intermediate_size: int, *, bias: bool = False) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.shard_sizes = (intermediate_size, intermediate_size)
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate_up = F.linear(x, self.gate_up_proj.weight, self.gate_up_proj.bias)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down_proj.weight, self.down_proj.bias)

@@ -45,7 +45,11 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Computes cos/sin ``[T, 1, head_dim]`` once per step for the step's flattened positions."""
+    """Computes cos/sin ``[T, 1, head_dim]`` once per step for the step's flattened positions.
+
+    The returned sin carries rotate_half's sign (first half negated), so that
+    ``apply_rotary`` needs one ``roll`` instead of slicing, negating and concatenating.
+    """
 
     def __init__(self, head_dim: int, theta: float, scaling: RopeScaling) -> None:
         super().__init__()
@@ -56,14 +60,13 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         freqs = positions[:, None].float() * self.inv_freq.float()
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
+        cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        half = sin.shape[-1] // 2
+        signed_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+        return cos[:, None, :], signed_sin[:, None, :]
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x [T, heads, head_dim]`` by cos/sin ``[T, 1, head_dim]``."""
-    return (x * cos) + (rotate_half(x) * sin)
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [T, heads, head_dim]``; same bits as Hugging Face's
+    ``x * cos + rotate_half(x) * sin``, since ``(-a) * b == a * (-b)`` exactly."""
+    return (x * cos) + (x.roll(x.shape[-1] // 2, dims=-1) * signed_sin)

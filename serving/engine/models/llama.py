@@ -1,8 +1,9 @@
 """Llama-family decoder (Llama, Qwen2, Mistral) over flattened tokens and a paged KV cache.
 
-Parameter names match the Hugging Face checkpoints (``model.layers.N.self_attn.q_proj.weight``,
-``lm_head.weight``), so weights load by name. Owns the weights and the forward math; never
-allocates the KV cache or samples.
+q/k/v and gate/up projections are stored fused (one matmul each); checkpoint tensors load into
+their row slices by name. On this path, the fused matmul gives the same bits as separate ones
+(each output element is the same dot product); the greedy-vs-transformers tests guard that.
+Owns the weights and the forward math; never allocates the KV cache or samples.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from serving.engine.layers.attention import AttentionMetadata, paged_attention
@@ -17,6 +19,12 @@ from serving.engine.layers.mlp import SwiGLUMLP
 from serving.engine.layers.norm import RMSNorm
 from serving.engine.layers.rotary import RotaryEmbedding, apply_rotary
 from serving.engine.models.loader import ModelArchConfig
+
+# Fused module -> the checkpoint modules whose rows it stacks, in order.
+_FUSED_PARTS = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+}
 
 
 class LlamaAttention(nn.Module):
@@ -27,10 +35,8 @@ class LlamaAttention(nn.Module):
         self.head_dim = arch.head_dim
         self.scale = arch.head_dim**-0.5
         q_size, kv_size = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
-        bias = arch.attention_bias
-        self.q_proj = nn.Linear(arch.hidden_size, q_size, bias=bias)
-        self.k_proj = nn.Linear(arch.hidden_size, kv_size, bias=bias)
-        self.v_proj = nn.Linear(arch.hidden_size, kv_size, bias=bias)
+        self.shard_sizes = (q_size, kv_size, kv_size)
+        self.qkv_proj = nn.Linear(arch.hidden_size, q_size + 2 * kv_size, bias=arch.attention_bias)
         self.o_proj = nn.Linear(q_size, arch.hidden_size, bias=arch.o_proj_bias)
 
     def forward(
@@ -42,13 +48,14 @@ class LlamaAttention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
+        qkv = F.linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
+        qkv = qkv.view(num_tokens, -1, self.head_dim)
+        num_qk_heads = self.num_heads + self.num_kv_heads
+        # q and k heads rotate together: elementwise, so identical to rotating each alone.
+        qk = apply_rotary(qkv[:, :num_qk_heads], cos, sin)
+        q, k, v = qk[:, : self.num_heads], qk[:, self.num_heads :], qkv[:, num_qk_heads:]
         out = paged_attention(q, k, v, kv_cache, meta, self.scale)
-        return self.o_proj(out.reshape(num_tokens, -1))
+        return F.linear(out.reshape(num_tokens, -1), self.o_proj.weight, self.o_proj.bias)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -67,8 +74,10 @@ class LlamaDecoderLayer(nn.Module):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, kv_cache, meta)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        # Direct .forward calls skip nn.Module.__call__ (hooks) on the per-token hot path.
+        normed = self.input_layernorm.forward(hidden)
+        hidden = hidden + self.self_attn.forward(normed, cos, sin, kv_cache, meta)
+        return hidden + self.mlp.forward(self.post_attention_layernorm.forward(hidden))
 
 
 class LlamaModel(nn.Module):
@@ -81,13 +90,18 @@ class LlamaModel(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     """``forward(input_ids[T], positions[T], meta, kv_caches) -> hidden[T, H]``;
-    ``compute_logits(hidden[n, H]) -> [n, vocab]`` float32."""
+    ``compute_logits(hidden[n, H]) -> [n, vocab]`` float32.
+
+    With tied embeddings there is no ``lm_head``: logits use ``embed_tokens.weight``.
+    """
 
     def __init__(self, arch: ModelArchConfig) -> None:
         super().__init__()
         self.arch = arch
         self.model = LlamaModel(arch)
-        self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+        self.lm_head: nn.Linear | None = None
+        if not arch.tie_word_embeddings:
+            self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
         self.rotary_emb = RotaryEmbedding(arch.head_dim, arch.rope_theta, arch.rope_scaling)
 
     def forward(
@@ -97,41 +111,55 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
         kv_caches: Sequence[torch.Tensor],
     ) -> torch.Tensor:
-        hidden = self.model.embed_tokens(input_ids)
+        hidden = F.embedding(input_ids, self.model.embed_tokens.weight)
         cos, sin = self.rotary_emb(positions, hidden.dtype)
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
-            hidden = layer(hidden, cos, sin, kv_cache, meta)
+            hidden = layer.forward(hidden, cos, sin, kv_cache, meta)
         return self.model.norm(hidden)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        head = self.lm_head if self.lm_head is not None else self.model.embed_tokens
+        return F.linear(hidden, head.weight).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Assign checkpoint tensors by name; every parameter must be covered exactly once."""
-        params = dict(self.named_parameters())
-        if self.arch.tie_word_embeddings:
-            params.pop("lm_head.weight")
-        loaded: set[str] = set()
+        """Copy checkpoint tensors into the (already allocated) parameters, by name.
+
+        Every checkpoint name the model expects must appear once; unknown names raise.
+        """
+        targets = _load_targets(self)
         for name, tensor in weights:
-            if name not in params:
-                if name == "lm_head.weight" or name.endswith("rotary_emb.inv_freq"):
-                    continue  # tied copy of the embeddings / a recomputed buffer
+            if name.endswith("rotary_emb.inv_freq"):
+                continue  # recomputed, never loaded
+            if name == "lm_head.weight" and self.lm_head is None:
+                continue  # tied: a copy of the embeddings
+            if name not in targets:
                 raise ValueError(f"checkpoint tensor {name!r} matches no model parameter")
-            if tuple(tensor.shape) != tuple(params[name].shape):
+            param, rows = targets.pop(name)
+            dest = param.data[rows]
+            if tuple(tensor.shape) != tuple(dest.shape):
                 raise ValueError(
                     f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
-                    f"expected {tuple(params[name].shape)}"
+                    f"expected {tuple(dest.shape)}"
                 )
-            _set_param(self, name, tensor)
-            loaded.add(name)
-        missing = sorted(set(params) - loaded)
-        if missing:
-            raise ValueError(f"checkpoint lacks tensors: {', '.join(missing[:5])}")
-        if self.arch.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+            dest.copy_(tensor)
+        if targets:
+            raise ValueError(f"checkpoint lacks tensors: {', '.join(sorted(targets)[:5])}")
 
 
-def _set_param(root: nn.Module, name: str, tensor: torch.Tensor) -> None:
-    module_path, _, attr = name.rpartition(".")
-    module = root.get_submodule(module_path)
-    setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
+def _load_targets(model: nn.Module) -> dict[str, tuple[torch.Tensor, slice]]:
+    """Checkpoint tensor name -> (parameter, rows it fills). Fused parameters get one entry
+    per part: ``...self_attn.k_proj.weight`` -> rows of ``...self_attn.qkv_proj.weight``."""
+    targets: dict[str, tuple[torch.Tensor, slice]] = {}
+    for name, param in model.named_parameters():
+        module_path, _, kind = name.rpartition(".")
+        owner_path, _, leaf = module_path.rpartition(".")
+        parts = _FUSED_PARTS.get(leaf)
+        if parts is None:
+            targets[name] = (param, slice(None))
+            continue
+        sizes: tuple[int, ...] = model.get_submodule(owner_path).shard_sizes
+        start = 0
+        for part, size in zip(parts, sizes, strict=True):
+            targets[f"{owner_path}.{part}.{kind}"] = (param, slice(start, start + size))
+            start += size
+    return targets
