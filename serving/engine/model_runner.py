@@ -124,7 +124,7 @@ class ModelRunner:
 
     def _forward(self, seqs: Sequence[ScheduledSeq], kv_caches: list[torch.Tensor]) -> torch.Tensor:
         spans = [SeqSpan(s.start_pos, s.num_tokens, s.block_ids) for s in seqs]
-        meta, positions = make_attn_metadata(spans, self.block_size, self.device)
+        meta, positions = make_attn_metadata(spans, self.block_size, self.num_blocks, self.device)
         token_ids = [t for s in seqs for t in s.token_ids]
         input_ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
         return self.model(input_ids, positions, meta, kv_caches)
@@ -169,7 +169,7 @@ class ModelRunner:
         scratch = self._make_kv_cache(num_blocks)
         torch.cuda.reset_peak_memory_stats(self.device)
         seq = SeqSpan(0, num_tokens, range(num_blocks))
-        meta, positions = make_attn_metadata([seq], self.block_size, self.device)
+        meta, positions = make_attn_metadata([seq], self.block_size, num_blocks, self.device)
         input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
         hidden = self.model(input_ids, positions, meta, list(scratch.unbind(0)))
         self.model.compute_logits(hidden[-1:])

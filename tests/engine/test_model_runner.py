@@ -176,6 +176,25 @@ def _runner(path: Path, device: str = "cpu") -> ModelRunner:
     return ModelRunner(path, device=device, block_size=BLOCK_SIZE, num_blocks=NUM_BLOCKS)
 
 
+def test_attn_metadata_slots_rows_and_masks() -> None:
+    spans = [SeqSpan(5, 1, [7, 2, 9]), SeqSpan(2, 5, [3, 0, 6])]
+    meta, positions = make_attn_metadata(spans, 4, 10, torch.device("cpu"))
+    assert positions.tolist() == [5, 2, 3, 4, 5, 6]
+    # slot = block_ids[pos // 4] * 4 + pos % 4
+    assert meta.slot_mapping.tolist() == [9, 14, 15, 0, 1, 2]
+    assert meta.num_decode_tokens == 1
+    assert meta.decode_kv_rows is not None and meta.decode_kv_rows.tolist() == [7, 2, 17, 12]
+    assert meta.decode_mask is not None
+    assert meta.decode_mask.tolist() == [[[[True] * 6 + [False] * 2]]]
+    (chunk,) = meta.prefills
+    assert (chunk.token_start, chunk.num_tokens, chunk.start_pos) == (1, 5, 2)
+    assert chunk.kv_rows is not None and chunk.kv_rows.tolist() == [3, 0, 13, 10]
+    assert chunk.mask is not None
+    assert chunk.mask.tolist() == [[j <= 2 + i for j in range(7)] for i in range(5)]
+    with pytest.raises(ValueError, match="must precede"):
+        make_attn_metadata(spans[::-1], 4, 10, torch.device("cpu"))
+
+
 @pytest.mark.parametrize("device", _DEVICES)
 def test_logits_match_hf_forward_through_prefill_chunk_and_decode(tiny: Path, device: str) -> None:
     """Prefill (no cache), a chunk with cached context and decodes all give HF's logits."""
@@ -190,7 +209,7 @@ def test_logits_match_hf_forward_through_prefill_chunk_and_decode(tiny: Path, de
     with torch.inference_mode():
         for start, end in pieces:
             span = SeqSpan(start, end - start, blocks)
-            meta, positions = make_attn_metadata([span], BLOCK_SIZE, runner.device)
+            meta, positions = make_attn_metadata([span], BLOCK_SIZE, NUM_BLOCKS, runner.device)
             ids = torch.tensor(tokens[start:end], device=device)
             hidden = runner.model(ids, positions, meta, runner.kv_caches)
             got.append(runner.model.compute_logits(hidden))
