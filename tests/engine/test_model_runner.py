@@ -173,7 +173,10 @@ def _scattered_blocks(seed: int, count: int, per_req: int) -> list[list[int]]:
 
 
 def _runner(path: Path, device: str = "cpu") -> ModelRunner:
-    return ModelRunner(path, device=device, block_size=BLOCK_SIZE, num_blocks=NUM_BLOCKS)
+    # float32 everywhere: "auto" would pick bfloat16 on CUDA.
+    return ModelRunner(
+        path, device=device, dtype="float32", block_size=BLOCK_SIZE, num_blocks=NUM_BLOCKS
+    )
 
 
 def test_attn_metadata_slots_rows_and_masks() -> None:
@@ -373,6 +376,20 @@ def test_runner_sizes_cache_and_resolves_dtype(tiny: Path) -> None:
         ModelRunner(tiny, dtype="int8", num_blocks=3)
     with pytest.raises(ValueError, match="holds no block"):
         ModelRunner(tiny, kv_cache_bytes=10)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_auto_dtype_and_profiled_cache_size(tiny: Path) -> None:
+    torch.cuda.empty_cache()
+    free_before, total = torch.cuda.mem_get_info()
+    runner = ModelRunner(tiny, device="cuda", gpu_memory_utilization=0.3)
+    assert runner.dtype == torch.bfloat16 and runner.kv_cache.dtype == torch.bfloat16
+    cache_bytes = runner.num_blocks * runner.bytes_per_block
+    assert 0 < cache_bytes <= 0.3 * total - (total - free_before)
+    assert cache_bytes > 0.3 * total - (total - free_before) - (256 << 20)
+    got = _drive(runner, [_Req("a", _prompt(1, 9), [5, 1, 7, 3])], 4)["a"]
+    assert all(0 <= t < runner.arch.vocab_size for t in got)
 
 
 @pytest.mark.slow
