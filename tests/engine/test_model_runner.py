@@ -289,10 +289,13 @@ def test_steps_without_sampling_and_empty_steps_return_no_tokens(tiny: Path) -> 
     assert runner.execute_model(SchedulerOutput(seqs=[seq])).sampled_token_ids == {}
 
 
-def test_too_few_blocks_for_positions_raises(tiny: Path) -> None:
+def test_bad_block_tables_raise(tiny: Path) -> None:
     runner = _runner(tiny)
     seq = ScheduledSeq("a", _prompt(6, 9), 0, [3, 9], sample=True, sampling_params=GREEDY)
     with pytest.raises(ValueError, match="cannot hold positions up to 9"):
+        runner.execute_model(SchedulerOutput(seqs=[seq]))
+    seq.block_ids = [3, 9, NUM_BLOCKS]
+    with pytest.raises(ValueError, match=rf"outside \[0, {NUM_BLOCKS}\)"):
         runner.execute_model(SchedulerOutput(seqs=[seq]))
 
 

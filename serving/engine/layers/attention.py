@@ -72,6 +72,8 @@ def make_attn_metadata(
             raise ValueError(
                 f"{len(span.block_ids)} blocks of {block_size} cannot hold positions up to {end}"
             )
+        if max(span.block_ids[:num_used]) >= num_blocks or min(span.block_ids[:num_used]) < 0:
+            raise ValueError(f"block ids {list(span.block_ids)} outside [0, {num_blocks})")
         if span.num_tokens == 1:
             if prefills:
                 raise ValueError("decode spans (one token) must precede prefill spans")

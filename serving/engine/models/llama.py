@@ -45,7 +45,7 @@ class LlamaAttention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         kv_cache: torch.Tensor,
-        meta: AttentionMetadata,
+        attn_metadata: AttentionMetadata,
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
         qkv = F.linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
@@ -54,7 +54,7 @@ class LlamaAttention(nn.Module):
         # q and k heads rotate together: elementwise, so identical to rotating each alone.
         qk = apply_rotary(qkv[:, :num_qk_heads], cos, sin)
         q, k, v = qk[:, : self.num_heads], qk[:, self.num_heads :], qkv[:, num_qk_heads:]
-        out = paged_attention(q, k, v, kv_cache, meta, self.scale)
+        out = paged_attention(q, k, v, kv_cache, attn_metadata, self.scale)
         return F.linear(out.reshape(num_tokens, -1), self.o_proj.weight, self.o_proj.bias)
 
 
@@ -72,11 +72,11 @@ class LlamaDecoderLayer(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         kv_cache: torch.Tensor,
-        meta: AttentionMetadata,
+        attn_metadata: AttentionMetadata,
     ) -> torch.Tensor:
         # Direct .forward calls skip nn.Module.__call__ (hooks) on the per-token hot path.
         normed = self.input_layernorm.forward(hidden)
-        hidden = hidden + self.self_attn.forward(normed, cos, sin, kv_cache, meta)
+        hidden = hidden + self.self_attn.forward(normed, cos, sin, kv_cache, attn_metadata)
         return hidden + self.mlp.forward(self.post_attention_layernorm.forward(hidden))
 
 
@@ -89,7 +89,7 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """``forward(input_ids[T], positions[T], meta, kv_caches) -> hidden[T, H]``;
+    """``forward(input_ids[T], positions[T], attn_metadata, kv_caches) -> hidden[T, H]``;
     ``compute_logits(hidden[n, H]) -> [n, vocab]`` float32.
 
     With tied embeddings there is no ``lm_head``: logits use ``embed_tokens.weight``.
@@ -108,13 +108,13 @@ class LlamaForCausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
-        meta: AttentionMetadata,
+        attn_metadata: AttentionMetadata,
         kv_caches: Sequence[torch.Tensor],
     ) -> torch.Tensor:
         hidden = F.embedding(input_ids, self.model.embed_tokens.weight)
         cos, sin = self.rotary_emb(positions, hidden.dtype)
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
-            hidden = layer.forward(hidden, cos, sin, kv_cache, meta)
+            hidden = layer.forward(hidden, cos, sin, kv_cache, attn_metadata)
         return self.model.norm(hidden)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
