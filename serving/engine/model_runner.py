@@ -76,7 +76,12 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        """Compute every scheduled token in one forward pass; sample for seqs with ``sample``."""
+        """Compute every scheduled token in one forward pass; sample for seqs with ``sample``.
+
+        K/V of each token goes to slot ``block_ids[pos // block_size] * block_size +
+        pos % block_size``. A seeded request draws from its own generator, created at its first
+        sample and kept (preemption included) until it appears in ``finished_req_ids``.
+        """
         for req_id in scheduler_output.finished_req_ids:
             self._generators.pop(req_id, None)
         if scheduler_output.is_empty:
@@ -84,7 +89,7 @@ class ModelRunner:
         # Decodes (one new token) first: the attention metadata batches them as one group.
         seqs = [s for s in scheduler_output.seqs if s.num_tokens == 1]
         seqs += [s for s in scheduler_output.seqs if s.num_tokens != 1]
-        hidden = self._forward(seqs, self.kv_caches)
+        hidden = self._forward(seqs)
         sample_rows: list[int] = []
         sample_seqs: list[ScheduledSeq] = []
         offset = 0
@@ -100,11 +105,10 @@ class ModelRunner:
         params = [s.sampling_params for s in sample_seqs]
         generators = [self._generator_for(s) for s in sample_seqs]
         token_ids, logprobs = sample(logits, params, generators)
-        out = ModelRunnerOutput(
-            sampled_token_ids={s.req_id: t for s, t in zip(sample_seqs, token_ids, strict=True)}
+        return ModelRunnerOutput(
+            sampled_token_ids={s.req_id: t for s, t in zip(sample_seqs, token_ids, strict=True)},
+            logprobs=_logprobs_by_req(sample_seqs, logprobs),
         )
-        out.logprobs = _logprobs_by_req(sample_seqs, logprobs)
-        return out
 
     def read_kv_blocks(self, block_ids: Sequence[int]) -> torch.Tensor:
         """Copy of whole blocks: ``[layers, 2, len(block_ids), block_size, kv_heads, head_dim]``.
@@ -122,12 +126,12 @@ class ModelRunner:
         index = torch.tensor(list(block_ids), dtype=torch.int64, device=self.device)
         self.kv_cache.index_copy_(2, index, data.to(device=self.device, dtype=self.dtype))
 
-    def _forward(self, seqs: Sequence[ScheduledSeq], kv_caches: list[torch.Tensor]) -> torch.Tensor:
+    def _forward(self, seqs: Sequence[ScheduledSeq]) -> torch.Tensor:
         spans = [SeqSpan(s.start_pos, s.num_tokens, s.block_ids) for s in seqs]
         meta, positions = make_attn_metadata(spans, self.block_size, self.num_blocks, self.device)
         token_ids = [t for s in seqs for t in s.token_ids]
         input_ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
-        return self.model(input_ids, positions, meta, kv_caches)
+        return self.model(input_ids, positions, meta, self.kv_caches)
 
     def _generator_for(self, seq: ScheduledSeq) -> torch.Generator:
         seed = seq.sampling_params.seed
