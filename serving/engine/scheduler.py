@@ -1,0 +1,237 @@
+"""Continuous batching with chunked prefill and preemption by recompute. No I/O, no torch."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from serving.engine.kv_cache_manager import KVCacheManager
+from serving.engine.outputs import EngineCoreOutput, RequestTimes, SchedulerStats
+from serving.engine.request import Request, RequestStatus
+from serving.engine.scheduler_output import ModelRunnerOutput, ScheduledSeq, SchedulerOutput
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 8192
+
+
+class Scheduler:
+    """Decides, each step, which requests advance by how many tokens.
+
+    Owns the waiting queue, the running list and per-request progress; never touches tensors.
+    There is no separate prefill or decode phase: a request simply has
+    ``num_tokens - num_computed_tokens`` tokens left to compute, and each step gives some of
+    them a share of the token budget.
+    """
+
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        kv_cache_manager: KVCacheManager,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.kv = kv_cache_manager
+        self.clock = clock
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.times: dict[str, RequestTimes] = {}
+        self._finished_req_ids: set[str] = set()
+        self._num_preemptions = 0
+
+    # -- admission ---------------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in the engine")
+        self.requests[request.request_id] = request
+        self.times[request.request_id] = RequestTimes(arrival_s=self.clock())
+        self.waiting.append(request)
+
+    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[str]:
+        """Finish (abort) requests from outside; returns the ids that were still live."""
+        done: list[str] = []
+        for req_id in request_ids:
+            request = self.requests.get(req_id)
+            if request is None or request.is_finished:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            request.status = status
+            self._free_request(request)
+            done.append(req_id)
+        return done
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- one step ----------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        """Plan one step.
+
+        NOTE: running requests go first, in order; when the pool runs dry the request at the
+        end of the running list is preempted (its blocks freed, its progress reset to zero, it
+        returns to the front of the waiting queue) until the current one fits. Waiting requests
+        are admitted only in steps without preemption, while budget, ``max_num_seqs`` and
+        blocks last. Each request's share is ``min(tokens left, budget left)``, which is
+        chunked prefill.
+        """
+        budget = self.config.max_num_batched_tokens
+        seqs: list[ScheduledSeq] = []
+        preempted: set[str] = set()
+        now = self.clock()
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while self.kv.allocate_slots(request, num_new) is None:
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted.add(victim.request_id)
+                if victim is request:
+                    break
+            else:
+                seqs.append(self._make_seq(request, num_new))
+                budget -= num_new
+                i += 1
+                continue
+            break  # the request itself was preempted: nothing after it can run either
+
+        while (
+            not preempted
+            and self.waiting
+            and budget > 0
+            and len(self.running) < self.config.max_num_seqs
+        ):
+            request = self.waiting[0]
+            hits, num_hit_tokens = self.kv.get_computed_blocks(request)
+            num_new = min(request.num_tokens - num_hit_tokens, budget)
+            if self.kv.allocate_slots(request, num_new, hits) is None:
+                break
+            self.waiting.popleft()
+            self.kv.record_prefix_lookup(request.num_tokens, num_hit_tokens)
+            request.num_computed_tokens = num_hit_tokens
+            if request.num_cached_tokens is None:
+                request.num_cached_tokens = num_hit_tokens
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            times = self.times[request.request_id]
+            if times.first_scheduled_s is None:
+                times.first_scheduled_s = now
+            seqs.append(self._make_seq(request, num_new))
+            budget -= num_new
+
+        finished, self._finished_req_ids = self._finished_req_ids, set()
+        return SchedulerOutput(
+            seqs=seqs,
+            finished_req_ids=finished,
+            preempted_req_ids=preempted,
+            kv_usage=self.kv.usage,
+        )
+
+    def update_from_output(
+        self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput
+    ) -> list[EngineCoreOutput]:
+        """Advance progress by what ran, append sampled tokens, and finish stopped requests."""
+        outputs: list[EngineCoreOutput] = []
+        now = self.clock()
+        for seq in scheduler_output.seqs:
+            request = self.requests.get(seq.req_id)
+            if request is None or request.is_finished:
+                continue  # aborted while the step ran
+            request.num_computed_tokens += seq.num_tokens
+            token_id = runner_output.sampled_token_ids.get(seq.req_id)
+            if token_id is None:
+                continue  # a prefill chunk that does not reach the end of the prompt yet
+            request.output_token_ids.append(token_id)
+            times = self.times[request.request_id]
+            if times.first_token_s is None:
+                times.first_token_s = now
+            times.last_token_s = now
+            self._check_stop(request, token_id)
+            logprobs = runner_output.logprobs.get(seq.req_id)
+            outputs.append(
+                EngineCoreOutput(
+                    request_id=request.request_id,
+                    new_token_ids=[token_id],
+                    num_prompt_tokens=request.num_prompt_tokens,
+                    num_cached_tokens=request.num_cached_tokens or 0,
+                    new_logprobs=[logprobs] if logprobs is not None else [],
+                    finish_reason=RequestStatus.finish_reason(request.status),
+                    stop_reason=request.stop_reason,
+                    num_output_tokens=request.num_output_tokens,
+                    times=times,
+                    kv_transfer_params=request.kv_transfer_params,
+                )
+            )
+            if request.is_finished:
+                self.running.remove(request)
+                self._free_request(request)
+        return outputs
+
+    def make_stats(self) -> SchedulerStats:
+        prefix = self.kv.take_prefix_cache_stats()
+        num_preemptions, self._num_preemptions = self._num_preemptions, 0
+        return SchedulerStats(
+            num_running_reqs=len(self.running),
+            num_waiting_reqs=len(self.waiting),
+            kv_cache_usage=self.kv.usage,
+            prefix_cache_queries=prefix.queries,
+            prefix_cache_hits=prefix.hits,
+            num_preemptions=num_preemptions,
+        )
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _make_seq(self, request: Request, num_new: int) -> ScheduledSeq:
+        start = request.num_computed_tokens
+        return ScheduledSeq(
+            req_id=request.request_id,
+            token_ids=request.token_slice(start, start + num_new),
+            start_pos=start,
+            block_ids=self.kv.get_block_ids(request.request_id),
+            sample=start + num_new == request.num_tokens,
+            sampling_params=request.sampling_params,
+            num_output_tokens=request.num_output_tokens,
+        )
+
+    def _preempt(self, request: Request) -> None:
+        self.kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self._num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def _check_stop(self, request: Request, token_id: int) -> None:
+        params = request.sampling_params
+        if not params.ignore_eos and token_id == request.eos_token_id:
+            request.status = RequestStatus.FINISHED_STOPPED
+        elif token_id in params.stop_token_ids:
+            request.status = RequestStatus.FINISHED_STOPPED
+            request.stop_reason = token_id
+        elif (
+            request.num_output_tokens >= params.max_tokens
+            or request.num_tokens >= self.config.max_model_len
+        ):
+            request.status = RequestStatus.FINISHED_LENGTH_CAPPED
+
+    def _free_request(self, request: Request) -> None:
+        self.kv.free(request)
+        del self.requests[request.request_id]
+        self.times.pop(request.request_id, None)
+        self._finished_req_ids.add(request.request_id)

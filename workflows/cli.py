@@ -1,0 +1,34 @@
+"""The ``strata`` command: one typer app that gathers each subsystem's commands."""
+
+from __future__ import annotations
+
+import typer
+
+from workflows import model_import
+
+app = typer.Typer(
+    name="strata",
+    help="Strata: publish LLMs from S3 and serve them behind an OpenAI-compatible endpoint.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(model_import.app, name="model")
+
+
+def _register_serving_commands() -> None:
+    from serving.worker.cli import worker
+
+    app.command("worker", help="Run one inference worker (OpenAI HTTP, KV events, metrics).")(
+        worker
+    )
+
+
+_register_serving_commands()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
