@@ -1,0 +1,103 @@
+"""``strata worker``: typer options -> ``WorkerConfig`` (validated once) -> ``run_worker``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+
+from serving.engine.config import EngineConfig
+from serving.worker.config import WorkerConfig
+
+
+def worker(
+    model: Annotated[
+        Path | None, typer.Option("--model", envvar="STRATA_MODEL", help="Checkpoint directory.")
+    ] = None,
+    engine: Annotated[str, typer.Option(envvar="STRATA_ENGINE", help="builtin | mock")] = "builtin",
+    host: Annotated[str, typer.Option(envvar="STRATA_HOST")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(envvar="STRATA_PORT")] = 8001,
+    served_model_name: Annotated[
+        list[str] | None, typer.Option(help="Name(s) clients use; default: the directory name.")
+    ] = None,
+    kv_events_port: Annotated[
+        int | None,
+        typer.Option(
+            envvar="STRATA_KV_EVENTS_PORT",
+            help="Publish KV events (ZMQ PUB) here; replay on the next port. Off by default.",
+        ),
+    ] = None,
+    block_size: Annotated[int, typer.Option()] = 16,
+    num_blocks: Annotated[
+        int | None, typer.Option(help="KV blocks (default: from memory).")
+    ] = None,
+    kv_cache_gib: Annotated[float | None, typer.Option(help="KV cache size in GiB.")] = None,
+    max_num_seqs: Annotated[int, typer.Option()] = 64,
+    max_num_batched_tokens: Annotated[int, typer.Option()] = 2048,
+    max_model_len: Annotated[int | None, typer.Option()] = None,
+    device: Annotated[
+        str, typer.Option(envvar="STRATA_DEVICE", help="cpu | cuda | cuda:N")
+    ] = "cpu",
+    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
+    gpu_memory_utilization: Annotated[float, typer.Option()] = 0.9,
+    no_prefix_caching: Annotated[bool, typer.Option("--no-prefix-caching")] = False,
+    speedup: Annotated[float, typer.Option(help="Mock engine: divide modelled times.")] = 1.0,
+    timing_profile: Annotated[
+        Path | None, typer.Option(help="Mock engine: measured timing profile (JSON).")
+    ] = None,
+    vocab_size: Annotated[int | None, typer.Option(help="Mock engine without --model.")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    drain_timeout: Annotated[float, typer.Option(help="Seconds to drain on SIGTERM.")] = 30.0,
+    log_level: Annotated[str, typer.Option()] = "info",
+) -> None:
+    """Run one inference worker: OpenAI HTTP API, KV events over ZMQ, Prometheus metrics."""
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        config = WorkerConfig(
+            engine=EngineConfig(
+                model_dir=model,
+                engine=engine,
+                device=device,
+                dtype=dtype,
+                block_size=block_size,
+                num_blocks=num_blocks,
+                kv_cache_bytes=int(kv_cache_gib * 2**30) if kv_cache_gib else None,
+                gpu_memory_utilization=gpu_memory_utilization,
+                max_num_seqs=max_num_seqs,
+                max_num_batched_tokens=max_num_batched_tokens,
+                max_model_len=max_model_len,
+                enable_prefix_caching=not no_prefix_caching,
+                speedup=speedup,
+                timing_profile=timing_profile,
+                vocab_size=vocab_size,
+                seed=seed,
+            ),
+            host=host,
+            port=port,
+            served_model_name=served_model_name or [],
+            kv_events_port=kv_events_port,
+            drain_timeout_s=drain_timeout,
+            log_level=log_level,
+        )
+    except ValidationError as exc:
+        raise typer.BadParameter(_describe(exc)) from None
+    from serving.worker.server import run_worker
+
+    try:
+        run_worker(config)
+    except (ValueError, RuntimeError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if p != "engine")
+        parts.append(f"{loc or 'config'}: {err['msg']}")
+    return "; ".join(parts)

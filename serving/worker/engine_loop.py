@@ -1,0 +1,212 @@
+"""Runs an ``EngineCore`` in its own thread and serves it to asyncio code.
+
+The engine thread owns the core, the output processor and the KV-event publisher: nothing else
+touches them. asyncio handlers talk to it through a thread-safe inbox (add/abort) and get their
+outputs back through one ``loop.call_soon_threadsafe`` per step. The mock engine's modelled step
+time is slept here, so a mock worker behaves in real time like a GPU worker would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from serving.engine.core import EngineCore
+from serving.engine.output_processor import OutputProcessor, RequestOutput
+from serving.engine.request import Request, RequestStatus
+from serving.worker.kv_events import NullEventPublisher, ZmqEventPublisher
+from serving.worker.metrics import WorkerMetrics
+
+logger = logging.getLogger(__name__)
+
+# The engine thread wakes at least this often when idle, to notice shutdown.
+_IDLE_WAIT_S = 0.5
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread failed; the worker can no longer serve."""
+
+
+@dataclass(slots=True)
+class _Add:
+    request: Request
+    include_stop_str_in_output: bool
+
+
+@dataclass(slots=True)
+class _Abort:
+    request_id: str
+
+
+class AsyncEngine:
+    """``generate()`` streams ``RequestOutput`` deltas; leaving the iterator early aborts."""
+
+    def __init__(
+        self,
+        core: EngineCore,
+        output_processor: OutputProcessor,
+        metrics: WorkerMetrics,
+        publisher: ZmqEventPublisher | NullEventPublisher | None = None,
+    ) -> None:
+        self.core = core
+        self.output_processor = output_processor
+        self.metrics = metrics
+        self.publisher = publisher or NullEventPublisher()
+        self._inbox: deque[_Add | _Abort] = deque()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._last_token_s: dict[str, float | None] = {}
+        self.dead_error: BaseException | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="engine-core", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+        self.publisher.close()
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.dead_error is None
+
+    @property
+    def num_active_requests(self) -> int:
+        return len(self._queues)
+
+    # -- asyncio side --------------------------------------------------------------------------
+
+    async def generate(
+        self, request: Request, *, include_stop_str_in_output: bool = False
+    ) -> AsyncIterator[RequestOutput]:
+        """Add ``request`` and yield its outputs until it finishes.
+
+        ``ValueError`` from the engine (a prompt that can never fit) is raised from the first
+        iteration. Closing the iterator before the end (client disconnect) aborts the request.
+        """
+        if self.dead_error is not None:
+            raise EngineDeadError(f"engine failed: {self.dead_error}")
+        if request.request_id in self._queues:
+            raise ValueError(f"request id {request.request_id!r} is already running")
+        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._queues[request.request_id] = queue
+        self._post(_Add(request, include_stop_str_in_output))
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._queues.pop(request.request_id, None)
+            if not finished:
+                self._post(_Abort(request.request_id))
+
+    def _post(self, message: _Add | _Abort) -> None:
+        self._inbox.append(message)
+        self._wake.set()
+
+    def _deliver(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
+        for request_id, item in items:
+            queue = self._queues.get(request_id)
+            if queue is not None:
+                queue.put_nowait(item)
+
+    # -- engine thread -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                errors = self._drain_inbox()
+                if errors:
+                    self._send(errors)
+                if not self.core.has_unfinished_requests():
+                    self.metrics.record_step(self.core.scheduler.make_stats())
+                    self._wake.wait(_IDLE_WAIT_S)
+                    self._wake.clear()
+                    continue
+                self._step()
+        except BaseException as exc:
+            logger.exception("engine thread failed")
+            self.dead_error = exc
+            dead = EngineDeadError(f"engine failed: {exc}")
+            self._send([(req_id, dead) for req_id in list(self._queues)])
+
+    def _drain_inbox(self) -> list[tuple[str, RequestOutput | BaseException]]:
+        errors: list[tuple[str, RequestOutput | BaseException]] = []
+        aborts: list[str] = []
+        while self._inbox:
+            message = self._inbox.popleft()
+            if isinstance(message, _Abort):
+                aborts.append(message.request_id)
+                continue
+            request = message.request
+            try:
+                self.core.add_request(request)
+            except ValueError as exc:
+                errors.append((request.request_id, exc))
+                continue
+            self.output_processor.add_request(
+                request.request_id,
+                request.prompt_token_ids,
+                skip_special_tokens=request.sampling_params.skip_special_tokens,
+                stop=request.sampling_params.stop,
+                include_stop_str_in_output=message.include_stop_str_in_output,
+            )
+            self._last_token_s[request.request_id] = None
+        if aborts:
+            self.core.abort_requests(aborts)
+            for request_id in aborts:
+                self.output_processor.remove_request(request_id)
+                self._last_token_s.pop(request_id, None)
+        return errors
+
+    def _step(self) -> None:
+        started_s = time.monotonic()
+        result = self.core.step()
+        outputs, stopped = self.output_processor.process(result.outputs)
+        if stopped:
+            self.core.abort_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        self.publisher.publish(self.core.take_kv_events())
+        if result.step_duration_s:
+            remaining_s = result.step_duration_s - (time.monotonic() - started_s)
+            if remaining_s > 0:
+                self._stop.wait(remaining_s)
+        self.metrics.record_step(result.stats)
+        now_s = time.monotonic()
+        for out in outputs:
+            prev_s = self._last_token_s.get(out.request_id)
+            if out.times is not None:
+                # The modelled time is the truth for the mock engine: stamp after the sleep.
+                out.times.last_token_s = now_s
+                if prev_s is None and out.num_output_tokens <= len(out.token_ids):
+                    out.times.first_token_s = now_s
+            self.metrics.record_token(out, prev_s)
+            self._last_token_s[out.request_id] = now_s
+            if out.finished:
+                self.metrics.record_finished(out, now_s)
+                self._last_token_s.pop(out.request_id, None)
+        self._send([(out.request_id, out) for out in outputs])
+
+    def _send(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
+        if items and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._deliver, items)

@@ -1,0 +1,89 @@
+"""Assemble and run one worker process: engine, KV-event publisher, metrics, HTTP server."""
+
+from __future__ import annotations
+
+import logging
+
+import uvicorn
+
+from serving.engine.factory import LoadedEngine, build_engine
+from serving.engine.output_processor import OutputProcessor
+from serving.worker.app import WorkerState, create_app
+from serving.worker.config import WorkerConfig
+from serving.worker.engine_loop import AsyncEngine
+from serving.worker.kv_events import NullEventPublisher, ZmqEventPublisher
+from serving.worker.metrics import WorkerMetrics
+
+logger = logging.getLogger(__name__)
+
+
+def build_state(config: WorkerConfig, loaded: LoadedEngine | None = None) -> WorkerState:
+    """Everything but the HTTP server; tests call this with a prebuilt engine."""
+    loaded = loaded or build_engine(config.engine, config.model_names[0])
+    publisher: ZmqEventPublisher | NullEventPublisher
+    extra: dict[str, object] = {"engine": config.engine.engine}
+    if config.kv_events_port is not None:
+        host = config.kv_events_host
+        replay_port = config.kv_events_port + 1 if config.kv_events_port else 0
+        publisher = ZmqEventPublisher(
+            endpoint=f"tcp://{host}:{config.kv_events_port}",
+            replay_endpoint=f"tcp://{host}:{replay_port}",
+            data_parallel_rank=None,
+        )
+        extra["kv_events_port"] = publisher.bound_port
+        extra["kv_events_replay_port"] = publisher.bound_replay_port
+        logger.info(
+            "KV events on tcp://%s:%s (replay %s)",
+            host,
+            publisher.bound_port,
+            publisher.bound_replay_port,
+        )
+    else:
+        publisher = NullEventPublisher()
+    extra["block_size"] = loaded.core.limits.block_size
+    tokenizer = loaded.tokenizer
+    processor = OutputProcessor(tokenizer.backend_tokenizer if tokenizer is not None else None)
+    metrics = WorkerMetrics(config.model_names[0], engine="0")
+    engine = AsyncEngine(loaded.core, processor, metrics, publisher)
+    return WorkerState(
+        engine=engine,
+        info=loaded.info,
+        tokenizer=tokenizer,
+        served_model_names=config.model_names,
+        extra_health=extra,
+    )
+
+
+class DrainingServer(uvicorn.Server):
+    """On SIGTERM/SIGINT: report 503 on /health, let in-flight requests finish, then stop."""
+
+    def __init__(self, config: uvicorn.Config, state: WorkerState) -> None:
+        super().__init__(config)
+        self.worker_state = state
+
+    def handle_exit(self, sig: int, frame: object) -> None:
+        if not self.worker_state.draining:
+            self.worker_state.draining = True
+            logger.info(
+                "draining: %d requests in flight", self.worker_state.engine.num_active_requests
+            )
+        super().handle_exit(sig, frame)
+
+
+def run_worker(config: WorkerConfig) -> None:
+    state = build_state(config)
+    app = create_app(state)
+    uv_config = uvicorn.Config(
+        app,
+        host=config.host,
+        port=config.port,
+        log_level=config.log_level,
+        timeout_graceful_shutdown=int(config.drain_timeout_s),
+        access_log=False,
+    )
+    server = DrainingServer(uv_config, state)
+    print(
+        f"strata worker: serving {config.model_names[0]} on http://{config.host}:{config.port}/v1",
+        flush=True,
+    )
+    server.run()
