@@ -174,7 +174,8 @@ class AsyncEngine:
             )
             self._last_token_s[request.request_id] = None
         if aborts:
-            self.core.abort_requests(aborts)
+            for _ in self.core.abort_requests(aborts):
+                self.metrics.record_aborted()
             for request_id in aborts:
                 self.output_processor.remove_request(request_id)
                 self._last_token_s.pop(request_id, None)

@@ -131,6 +131,10 @@ class WorkerMetrics:
         elif prev_token_s is not None:
             self.itl.observe(times.last_token_s - prev_token_s)
 
+    def record_aborted(self) -> None:
+        """A request the client abandoned (disconnect): it ends with no final output."""
+        self._request_success.labels(**self.labels, finished_reason="abort").inc()
+
     def record_finished(self, output: RequestOutput, now_s: float) -> None:
         reason = output.finish_reason or "abort"
         self._request_success.labels(**self.labels, finished_reason=reason).inc()

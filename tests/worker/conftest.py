@@ -1,0 +1,140 @@
+"""Worker fixtures: a real ``strata worker`` process, or the same app served in a thread."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from serving.worker.app import WorkerState, create_app
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout_s: float = 120.0) -> dict:
+    """Poll /health until it answers 200 (deadline, not a fixed sleep)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"worker exited with {proc.returncode}")
+        try:
+            response = httpx.get(f"{url}/health", timeout=2.0)
+            if response.status_code == 200:
+                return response.json()
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} not healthy after {timeout_s} s")
+
+
+@dataclass
+class WorkerProcess:
+    url: str
+    proc: subprocess.Popen
+    health: dict
+    log_path: Path
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def start_worker_process(args: list[str], log_path: Path) -> WorkerProcess:
+    port = free_port()
+    cmd = [sys.executable, "-m", "serving.worker", "--port", str(port), *args]
+    log = log_path.open("w")
+    proc = subprocess.Popen(
+        cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ}
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        health = wait_healthy(url, proc)
+    except Exception:
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"worker failed to start:\n{log_path.read_text()[-3000:]}") from None
+    return WorkerProcess(url=url, proc=proc, health=health, log_path=log_path)
+
+
+@dataclass
+class ThreadServer:
+    url: str
+    state: WorkerState
+    server: uvicorn.Server
+    thread: threading.Thread
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(60)
+
+
+def serve_in_thread(state: WorkerState) -> ThreadServer:
+    """The worker app in this process (tests can inspect the engine), on a free port."""
+    port = free_port()
+    config = uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(url, timeout_s=60)
+    return ThreadServer(url=url, state=state, server=server, thread=thread)
+
+
+@pytest.fixture(scope="session")
+def smollm2_worker(
+    smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[WorkerProcess]:
+    """One real SmolLM2 worker process (CPU, float32) with KV events, shared by API tests."""
+    log = tmp_path_factory.mktemp("worker") / "worker.log"
+    worker = start_worker_process(
+        ["--model", str(smollm2_dir), "--kv-events-port", "0", "--log-level", "warning"], log
+    )
+    yield worker
+    worker.stop()
+
+
+def scrape(url: str) -> dict[str, float]:
+    """``/metrics`` as {series: value} (labels included in the key)."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            values[key] = float(value)
+    return values
+
+
+def metric(values: dict[str, float], name: str) -> float:
+    """Sum of every series of ``name`` (any labels)."""
+    return sum(v for k, v in values.items() if k == name or k.startswith(name + "{"))
