@@ -187,7 +187,9 @@ class AsyncEngine:
         outputs, stopped = self.output_processor.process(result.outputs)
         if stopped:
             self.core.abort_requests(stopped, RequestStatus.FINISHED_STOPPED)
-        self.publisher.publish(self.core.take_kv_events())
+        events = self.core.take_kv_events()
+        if events:  # as vLLM: a batch only when something changed
+            self.publisher.publish(events)
         if result.step_duration_s:
             remaining_s = result.step_duration_s - (time.monotonic() - started_s)
             if remaining_s > 0:
