@@ -123,7 +123,9 @@ class Scheduler:
             if self.kv.allocate_slots(request, num_new, hits) is None:
                 break
             self.waiting.popleft()
-            self.kv.record_prefix_lookup(request.num_tokens, num_hit_tokens)
+            if request.num_preemptions == 0:
+                # As vLLM counts them: a victim re-finding its own blocks is not a cache hit.
+                self.kv.record_prefix_lookup(request.num_tokens, num_hit_tokens)
             request.num_computed_tokens = num_hit_tokens
             if request.num_cached_tokens is None:
                 request.num_cached_tokens = num_hit_tokens
