@@ -21,6 +21,9 @@ def _register_serving_commands() -> None:
     app.command("worker", help="Run one inference worker (OpenAI HTTP, KV events, metrics).")(
         worker
     )
+    from serving.frontend.cli import serve
+
+    app.command("serve", help="Start N workers and the frontend with the KV-aware router.")(serve)
     from workflows.demo import demo
 
     app.command("demo", help="Import the bundled SmolLM2 and serve it (make demo).")(demo)

@@ -1,0 +1,138 @@
+"""Frontend and router metrics (``strata_`` prefix). Labels are bounded: no request ids."""
+
+from __future__ import annotations
+
+import contextlib
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# LLM latencies: TTFT from 10 ms to 60 s, ITL from 1 ms to 1 s.
+TTFT_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
+ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0)
+E2E_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class FrontendMetrics:
+    def __init__(self, model: str) -> None:
+        self.model = model
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "strata_frontend_requests",
+            "Requests answered by the frontend, by endpoint and HTTP status.",
+            ("model", "endpoint", "status"),
+            registry=r,
+        )
+        self.active_requests = Gauge(
+            "strata_frontend_active_requests", "Requests in flight.", ("model",), registry=r
+        )
+        self.ttft = Histogram(
+            "strata_frontend_time_to_first_token_seconds",
+            "Time from request arrival to the first token sent to the client.",
+            ("model",),
+            buckets=TTFT_BUCKETS_S,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "strata_frontend_inter_token_latency_seconds",
+            "Time between tokens sent to the client.",
+            ("model",),
+            buckets=ITL_BUCKETS_S,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "strata_frontend_request_duration_seconds",
+            "Request duration, arrival to last token.",
+            ("model",),
+            buckets=E2E_BUCKETS_S,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "strata_frontend_prompt_tokens", "Prompt tokens.", ("model",), registry=r
+        )
+        self.cached_prompt_tokens = Counter(
+            "strata_frontend_cached_prompt_tokens",
+            "Prompt tokens the chosen worker found in its prefix cache (worker-reported).",
+            ("model",),
+            registry=r,
+        )
+        self.output_tokens = Counter(
+            "strata_frontend_output_tokens", "Output tokens sent.", ("model",), registry=r
+        )
+        self.migrations = Counter(
+            "strata_frontend_migrations",
+            "Requests re-sent to another worker after a worker failed mid-request.",
+            ("model",),
+            registry=r,
+        )
+        self.decisions = Counter(
+            "strata_router_decisions",
+            "Routing decisions by policy, reason and chosen worker.",
+            ("policy", "reason", "worker"),
+            registry=r,
+        )
+        self.predicted_cached_tokens = Counter(
+            "strata_router_predicted_cached_tokens",
+            "Prompt tokens the router expected the chosen worker to have cached.",
+            ("model", "policy"),
+            registry=r,
+        )
+        self.worker_active_requests = Gauge(
+            "strata_router_worker_active_requests",
+            "Requests the router has in flight per worker.",
+            ("worker",),
+            registry=r,
+        )
+        self.worker_decode_blocks = Gauge(
+            "strata_router_worker_active_decode_blocks",
+            "KV blocks of requests in flight per worker (router's own count).",
+            ("worker",),
+            registry=r,
+        )
+        self.worker_prefill_tokens = Gauge(
+            "strata_router_worker_active_prefill_tokens",
+            "Uncached prompt tokens waiting for their first token per worker.",
+            ("worker",),
+            registry=r,
+        )
+        self.workers = Gauge(
+            "strata_router_workers", "Registered workers by health.", ("state",), registry=r
+        )
+        self.kv_event_batches = Counter(
+            "strata_router_kv_event_batches",
+            "KV event batches applied to the index, per worker.",
+            ("worker",),
+            registry=r,
+        )
+        self.kv_events = Counter(
+            "strata_router_kv_events",
+            "KV events applied to the index, by type.",
+            ("type",),
+            registry=r,
+        )
+        self.kv_event_gaps = Counter(
+            "strata_router_kv_event_lost_batches",
+            "KV event batches lost (sequence gaps the replay could not fill).",
+            ("worker",),
+            registry=r,
+        )
+        self.indexed_blocks = Gauge(
+            "strata_router_indexed_blocks", "Blocks in the router's KV index.", registry=r
+        )
+        self.workers_without_events = Gauge(
+            "strata_router_workers_without_kv_events",
+            "Workers that served requests but published no KV events (kv routing is blind).",
+            registry=r,
+        )
+        for state in ("healthy", "unhealthy"):
+            self.workers.labels(state=state)
+        self.migrations.labels(model=model)
+        self.active_requests.labels(model=model)
+
+    def forget_worker(self, worker_id: str) -> None:
+        for gauge in (
+            self.worker_active_requests,
+            self.worker_decode_blocks,
+            self.worker_prefill_tokens,
+        ):
+            with contextlib.suppress(KeyError):
+                gauge.remove(worker_id)

@@ -1,0 +1,247 @@
+"""``strata serve``: N supervised local workers plus the frontend, stopped together.
+
+Workers are ``python -m serving.worker`` processes on free loopback ports, each publishing KV
+events. A worker that exits unexpectedly is restarted (bounded); meanwhile the frontend's
+health checks take it out of routing and its requests migrate. Ctrl-C / SIGTERM stops the
+frontend first (draining), then the workers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import uvicorn
+
+from serving.engine.factory import load_tokenizer
+from serving.frontend.app import FrontendSettings, FrontendState, create_frontend_app
+from serving.frontend.metrics import FrontendMetrics
+from serving.frontend.router import Router
+from serving.frontend.workers import WorkerSpec
+from serving.router.policies import PolicyName
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ServeConfig:
+    model_dir: Path
+    num_workers: int = 1
+    engine: str = "builtin"
+    router: PolicyName = "kv"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    worker_urls: list[str] = field(default_factory=list)
+    api_key: str | None = None
+    served_model_name: str | None = None
+    block_size: int = 16
+    migration_limit: int = 3
+    worker_args: list[str] = field(default_factory=list)  # passed to every local worker
+    max_restarts: int = 5
+    startup_timeout_s: float = 300.0
+    log_dir: Path = Path(".strata/logs")
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model_dir.name
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+@dataclass(slots=True)
+class _LocalWorker:
+    index: int
+    port: int
+    kv_port: int
+    cmd: list[str]
+    log_path: Path
+    proc: subprocess.Popen | None = None
+    num_restarts: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        log = self.log_path.open("a")
+        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+
+
+class WorkerSupervisor:
+    """Starts local worker processes, restarts crashed ones, stops them all."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.workers: list[_LocalWorker] = []
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="supervisor", daemon=True)
+
+    def start(self) -> list[str]:
+        cfg = self.config
+        cfg.log_dir.mkdir(parents=True, exist_ok=True)
+        for i in range(cfg.num_workers):
+            port, kv_port = free_port(), _free_port_pair()
+            cmd = [
+                sys.executable, "-m", "serving.worker",
+                "--model", str(cfg.model_dir),
+                "--engine", cfg.engine,
+                "--host", "127.0.0.1",
+                "--port", str(port),
+                "--kv-events-port", str(kv_port),
+                "--served-model-name", cfg.model_name,
+                "--block-size", str(cfg.block_size),
+                "--log-level", "warning",
+                *cfg.worker_args,
+            ]  # fmt: skip
+            worker = _LocalWorker(i, port, kv_port, cmd, cfg.log_dir / f"worker-{i}.log")
+            worker.start()
+            self.workers.append(worker)
+        deadline = time.monotonic() + cfg.startup_timeout_s
+        for worker in self.workers:
+            _wait_healthy(worker, deadline)
+        self._thread.start()
+        return [w.url for w in self.workers]
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(0.5):
+            for worker in self.workers:
+                proc = worker.proc
+                if proc is None or proc.poll() is None or self._stopping.is_set():
+                    continue
+                if worker.num_restarts >= self.config.max_restarts:
+                    continue
+                worker.num_restarts += 1
+                logger.warning(
+                    "worker %d exited with %s; restarting (%d/%d), log %s",
+                    worker.index,
+                    proc.returncode,
+                    worker.num_restarts,
+                    self.config.max_restarts,
+                    worker.log_path,
+                )
+                worker.start()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self._stopping.set()
+        for worker in self.workers:
+            if worker.proc is not None and worker.proc.poll() is None:
+                worker.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for worker in self.workers:
+            if worker.proc is None:
+                continue
+            try:
+                worker.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                worker.proc.kill()
+                worker.proc.wait()
+
+
+def _free_port_pair() -> int:
+    """A port p with p+1 also free (KV events PUB and replay)."""
+    for _ in range(100):
+        port = free_port()
+        try:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair for KV events")
+
+
+def _wait_healthy(worker: _LocalWorker, deadline: float) -> None:
+    while time.monotonic() < deadline:
+        if worker.proc is not None and worker.proc.poll() is not None:
+            tail = worker.log_path.read_text()[-2000:]
+            raise RuntimeError(f"worker {worker.index} exited during start-up:\n{tail}")
+        try:
+            if httpx.get(f"{worker.url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"worker {worker.index} not healthy in time; log {worker.log_path}")
+
+
+def model_limits(model_dir: Path, worker_urls: list[str]) -> tuple[int, int]:
+    """(max_model_len, vocab_size): the smallest context any worker serves; vocab from config."""
+    config = json.loads((model_dir / "config.json").read_text())
+    vocab_size = int(config["vocab_size"])
+    lengths = [int(config.get("max_position_embeddings", 2**31 - 1))]
+    for url in worker_urls:
+        try:
+            card = httpx.get(f"{url.split(';')[0]}/v1/models", timeout=10).json()["data"][0]
+            if card.get("max_model_len"):
+                lengths.append(int(card["max_model_len"]))
+        except (httpx.HTTPError, ValueError, KeyError, IndexError):
+            continue
+    return min(lengths), vocab_size
+
+
+def build_frontend_state(
+    config: ServeConfig, worker_specs: list[WorkerSpec], max_model_len: int, vocab_size: int
+) -> FrontendState:
+    metrics = FrontendMetrics(config.model_name)
+    router = Router(config.router, config.block_size, metrics)
+    settings = FrontendSettings(
+        served_model_names=[config.model_name],
+        max_model_len=max_model_len,
+        vocab_size=vocab_size,
+        api_key=config.api_key,
+        migration_limit=config.migration_limit,
+    )
+    return FrontendState(
+        settings=settings,
+        tokenizer=load_tokenizer(config.model_dir),
+        router=router,
+        metrics=metrics,
+        initial_workers=worker_specs,
+    )
+
+
+def run_serve(config: ServeConfig) -> None:
+    supervisor = WorkerSupervisor(config)
+    try:
+        local_urls = supervisor.start() if config.num_workers else []
+        specs = [WorkerSpec(u, worker_id=f"local-{i}") for i, u in enumerate(local_urls)]
+        specs += [WorkerSpec.parse(text) for text in config.worker_urls]
+        if not specs:
+            raise RuntimeError("no workers: use --workers N and/or --worker-url URL")
+        max_len, vocab = model_limits(config.model_dir, [s.url for s in specs])
+        state = build_frontend_state(config, specs, max_len, vocab)
+        app = create_frontend_app(state)
+        server = uvicorn.Server(
+            uvicorn.Config(
+                app,
+                host=config.host,
+                port=config.port,
+                log_level="warning",
+                timeout_graceful_shutdown=30,
+            )
+        )
+        print(
+            f"strata serve: {len(specs)} worker(s), router {config.router}\n"
+            f"endpoint: http://{config.host}:{config.port}/v1  (model {config.model_name})\n"
+            f"metrics:  http://{config.host}:{config.port}/metrics",
+            flush=True,
+        )
+        server.run()
+    finally:
+        supervisor.stop()
+        logger.info("all workers stopped (pid %d)", os.getpid())

@@ -1,0 +1,220 @@
+"""The frontend's view of its workers: endpoints, health, and KV-event subscriptions.
+
+Workers join statically (``strata serve`` starts them, ``--worker-url``) or at run time through
+the registration API; they leave when deregistered or when health checks fail. A worker's KV
+events are read by a subscriber thread and applied to the router on the event loop, so index
+updates and routing queries never race.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import httpx
+
+from serving.protocol.kv_events import KVEventBatch
+from serving.router.subscriber import KVEventSubscriber, KVEventSubscriberThread
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerRegistrationError(ValueError):
+    """A worker could not be added (unreachable, wrong model, bad block size...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    """How to reach a worker. KV endpoints are discovered from a Strata worker's /health."""
+
+    url: str
+    kv_events_endpoint: str | None = None
+    replay_endpoint: str | None = None
+    worker_id: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> WorkerSpec:
+        """``URL[;kv=tcp://h:p][;replay=tcp://h:p][;id=name]`` (the ``--worker-url`` format)."""
+        url, *options = [part.strip() for part in text.split(";")]
+        if not url.startswith(("http://", "https://")):
+            raise WorkerRegistrationError(f"worker url {url!r} must start with http(s)://")
+        values: dict[str, str] = {}
+        for option in options:
+            key, sep, value = option.partition("=")
+            if not sep or key not in ("kv", "replay", "id"):
+                raise WorkerRegistrationError(
+                    f"worker option {option!r}: expected kv=..., replay=... or id=..."
+                )
+            values[key] = value
+        return cls(url.rstrip("/"), values.get("kv"), values.get("replay"), values.get("id"))
+
+
+@dataclass(slots=True)
+class Worker:
+    worker_id: str
+    url: str
+    model_name: str
+    kv_events_endpoint: str | None
+    replay_endpoint: str | None
+    healthy: bool = True
+    num_health_failures: int = 0
+    num_event_batches: int = 0
+    last_event_s: float | None = None
+    num_requests: int = 0
+    first_request_s: float | None = None
+    warned_no_events: bool = False
+    subscriber: KVEventSubscriberThread | None = field(default=None, repr=False)
+
+    @property
+    def publishes_events(self) -> bool:
+        return self.kv_events_endpoint is not None
+
+
+EventSink = Callable[[str, KVEventBatch], None]
+
+
+class WorkerPool:
+    """Registered workers by id; owns their subscriber threads. Used from the event loop."""
+
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        on_events: EventSink,
+        on_added: Callable[[Worker], None],
+        on_removed: Callable[[Worker], None],
+        *,
+        block_size: int,
+    ) -> None:
+        self.http = http
+        self.on_events = on_events
+        self.on_added = on_added
+        self.on_removed = on_removed
+        self.block_size = block_size
+        self.workers: dict[str, Worker] = {}
+        self._next_index = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def healthy_ids(self) -> list[str]:
+        return [w.worker_id for w in self.workers.values() if w.healthy]
+
+    async def register(self, spec: WorkerSpec) -> Worker:
+        """Probe the worker, subscribe to its events, and add it. Idempotent per URL."""
+        self._loop = asyncio.get_running_loop()
+        for worker in self.workers.values():
+            if worker.url == spec.url:
+                return worker
+        try:
+            models = (await self.http.get(f"{spec.url}/v1/models", timeout=10)).json()
+            model_name = models["data"][0]["id"]
+        except (httpx.HTTPError, ValueError, KeyError, IndexError) as exc:
+            raise WorkerRegistrationError(f"worker {spec.url}: /v1/models failed: {exc}") from exc
+        kv_endpoint, replay_endpoint = spec.kv_events_endpoint, spec.replay_endpoint
+        try:
+            health = (await self.http.get(f"{spec.url}/health", timeout=10)).json()
+        except (httpx.HTTPError, ValueError):
+            health = {}  # vLLM's /health has an empty body
+        if not isinstance(health, dict):
+            health = {}
+        block_size = health.get("block_size")
+        if block_size is not None and block_size != self.block_size:
+            raise WorkerRegistrationError(
+                f"worker {spec.url} uses KV block size {block_size}, the router {self.block_size}"
+            )
+        host = urlsplit(spec.url).hostname or "127.0.0.1"
+        if kv_endpoint is None and health.get("kv_events_port"):
+            kv_endpoint = f"tcp://{host}:{health['kv_events_port']}"
+        if replay_endpoint is None and health.get("kv_events_replay_port"):
+            replay_endpoint = f"tcp://{host}:{health['kv_events_replay_port']}"
+        worker_id = spec.worker_id or f"worker-{self._next_index}"
+        self._next_index += 1
+        if worker_id in self.workers:
+            raise WorkerRegistrationError(f"worker id {worker_id!r} is already registered")
+        worker = Worker(worker_id, spec.url, model_name, kv_endpoint, replay_endpoint)
+        self.workers[worker_id] = worker
+        self.on_added(worker)
+        self._subscribe(worker)
+        logger.info(
+            "worker %s added: %s (model %s, KV events %s)",
+            worker_id,
+            spec.url,
+            model_name,
+            kv_endpoint or "none",
+        )
+        return worker
+
+    def deregister(self, worker_id: str) -> Worker | None:
+        worker = self.workers.pop(worker_id, None)
+        if worker is None:
+            return None
+        self._unsubscribe(worker)
+        self.on_removed(worker)
+        logger.info("worker %s removed (%s)", worker_id, worker.url)
+        return worker
+
+    def mark_failed(self, worker_id: str, reason: str) -> None:
+        """A request saw the worker fail: stop routing to it and drop its blocks at once."""
+        worker = self.workers.get(worker_id)
+        if worker is None or not worker.healthy:
+            return
+        logger.warning("worker %s marked unhealthy: %s", worker_id, reason)
+        worker.healthy = False
+        self._unsubscribe(worker)
+        self.on_removed(worker)
+
+    async def check_health(self, max_failures: int) -> None:
+        """One round of health checks; a worker failing ``max_failures`` in a row is removed."""
+        for worker in list(self.workers.values()):
+            try:
+                response = await self.http.get(f"{worker.url}/health", timeout=5)
+                ok = response.status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            if ok:
+                worker.num_health_failures = 0
+                if not worker.healthy:
+                    logger.info("worker %s is healthy again", worker.worker_id)
+                    worker.healthy = True
+                    self.on_added(worker)
+                    self._subscribe(worker)
+                continue
+            worker.num_health_failures += 1
+            if worker.healthy:
+                self.mark_failed(worker.worker_id, "health check failed")
+            if worker.num_health_failures >= max_failures:
+                self.deregister(worker.worker_id)
+
+    def close(self) -> None:
+        for worker in self.workers.values():
+            self._unsubscribe(worker)
+
+    # -- events --------------------------------------------------------------------------------
+
+    def _subscribe(self, worker: Worker) -> None:
+        if worker.kv_events_endpoint is None or self._loop is None:
+            return
+        loop = self._loop
+        worker_id = worker.worker_id
+        subscriber = KVEventSubscriber(worker.kv_events_endpoint, worker.replay_endpoint)
+
+        def forward(seq: int, batch: KVEventBatch) -> None:
+            loop.call_soon_threadsafe(self._apply, worker_id, batch)
+
+        worker.subscriber = KVEventSubscriberThread(subscriber, forward)
+        worker.subscriber.start()
+
+    def _unsubscribe(self, worker: Worker) -> None:
+        if worker.subscriber is not None:
+            worker.subscriber.stop()
+            worker.subscriber = None
+
+    def _apply(self, worker_id: str, batch: KVEventBatch) -> None:
+        worker = self.workers.get(worker_id)
+        if worker is None or not worker.healthy:
+            return  # late batch from a worker that left
+        worker.num_event_batches += 1
+        worker.last_event_s = time.monotonic()
+        self.on_events(worker_id, batch)
