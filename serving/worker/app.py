@@ -307,7 +307,7 @@ async def _completion_stream(
     last: RequestOutput | None = None
     async for out in _run(state, request, body.include_stop_str_in_output):
         last = out
-        if not out.text and not out.finished:
+        if not out.text and not out.token_ids and not out.finished:
             continue
         yield {
             "id": request.request_id,
@@ -392,7 +392,7 @@ async def _chat_stream(
             yield chunk({"role": "assistant", "content": ""})
             first = False
         last = out
-        if not out.text and not out.finished and not body.logprobs:
+        if not out.text and not out.token_ids and not out.finished:
             continue
         extra: dict[str, Any] = {"token_ids": out.token_ids}
         if body.logprobs:

@@ -1,0 +1,59 @@
+"""Frontend fixtures: real worker processes, the frontend app served in a thread."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+
+from serving.frontend.app import FrontendState, create_frontend_app
+from serving.frontend.serve import ServeConfig, build_frontend_state, model_limits
+from serving.frontend.workers import WorkerSpec
+from tests.worker.conftest import free_port, wait_healthy
+
+
+@dataclass
+class FrontendServer:
+    url: str
+    state: FrontendState
+    server: uvicorn.Server
+    thread: threading.Thread
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(60)
+
+
+def start_frontend(
+    model_dir: Path,
+    worker_urls: list[str],
+    *,
+    router: str = "kv",
+    api_key: str | None = None,
+    health_interval_s: float = 0.2,
+    kv_events_grace_s: float = 5.0,
+    require_workers: bool = True,
+) -> FrontendServer:
+    config = ServeConfig(model_dir=model_dir, router=router, api_key=api_key,  # type: ignore[arg-type]
+                         served_model_name="smollm2-135m-instruct")  # fmt: skip
+    specs = [WorkerSpec.parse(u) for u in worker_urls]
+    max_len, vocab = model_limits(model_dir, [s.url for s in specs])
+    state = build_frontend_state(config, specs, max_len, vocab)
+    state.settings.health_interval_s = health_interval_s
+    state.settings.kv_events_grace_s = kv_events_grace_s
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_frontend_app(state), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    if require_workers:
+        wait_healthy(url, timeout_s=60)
+    return FrontendServer(url=url, state=state, server=server, thread=thread)
