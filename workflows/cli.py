@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from workflows import model_import
+from workflows import local_cli, model_import
 
 app = typer.Typer(
     name="strata",
@@ -13,6 +13,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(model_import.app, name="model")
+app.add_typer(local_cli.app, name="local", help="Local S3, MLflow and Prometheus on loopback.")
 
 
 def _register_serving_commands() -> None:

@@ -241,6 +241,9 @@ def run_serve(config: ServeConfig) -> None:
             f"metrics:  http://{config.host}:{config.port}/metrics",
             flush=True,
         )
+        # uvicorn re-raises the signal that stopped it once it has shut down; with the default
+        # SIGTERM action that would kill this process before the workers are stopped below.
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)
         server.run()
     finally:
         supervisor.stop()
