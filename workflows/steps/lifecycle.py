@@ -1,0 +1,155 @@
+"""The workflow's steps as ``fn(params, **inputs) -> outputs``: thin glue over the step modules.
+
+Each function does one job and returns a small JSON-serialisable dict; the pipeline table
+(``workflows/pipeline.py``) wires outputs to inputs. Failures raise ``StepFailed`` (or the step
+module's own error) with a message naming what failed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from workflows.pipeline import PublishParams
+
+
+class StepFailed(RuntimeError):
+    """A gate or check failed; the message says which and by how much."""
+
+
+def stage_step(params: PublishParams) -> dict[str, Any]:
+    from workflows.steps.stage import stage
+    from workflows.steps.verify import verify
+
+    result = stage(
+        params.source,
+        params.cache_path,
+        s3_endpoint_url=params.s3_endpoint_url,
+        name=staged_name(params),
+        check=verify,
+    )
+    return {
+        "staged_dir": str(result.target_dir),
+        "manifest_digest": result.manifest_digest,
+        "total_bytes": result.total_bytes,
+        "downloaded_bytes": result.downloaded_bytes,
+        "duration_s": round(result.duration_s, 3),
+    }
+
+
+def staged_name(params: PublishParams) -> str:
+    """One cache directory per distinct source content, so older versions stay servable."""
+    from workflows.steps.s3 import make_s3_client, parse_s3_uri
+    from workflows.steps.stage import list_source
+
+    bucket, prefix = parse_s3_uri(params.source)
+    objects, _ = list_source(make_s3_client(params.s3_endpoint_url), bucket, prefix)
+    import hashlib
+
+    digest = hashlib.sha256(
+        "\n".join(f"{o.path}:{o.size}:{o.etag}" for o in objects).encode()
+    ).hexdigest()
+    return f"{params.name}-{digest[:12]}"
+
+
+def verify_step(params: PublishParams, staged_dir: str) -> dict[str, Any]:
+    from workflows.steps.verify import verify
+
+    result = verify(Path(staged_dir))
+    return {
+        "manifest_digest": result.manifest_digest,
+        "architecture": result.architecture,
+        "num_parameters": result.num_parameters,
+        "checked_published": result.checked_published,
+    }
+
+
+def register_step(params: PublishParams, staged_dir: str, manifest_digest: str) -> dict[str, Any]:
+    from workflows.steps import registry
+
+    engine_config = {"engine": params.engine, "num_workers": params.num_workers}
+    registered = registry.register_version(
+        params.mlflow_tracking_uri,
+        params.name,
+        source_uri=params.source,
+        staged_dir=staged_dir,
+        manifest_digest=manifest_digest,
+        engine_config=engine_config,
+    )
+    return {"version": registered.version, "run_id": registered.run_id}
+
+
+def deploy_step(params: PublishParams, version: str) -> dict[str, Any]:
+    from workflows.steps import deploy, registry
+
+    info = registry.get_version(params.mlflow_tracking_uri, params.name, version)
+    deployment = deploy.deploy_candidate(params, version, Path(info.staged_dir))
+    return {"endpoint": deployment.endpoint, "deployment": deployment.name}
+
+
+def evaluate_step(params: PublishParams, version: str, endpoint: str) -> dict[str, Any]:
+    from workflows.steps import evaluate, registry
+
+    report = evaluate.run_evaluation(endpoint, params.name, params.eval_set)
+    passed = report.accuracy >= params.eval_min_accuracy
+    registry.log_version_metrics(
+        params.mlflow_tracking_uri,
+        params.name,
+        version,
+        {"eval_accuracy": report.accuracy, "eval_num_questions": float(report.num_questions)},
+        tags={"eval_passed": str(passed).lower(), "eval_set": params.eval_set},
+    )
+    return {"passed": passed, "accuracy": report.accuracy, "failures": report.failures[:5]}
+
+
+def benchmark_step(params: PublishParams, version: str, endpoint: str) -> dict[str, Any]:
+    from workflows.steps import benchmark, registry
+
+    report = benchmark.run_benchmark(
+        endpoint,
+        params.name,
+        num_requests=params.bench_num_requests,
+        concurrency=params.bench_concurrency,
+        max_tokens=params.bench_max_tokens,
+    )
+    verdict = benchmark.check_slo(report, params.slo_ttft_p95_ms, params.slo_itl_p95_ms)
+    registry.log_version_metrics(
+        params.mlflow_tracking_uri,
+        params.name,
+        version,
+        report.as_metrics(),
+        tags={"benchmark_passed": str(verdict.passed).lower()},
+    )
+    return {"passed": verdict.passed, "violations": verdict.violations, **report.as_metrics()}
+
+
+def promote_step(
+    params: PublishParams,
+    version: str,
+    evaluate_passed: bool,
+    benchmark_passed: bool,
+    endpoint: str,
+) -> dict[str, Any]:
+    from workflows.steps import deploy, registry
+
+    if not (evaluate_passed and benchmark_passed):
+        failed = [n for n, ok in (("evaluate", evaluate_passed), ("benchmark", benchmark_passed))
+                  if not ok]  # fmt: skip
+        raise StepFailed(
+            f"version {version} of {params.name} not promoted: {' and '.join(failed)} failed"
+        )
+    moved = registry.promote(params.mlflow_tracking_uri, params.name, version)
+    if params.frontend_url:
+        deploy.switch_production(params.frontend_url, endpoint, params.name)
+    return {"production": moved.production, "previous": moved.previous}
+
+
+def rollback_step(params: PublishParams) -> dict[str, Any]:
+    from workflows.steps import deploy, registry
+
+    moved = registry.rollback(params.mlflow_tracking_uri, params.name)
+    if params.frontend_url:
+        info = registry.get_version(params.mlflow_tracking_uri, params.name, moved.production)
+        deployment = deploy.deploy_candidate(params, moved.production, Path(info.staged_dir))
+        deploy.switch_production(params.frontend_url, deployment.endpoint, params.name)
+    return {"production": moved.production, "previous": moved.previous}
