@@ -1,0 +1,201 @@
+"""deploy: start the serving stack for a model version; switch production to it on promote.
+
+Locally a deployment is a set of ``strata worker`` processes (detached, so they outlive the
+workflow run) with their pid files and logs under ``.strata/deployments/<name>-v<version>/``.
+Promotion registers the candidate's workers with the production frontend and then deregisters
+and drains the old ones: the frontend stops routing new requests to them at once, and SIGTERM
+lets their in-flight requests finish, so no request is dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from workflows.pipeline import PublishParams
+
+logger = logging.getLogger(__name__)
+
+DEPLOYMENTS_DIR = Path(".strata/deployments")
+
+
+class DeployError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    name: str
+    endpoint: str  # base URL of the OpenAI API (without /v1)
+    pids: tuple[int, ...]
+    directory: Path
+
+
+def deployment_name(model: str, version: str) -> str:
+    return f"{model}-v{version}"
+
+
+def deploy_candidate(
+    params: PublishParams,
+    version: str,
+    staged_dir: Path,
+    *,
+    root: Path = DEPLOYMENTS_DIR,
+    startup_timeout_s: float = 300.0,
+) -> Deployment:
+    """Start (or reuse, when already healthy) the version's local deployment."""
+    if params.deploy_target != "local":
+        raise DeployError(
+            f"deploy target {params.deploy_target!r} is not available yet: only 'local' is "
+            "built (the Kubernetes target renders with the platform/ Helm chart, not built)"
+        )
+    name = deployment_name(params.name, version)
+    directory = root / name
+    existing = read_deployment(directory)
+    if existing is not None and _healthy(existing.endpoint):
+        logger.info("deployment %s already running at %s", name, existing.endpoint)
+        return existing
+    directory.mkdir(parents=True, exist_ok=True)
+    port, kv_port = _free_port(), _free_port_pair()
+    cmd = [
+        sys.executable, "-m", "serving.worker",
+        "--model", str(Path(staged_dir).absolute()),
+        "--engine", params.engine,
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--kv-events-port", str(kv_port),
+        "--served-model-name", params.name,
+        "--log-level", "warning",
+    ]  # fmt: skip
+    log = (directory / "worker-0.log").open("a")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
+    endpoint = f"http://127.0.0.1:{port}"
+    deployment = Deployment(name, endpoint, (proc.pid,), directory)
+    (directory / "deployment.json").write_text(
+        json.dumps(
+            {
+                "name": name,
+                "endpoint": endpoint,
+                "pids": [proc.pid],
+                "version": version,
+                "staged_dir": str(staged_dir),
+            }
+        )  # fmt: skip
+    )
+    deadline = time.monotonic() + startup_timeout_s
+    while not _healthy(endpoint):
+        if proc.poll() is not None:
+            tail = (directory / "worker-0.log").read_text()[-2000:]
+            raise DeployError(f"deployment {name}: worker exited with {proc.returncode}:\n{tail}")
+        if time.monotonic() > deadline:
+            stop_deployment(deployment)
+            raise DeployError(f"deployment {name}: not healthy after {startup_timeout_s:.0f} s")
+        time.sleep(0.2)
+    logger.info("deployment %s serving at %s", name, endpoint)
+    return deployment
+
+
+def read_deployment(directory: Path) -> Deployment | None:
+    try:
+        doc = json.loads((directory / "deployment.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return Deployment(doc["name"], doc["endpoint"], tuple(doc["pids"]), directory)
+
+
+def list_deployments(root: Path = DEPLOYMENTS_DIR) -> list[Deployment]:
+    found = [read_deployment(d) for d in sorted(root.glob("*")) if d.is_dir()]
+    return [d for d in found if d is not None]
+
+
+def stop_deployment(deployment: Deployment, timeout_s: float = 60.0) -> None:
+    """SIGTERM (workers drain in-flight requests), then SIGKILL after ``timeout_s``."""
+    for pid in deployment.pids:
+        _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for pid in deployment.pids:
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if _alive(pid):
+            _signal(pid, signal.SIGKILL)
+    (deployment.directory / "deployment.json").unlink(missing_ok=True)
+
+
+def switch_production(
+    frontend_url: str, endpoint: str, model: str, *, root: Path = DEPLOYMENTS_DIR
+) -> list[str]:
+    """Route the frontend to ``endpoint`` only; returns the ids of workers taken out.
+
+    Order matters: the new worker is registered (and healthy) before any old one leaves, so
+    there is always a worker to route to; old workers are deregistered (no new requests) and
+    then drained by SIGTERM when they are local deployments.
+    """
+    base = frontend_url.rstrip("/")
+    with httpx.Client(timeout=30) as client:
+        added = client.post(f"{base}/admin/workers", json={"url": endpoint})
+        if added.status_code != 201:
+            raise DeployError(f"frontend {base} refused worker {endpoint}: {added.text}")
+        new_id = added.json()["worker_id"]
+        workers = client.get(f"{base}/admin/workers").json()["workers"]
+        removed = []
+        for worker in workers:
+            if worker["worker_id"] == new_id:
+                continue
+            client.delete(f"{base}/admin/workers/{worker['worker_id']}")
+            removed.append(worker["worker_id"])
+            for deployment in list_deployments(root):
+                if deployment.endpoint == worker["url"]:
+                    stop_deployment(deployment)
+    logger.info("production for %s now %s (removed %s)", model, endpoint, removed or "none")
+    return removed
+
+
+def _healthy(endpoint: str) -> bool:
+    try:
+        return httpx.get(f"{endpoint}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of this process still "exists": reap it.
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:
+        return True
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _free_port() -> int:
+    from serving.frontend.serve import free_port
+
+    return free_port()
+
+
+def _free_port_pair() -> int:
+    from serving.frontend.serve import _free_port_pair
+
+    return _free_port_pair()
