@@ -27,7 +27,14 @@ def _register_serving_commands() -> None:
     app.command("serve", help="Start N workers and the frontend with the KV-aware router.")(serve)
     from workflows.demo import demo
 
-    app.command("demo", help="Import the bundled SmolLM2 and serve it (make demo).")(demo)
+    app.command("demo", help="Publish the bundled SmolLM2 through the workflow and serve it.")(demo)
+    from workflows import models_cli
+
+    app.command("models", help="List registered model versions and their aliases.")(
+        models_cli.models
+    )
+    app.command("promote", help="Move alias production to a version (gated).")(models_cli.promote)
+    app.command("rollback", help="Move alias production back to previous.")(models_cli.rollback)
 
 
 _register_serving_commands()
