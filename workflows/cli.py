@@ -28,7 +28,12 @@ def _register_serving_commands() -> None:
     from workflows.demo import demo
 
     app.command("demo", help="Publish the bundled SmolLM2 through the workflow and serve it.")(demo)
-    from workflows import models_cli
+    from workflows import models_cli, publish_cli, step_cli
+
+    app.command("publish", help="Publish a model: render for Argo, submit, or run --local.")(
+        publish_cli.publish
+    )
+    app.command("step", help="Run one workflow step (what each Argo task runs).")(step_cli.step)
 
     app.command("models", help="List registered model versions and their aliases.")(
         models_cli.models
