@@ -9,6 +9,7 @@ lets their in-flight requests finish, so no request is dropped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 
 from workflows.pipeline import PublishParams
 
@@ -90,7 +92,7 @@ def deploy_candidate(
                 "version": version,
                 "staged_dir": str(staged_dir),
             }
-        )  # fmt: skip
+        )
     )
     deadline = time.monotonic() + startup_timeout_s
     while not _healthy(endpoint):
@@ -168,25 +170,16 @@ def _healthy(endpoint: str) -> bool:
 
 
 def _alive(pid: int) -> bool:
+    """Running and not a zombie (a worker started by another process may await its reaping)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
-        return True
-    # A zombie child of this process still "exists": reap it.
-    try:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        return done == 0
-    except ChildProcessError:
-        return True
 
 
 def _signal(pid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def _free_port() -> int:
