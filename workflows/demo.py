@@ -80,6 +80,10 @@ def demo(
     model_dir: Annotated[Path, typer.Option()] = Path(".strata/models") / DEMO_MODEL_NAME,
     engine: Annotated[str, typer.Option(help="builtin | mock")] = "builtin",
     republish: Annotated[bool, typer.Option(help="Publish even if production is current")] = False,
+    s3_port: Annotated[int, typer.Option(envvar="STRATA_LOCAL_S3_PORT")] = 9000,
+    mlflow_port: Annotated[int, typer.Option(envvar="STRATA_LOCAL_MLFLOW_PORT")] = 5000,
+    prometheus_port: Annotated[int, typer.Option(envvar="STRATA_LOCAL_PROMETHEUS_PORT")] = 9090,
+    prometheus: Annotated[bool, typer.Option(help="Start Prometheus when installed")] = True,
 ) -> None:
     """Publish the bundled SmolLM2 from local S3 through the workflow and serve production."""
     from workflows.local_services import start_local_services
@@ -88,7 +92,12 @@ def demo(
     from workflows.steps.deploy import deploy_candidate
 
     logging.basicConfig(level="WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    services = start_local_services()
+    services = start_local_services(
+        s3_port=s3_port,
+        mlflow_port=mlflow_port,
+        prometheus_port=prometheus_port,
+        with_prometheus=prometheus,
+    )
     os.environ.update(services.client_env())
     typer.echo(f"local services: S3 {services.s3_url}, MLflow {services.mlflow_url}")
     model_dir = ensure_demo_model(model_dir.absolute())
