@@ -676,6 +676,15 @@ def _check_kv_events(state: FrontendState) -> None:
 def _refresh_gauges(state: FrontendState) -> None:
     if state.pool is None:
         return
+    for worker in state.pool.workers.values():
+        if worker.subscriber is None:
+            continue
+        lost = worker.subscriber.num_lost_batches
+        if lost > worker.num_lost_batches:
+            state.metrics.kv_event_gaps.labels(worker=worker.worker_id).inc(
+                lost - worker.num_lost_batches
+            )
+            worker.num_lost_batches = lost
     healthy = len(state.pool.healthy_ids())
     state.metrics.workers.labels(state="healthy").set(healthy)
     state.metrics.workers.labels(state="unhealthy").set(len(state.pool.workers) - healthy)

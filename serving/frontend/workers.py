@@ -63,6 +63,7 @@ class Worker:
     healthy: bool = True
     num_health_failures: int = 0
     num_event_batches: int = 0
+    num_lost_batches: int = 0  # already counted in the metrics
     last_event_s: float | None = None
     num_requests: int = 0
     first_request_s: float | None = None

@@ -216,6 +216,11 @@ class KVEventSubscriberThread:
     def start(self) -> None:
         self._thread.start()
 
+    @property
+    def num_lost_batches(self) -> int:
+        """Batches the publisher could no longer replay (read from another thread: a hint)."""
+        return self._subscriber.num_lost_batches
+
     def stop(self, timeout_s: float = 5.0) -> None:
         self._stop.set()
         self._thread.join(timeout_s)
