@@ -204,6 +204,7 @@ class WorkerPool:
         def forward(seq: int, batch: KVEventBatch) -> None:
             loop.call_soon_threadsafe(self._apply, worker_id, batch)
 
+        worker.num_lost_batches = 0  # a new subscriber counts from zero
         worker.subscriber = KVEventSubscriberThread(subscriber, forward)
         worker.subscriber.start()
 
