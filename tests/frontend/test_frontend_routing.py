@@ -214,3 +214,23 @@ def test_kv_router_warns_loudly_about_a_worker_without_events(
     finally:
         frontend.stop()
         silent.stop()
+
+
+def test_session_affinity_by_header(smollm2_dir: Path, mock_workers: list[WorkerProcess]) -> None:
+    frontend = start_frontend(smollm2_dir, [w.url for w in mock_workers], router="session")
+    try:
+        for session in ("alice", "bob", "carol", "dave"):
+            client = openai.OpenAI(
+                base_url=frontend.base_url,
+                api_key="x",
+                max_retries=0,
+                default_headers={"x-session-id": session},
+            )
+            before = routed_counts(frontend)
+            for _ in range(3):
+                client.completions.create(model=MODEL, prompt=[1, 2, 3], max_tokens=2)
+            after = routed_counts(frontend)
+            grown = {w: after[w] - before.get(w, 0) for w in after if after[w] != before.get(w)}
+            assert list(grown.values()) == [3.0], (session, grown)  # one worker, all three
+    finally:
+        frontend.stop()
