@@ -1,0 +1,469 @@
+"""Strata's Grafana dashboards, the one source of truth: ``python -m grafana.generate`` writes them.
+
+Worker panels use vLLM's metric names (``vllm:*``, label ``model_name``), so they serve Strata
+workers and stock ``vllm serve`` workers alike; frontend and router panels use ``strata_*``
+(label ``model``). Per-worker breakdowns of worker metrics use the scrape target (``instance``).
+Panels on metrics no component emits yet (lifecycle, planner, KV tiers) define them:
+``grafana.planned_metrics`` lists them.
+"""
+
+from __future__ import annotations
+
+from grafana.panels import Dashboard, Panel, Query
+from grafana.promql import (
+    MODEL,
+    MODEL_NAME,
+    RATE,
+    per_worker_or_zero,
+    quantiles,
+    rate,
+    slo_attainment_queries,
+)
+
+
+def _serving() -> Dashboard:
+    fe = "strata_frontend"
+    requests = f"{fe}_requests_total"
+    errors = MODEL + ', status!~"2.."'
+    return Dashboard(
+        uid="strata-serving",
+        title="Strata / Serving",
+        description="The OpenAI endpoint as clients see it (frontend) and the workers' queues.",
+        model_values=f"label_values({requests}, model)",
+        panels=(
+            Panel(
+                "Request rate",
+                (
+                    Query(
+                        f"sum by (endpoint, status) ({rate(requests, MODEL)})",
+                        "{{endpoint}} {{status}}",
+                    ),
+                ),
+                unit="reqps",
+                description="Requests answered, by endpoint and HTTP status.",
+            ),
+            Panel(
+                "Errors by status code",
+                (Query(f"sum by (status) ({rate(requests, errors)})", "{{status}}"),),
+                unit="reqps",
+                description="Non-2xx answers: 4xx are the client's, 5xx ours.",
+            ),
+            Panel(
+                "Time to first token",
+                quantiles(f"{fe}_time_to_first_token_seconds_bucket", MODEL),
+                unit="s",
+                description="Arrival at the frontend to the first token sent to the client.",
+            ),
+            Panel(
+                "Inter-token latency",
+                quantiles(f"{fe}_inter_token_latency_seconds_bucket", MODEL),
+                unit="s",
+                description="Time between tokens sent to the client.",
+            ),
+            Panel(
+                "End-to-end request latency",
+                quantiles(f"{fe}_request_duration_seconds_bucket", MODEL),
+                unit="s",
+                description="Arrival to the last token.",
+            ),
+            Panel(
+                "Tokens per second",
+                (
+                    Query(f"sum({rate(f'{fe}_prompt_tokens_total', MODEL)})", "prompt (in)"),
+                    Query(f"sum({rate(f'{fe}_output_tokens_total', MODEL)})", "output (out)"),
+                ),
+                unit="suffix: tok/s",
+            ),
+            Panel(
+                "Running and waiting requests",
+                (
+                    Query(f"sum(vllm:num_requests_running{{{MODEL_NAME}}})", "running (workers)"),
+                    Query(f"sum(vllm:num_requests_waiting{{{MODEL_NAME}}})", "waiting (workers)"),
+                    Query(f"sum({fe}_active_requests{{{MODEL}}})", "in flight (frontend)"),
+                ),
+                description="Workers' batch and queue; the frontend's requests in flight.",
+            ),
+            Panel(
+                "Migrations",
+                (Query(f"sum({rate(f'{fe}_migrations_total', MODEL)})", "migrations"),),
+                unit="reqps",
+                description="Requests re-sent to another worker after one failed mid-stream.",
+            ),
+            Panel(
+                "SLO attainment",
+                slo_attainment_queries(),
+                unit="percentunit",
+                width=24,
+                description="Share of requests within the SLO thresholds (target 99%).",
+            ),
+        ),
+    )
+
+
+def _router() -> Dashboard:
+    r = "strata_router"
+    decisions = f"{r}_decisions_total"
+    per_worker_rate = f"sum by (worker) ({rate(decisions)})"
+    every_worker_rate = per_worker_or_zero(rate(decisions), f"{r}_worker_active_requests")
+    prompt_rate = f"sum({rate('strata_frontend_prompt_tokens_total', MODEL)})"
+    return Dashboard(
+        uid="strata-router",
+        title="Strata / Router",
+        description="Routing decisions, KV-cache hit rate, per-worker load and the KV event feed.",
+        model_values="label_values(strata_frontend_requests_total, model)",
+        panels=(
+            Panel(
+                "Decisions by policy and reason",
+                (Query(f"sum by (policy, reason) ({rate(decisions)})", "{{policy}} {{reason}}"),),
+                unit="ops",
+            ),
+            Panel(
+                "Decisions per worker",
+                (Query(per_worker_rate, "{{worker}}"),),
+                unit="ops",
+                stack=True,
+            ),
+            Panel(
+                "KV hit rate (cached / prompt tokens)",
+                (
+                    Query(
+                        f"sum({rate('strata_frontend_cached_prompt_tokens_total', MODEL)})"
+                        f" / {prompt_rate}",
+                        "cached (worker-reported)",
+                    ),
+                    Query(
+                        f"sum({rate(f'{r}_predicted_cached_tokens_total', MODEL)}) / {prompt_rate}",
+                        "predicted by the router",
+                    ),
+                ),
+                unit="percentunit",
+                description="Prompt tokens found in the chosen worker's prefix cache.",
+            ),
+            Panel(
+                "Load imbalance (max / mean decision rate)",
+                (Query(f"max({every_worker_rate}) / avg({every_worker_rate})", "max / mean"),),
+                description="1 is an even spread; N means one of N workers takes everything. "
+                "Workers the router tracks but sends nothing count as 0.",
+            ),
+            Panel(
+                "Active requests per worker",
+                (Query(f"sum by (worker) ({r}_worker_active_requests)", "{{worker}}"),),
+                width=8,
+            ),
+            Panel(
+                "Active decode blocks per worker",
+                (Query(f"sum by (worker) ({r}_worker_active_decode_blocks)", "{{worker}}"),),
+                width=8,
+                description="KV blocks of requests in flight (router's own count).",
+            ),
+            Panel(
+                "Active prefill tokens per worker",
+                (Query(f"sum by (worker) ({r}_worker_active_prefill_tokens)", "{{worker}}"),),
+                width=8,
+                description="Uncached prompt tokens waiting for their first token.",
+            ),
+            Panel(
+                "KV events applied by type",
+                (Query(f"sum by (type) ({rate(f'{r}_kv_events_total')})", "{{type}}"),),
+                unit="ops",
+                width=8,
+            ),
+            Panel(
+                "KV event batches per worker",
+                (Query(f"sum by (worker) ({rate(f'{r}_kv_event_batches_total')})", "{{worker}}"),),
+                unit="ops",
+                width=8,
+            ),
+            Panel(
+                "Lost KV event batches per worker",
+                (
+                    Query(
+                        per_worker_or_zero(
+                            f"increase({r}_kv_event_lost_batches_total[{RATE}])",
+                            f"{r}_kv_event_batches_total",
+                        ),
+                        "{{worker}}",
+                    ),
+                ),
+                width=8,
+                description="Sequence gaps the replay could not fill.",
+            ),
+            Panel(
+                "Workers without KV events",
+                (Query(f"max({r}_workers_without_kv_events)", "workers"),),
+                kind="stat",
+                width=8,
+                description="Workers that serve requests but publish no KV events.",
+            ),
+            Panel(
+                "Workers by health",
+                (Query(f"sum by (state) ({r}_workers)", "{{state}}"),),
+                kind="stat",
+                width=8,
+            ),
+            Panel("Indexed KV blocks", (Query(f"sum({r}_indexed_blocks)", "blocks"),), width=8),
+        ),
+    )
+
+
+def _workers() -> Dashboard:
+    def per_worker(metric: str) -> str:
+        return f"sum by (instance) ({rate(metric, MODEL_NAME)})"
+
+    tier = 'model=~"$model"'
+    return Dashboard(
+        uid="strata-workers",
+        title="Strata / Workers and KV cache",
+        description="Per-worker engine state (vLLM metric names) and KV-cache tiers.",
+        model_values="label_values(vllm:num_requests_running, model_name)",
+        panels=(
+            Panel(
+                "KV cache usage per worker",
+                (
+                    Query(
+                        f"max by (instance) (vllm:kv_cache_usage_perc{{{MODEL_NAME}}})",
+                        "{{instance}}",
+                    ),
+                ),
+                unit="percentunit",
+            ),
+            Panel(
+                "Prefix cache hit rate per worker",
+                (
+                    Query(
+                        f"{per_worker('vllm:prefix_cache_hits_total')}"
+                        f" / {per_worker('vllm:prefix_cache_queries_total')}",
+                        "{{instance}}",
+                    ),
+                ),
+                unit="percentunit",
+                description="Cached / queried prompt tokens.",
+            ),
+            Panel(
+                "Running and waiting per worker",
+                (
+                    Query(
+                        f"sum by (instance) (vllm:num_requests_running{{{MODEL_NAME}}})",
+                        "{{instance}} running",
+                    ),
+                    Query(
+                        f"sum by (instance) (vllm:num_requests_waiting{{{MODEL_NAME}}})",
+                        "{{instance}} waiting",
+                    ),
+                ),
+            ),
+            Panel(
+                "Tokens per second per worker",
+                (
+                    Query(per_worker("vllm:prompt_tokens_total"), "{{instance}} prompt"),
+                    Query(per_worker("vllm:generation_tokens_total"), "{{instance}} generation"),
+                ),
+                unit="suffix: tok/s",
+            ),
+            Panel(
+                "Preemptions per worker",
+                (Query(per_worker("vllm:num_preemptions_total"), "{{instance}}"),),
+                unit="ops",
+                width=8,
+            ),
+            Panel(
+                "Requests by finish reason",
+                (
+                    Query(
+                        f"sum by (finished_reason) "
+                        f"({rate('vllm:request_success_total', MODEL_NAME)})",
+                        "{{finished_reason}}",
+                    ),
+                ),
+                unit="reqps",
+                width=8,
+            ),
+            Panel(
+                "Queue time p90 per worker",
+                quantiles("vllm:request_queue_time_seconds_bucket", MODEL_NAME, "instance")[1:2],
+                unit="s",
+                width=8,
+            ),
+            Panel(
+                "Worker time to first token",
+                quantiles("vllm:time_to_first_token_seconds_bucket", MODEL_NAME),
+                unit="s",
+                description="Measured inside the worker (excludes the frontend).",
+            ),
+            Panel(
+                "Worker inter-token latency",
+                quantiles("vllm:inter_token_latency_seconds_bucket", MODEL_NAME),
+                unit="s",
+            ),
+            Panel(
+                "KV tier occupancy",
+                (
+                    Query(
+                        f"sum by (tier) (strata_kv_tier_used_blocks{{{tier}}}) / sum by (tier) "
+                        f"(strata_kv_tier_capacity_blocks{{{tier}}})",
+                        "{{tier}}",
+                    ),
+                ),
+                unit="percentunit",
+                width=8,
+                description="G1 device, G2 host, G3 disk, G4 S3.",
+            ),
+            Panel(
+                "KV tier hit rate",
+                (
+                    Query(
+                        f"sum by (tier) ({rate('strata_kv_tier_hit_blocks_total', tier)}) / "
+                        f"ignoring (tier) group_left "
+                        f"sum({rate('strata_kv_tier_lookup_blocks_total', tier)})",
+                        "{{tier}}",
+                    ),
+                ),
+                unit="percentunit",
+                width=8,
+                description="Blocks found in each tier / blocks looked up past the device.",
+            ),
+            Panel(
+                "KV transfer bytes per second",
+                (
+                    Query(
+                        f"sum by (tier, direction) "
+                        f"({rate('strata_kv_transfer_bytes_total', tier)})",
+                        "{{direction}} {{tier}}",
+                    ),
+                ),
+                unit="Bps",
+                width=8,
+            ),
+        ),
+    )
+
+
+def _lifecycle() -> Dashboard:
+    wf = "strata_workflow"
+    duration = f"{wf}_step_duration_seconds"
+    return Dashboard(
+        uid="strata-lifecycle",
+        title="Strata / Model lifecycle",
+        description="Publish workflows: staging throughput, step durations and outcomes.",
+        model_values=f"label_values({duration}_count, model)",
+        panels=(
+            Panel(
+                "Staging throughput",
+                (Query(f"sum by (model) ({rate(f'{wf}_stage_bytes_total', MODEL)})", "{{model}}"),),
+                unit="Bps",
+                description="Bytes copied from S3 onto the model cache.",
+            ),
+            Panel(
+                "Step failures",
+                (
+                    Query(
+                        f"sum by (step) (increase({wf}_step_failures_total{{{MODEL}}}[{RATE}]))",
+                        "{{step}}",
+                    ),
+                ),
+            ),
+            Panel(
+                "Mean step duration (dashboard range)",
+                (
+                    Query(
+                        f"sum by (step) (increase({duration}_sum{{{MODEL}}}[$__range])) / "
+                        f"sum by (step) (increase({duration}_count{{{MODEL}}}[$__range]))",
+                        "{{step}}",
+                    ),
+                ),
+                unit="s",
+                kind="bargauge",
+            ),
+            Panel(
+                "Step outcomes (dashboard range)",
+                (
+                    Query(
+                        f"sum by (step, outcome) (increase({duration}_count{{{MODEL}}}[$__range]))",
+                        "{{step}} {{outcome}}",
+                    ),
+                ),
+                kind="bargauge",
+            ),
+            Panel(
+                "Workflow runs by outcome",
+                (
+                    Query(
+                        f"sum by (workflow, outcome) "
+                        f"(increase({wf}_runs_total{{{MODEL}}}[$__range]))",
+                        "{{workflow}} {{outcome}}",
+                    ),
+                ),
+                kind="bargauge",
+                width=24,
+            ),
+        ),
+    )
+
+
+def _planner() -> Dashboard:
+    p = "strata_planner"
+    completed = rate("strata_frontend_request_duration_seconds_count", MODEL)
+    return Dashboard(
+        uid="strata-planner",
+        title="Strata / Planner",
+        description="Replicas per role, predicted vs observed load, SLO attainment.",
+        model_values="label_values(strata_frontend_requests_total, model)",
+        panels=(
+            Panel(
+                "Replicas per role",
+                (
+                    Query(f"sum by (role) ({p}_replicas{{{MODEL}}})", "{{role}} current"),
+                    Query(f"sum by (role) ({p}_desired_replicas{{{MODEL}}})", "{{role}} desired"),
+                ),
+            ),
+            Panel(
+                "Scaling decisions",
+                (
+                    Query(
+                        f"sum by (role, direction) "
+                        f"(increase({p}_scaling_decisions_total{{{MODEL}}}[{RATE}]))",
+                        "{{role}} {{direction}}",
+                    ),
+                ),
+            ),
+            Panel(
+                "Predicted vs observed request rate",
+                (
+                    Query(f"sum({p}_predicted_request_rate{{{MODEL}}})", "predicted"),
+                    Query(f"sum({completed})", "observed"),
+                ),
+                unit="reqps",
+            ),
+            Panel(
+                "Predicted vs observed tokens per request",
+                (
+                    Query(f"avg({p}_predicted_input_tokens{{{MODEL}}})", "predicted input"),
+                    Query(f"avg({p}_predicted_output_tokens{{{MODEL}}})", "predicted output"),
+                    Query(
+                        f"sum({rate('strata_frontend_prompt_tokens_total', MODEL)}) / "
+                        f"sum({completed})",
+                        "observed input",
+                    ),
+                    Query(
+                        f"sum({rate('strata_frontend_output_tokens_total', MODEL)}) / "
+                        f"sum({completed})",
+                        "observed output",
+                    ),
+                ),
+            ),
+            Panel(
+                "SLO attainment",
+                slo_attainment_queries(),
+                unit="percentunit",
+            ),
+            Panel(
+                "Scale-up lead time",
+                (Query(f"max by (role) ({p}_lead_time_seconds{{{MODEL}}})", "{{role}}"),),
+                unit="s",
+                description="Measured time from a scale-up to a serving replica.",
+            ),
+        ),
+    )
+
+
+DASHBOARDS: tuple[Dashboard, ...] = (_serving(), _router(), _workers(), _lifecycle(), _planner())

@@ -1,0 +1,79 @@
+"""Metrics the dashboards use that no component emits yet: the contract for their emitters.
+
+name -> (type, labels, meaning). The components that will emit them own the names; the
+integration test skips panels on them by name, and docs/observability.md lists them.
+"""
+
+from __future__ import annotations
+
+PLANNED_METRICS: dict[str, tuple[str, str, str]] = {
+    "strata_workflow_step_duration_seconds": (
+        "histogram",
+        "model, step, outcome",
+        "Duration of a lifecycle step (stage, verify, register, deploy, evaluate, benchmark, "
+        "promote, rollback); outcome is succeeded|failed. Buckets 1 s to 2 h.",
+    ),
+    "strata_workflow_step_failures_total": (
+        "counter",
+        "model, step",
+        "Failed lifecycle steps (StrataStagingFailed: step=stage).",
+    ),
+    "strata_workflow_stage_bytes_total": (
+        "counter",
+        "model",
+        "Bytes copied from S3 onto the model cache by the stage step.",
+    ),
+    "strata_workflow_runs_total": (
+        "counter",
+        "model, workflow, outcome",
+        "Finished workflows: workflow is publish|rollback, outcome succeeded|failed|rolled_back.",
+    ),
+    "strata_planner_replicas": ("gauge", "model, role", "Replicas running per role."),
+    "strata_planner_desired_replicas": (
+        "gauge",
+        "model, role",
+        "Replicas the planner decided on, per role.",
+    ),
+    "strata_planner_scaling_decisions_total": (
+        "counter",
+        "model, role, direction",
+        "Planner decisions; direction is up|down.",
+    ),
+    "strata_planner_predicted_request_rate": (
+        "gauge",
+        "model",
+        "Requests per second the planner predicts for its next interval.",
+    ),
+    "strata_planner_predicted_input_tokens": (
+        "gauge",
+        "model",
+        "Predicted mean prompt tokens per request (ISL).",
+    ),
+    "strata_planner_predicted_output_tokens": (
+        "gauge",
+        "model",
+        "Predicted mean output tokens per request (OSL).",
+    ),
+    "strata_planner_lead_time_seconds": (
+        "gauge",
+        "model, role",
+        "Measured time from a scale-up decision to a serving replica.",
+    ),
+    "strata_kv_tier_used_blocks": ("gauge", "model, tier", "KV blocks held per tier (G1-G4)."),
+    "strata_kv_tier_capacity_blocks": ("gauge", "model, tier", "KV block capacity per tier."),
+    "strata_kv_tier_hit_blocks_total": (
+        "counter",
+        "model, tier",
+        "Blocks a prefix lookup found in each tier below the device.",
+    ),
+    "strata_kv_tier_lookup_blocks_total": (
+        "counter",
+        "model",
+        "Blocks looked up past the device tier (denominator of tier hits).",
+    ),
+    "strata_kv_transfer_bytes_total": (
+        "counter",
+        "model, tier, direction",
+        "KV bytes moved; direction is offload|onboard (tier changes) or send|receive (NIXL).",
+    ),
+}
