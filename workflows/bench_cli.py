@@ -1,0 +1,158 @@
+"""``strata bench replay``: typer options -> ``ReplayConfig`` (validated once) -> the replay.
+
+The benchmarks live in the repository's ``bench/`` directory, which is not an installed package:
+the commands import it from the checkout this module belongs to.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.markup import escape
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+app = typer.Typer(no_args_is_help=True)
+
+
+def _opt(*names: str, help: str, env: str) -> object:
+    return typer.Option(*names, help=help, envvar=f"STRATA_BENCH_{env}", show_envvar=True)
+
+
+@app.callback()
+def bench_commands() -> None:
+    """Benchmarks: replay request traces through the router and engines."""
+
+
+@app.command()
+def replay(
+    trace: Annotated[Path, _opt("--trace", help="Mooncake-format JSONL trace.", env="TRACE")],
+    workers: Annotated[int, _opt("--workers", help="Number of engines.", env="WORKERS")] = 8,
+    router: Annotated[
+        list[str],
+        _opt(
+            "--router",
+            help="Routing policy: kv, approx, round-robin, random, least-loaded, session. "
+            "Repeat (or comma-separate) to compare several on the same trace.",
+            env="ROUTER",
+        ),
+    ] = ["kv"],  # noqa: B006 (typer reads the default, never mutates it)
+    engine: Annotated[str, _opt("--engine", help="Engine behind each worker.", env="ENGINE")] = (
+        "mock"
+    ),
+    kv_blocks_per_worker: Annotated[
+        int, _opt("--kv-blocks-per-worker", help="KV blocks per engine.", env="KV_BLOCKS")
+    ] = 1024,
+    block_size: Annotated[
+        int, _opt("--block-size", help="Tokens per trace hash id and KV block.", env="BLOCK_SIZE")
+    ] = 512,
+    mode: Annotated[
+        str, _opt("--mode", help="offline (virtual time) | online (HTTP).", env="MODE")
+    ] = "offline",
+    speedup: Annotated[
+        float, _opt("--speedup", help="Divide trace arrival times by this.", env="SPEEDUP")
+    ] = 1.0,
+    limit: Annotated[
+        int | None, _opt("--limit", help="Replay only the first K requests.", env="LIMIT")
+    ] = None,
+    arrival_jitter_s: Annotated[
+        float,
+        _opt(
+            "--arrival-jitter-s",
+            help="Spread each arrival uniformly over this many trace seconds.",
+            env="ARRIVAL_JITTER_S",
+        ),
+    ] = 0.0,
+    kv_prefill_scale: Annotated[
+        float,
+        _opt(
+            "--kv-prefill-scale",
+            help="kv/approx cost: weight of each uncached prompt block against active KV blocks.",
+            env="KV_PREFILL_SCALE",
+        ),
+    ] = 1.0,
+    seed: Annotated[int, _opt("--seed", help="Tokens, policies, jitter.", env="SEED")] = 0,
+    max_num_seqs: Annotated[
+        int, _opt("--max-num-seqs", help="Per engine.", env="MAX_NUM_SEQS")
+    ] = 64,
+    max_num_batched_tokens: Annotated[
+        int,
+        _opt("--max-num-batched-tokens", help="Per engine step.", env="MAX_NUM_BATCHED_TOKENS"),
+    ] = 8192,
+    timing_profile: Annotated[
+        Path | None,
+        _opt("--timing-profile", help="Mock engine timing profile (JSON).", env="PROFILE"),
+    ] = None,
+    url: Annotated[
+        str | None, _opt("--url", help="Online mode: OpenAI base URL.", env="URL")
+    ] = None,
+    out: Annotated[
+        Path | None,
+        _opt("--out", help="JSON report (default: bench/results/replay-*.json).", env="OUT"),
+    ] = None,
+) -> None:
+    """Replay a Mooncake trace; print hit rates, TTFT, ITL, throughput and load imbalance."""
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    from bench.load import LoadError
+    from bench.replay import (
+        ReplayConfig,
+        default_out_path,
+        print_report,
+        run_offline,
+        run_online,
+    )
+
+    routers = tuple(name.strip() for item in router for name in item.split(",") if name.strip())
+    try:
+        config = ReplayConfig(
+            trace=trace,
+            workers=workers,
+            routers=routers,
+            engine=engine,
+            mode=mode,
+            kv_blocks_per_worker=kv_blocks_per_worker,
+            block_size=block_size,
+            speedup=speedup,
+            limit=limit,
+            arrival_jitter_s=arrival_jitter_s,
+            kv_prefill_scale=kv_prefill_scale,
+            seed=seed,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            timing_profile=timing_profile,
+            url=url,
+            out=out,
+        )
+    except ValidationError as exc:
+        raise typer.BadParameter(_describe(exc)) from None
+    err = Console(stderr=True, soft_wrap=True)
+    if config.mode == "online" and config.url is None:
+        err.print(
+            "[red]error:[/] --mode online without --url is not implemented yet: starting the "
+            "frontend and workers is `strata serve`'s job. Start it (mock workers with the same "
+            "--block-size) and pass its base URL, e.g. --url http://127.0.0.1:8000/v1"
+        )
+        raise typer.Exit(2)
+    try:
+        report = run_online(config) if config.mode == "online" else run_offline(config)
+    except (OSError, ValueError, RuntimeError, LoadError) as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(1) from None
+    print_report(report)
+    path = config.out or default_out_path(config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    Console().print(f"wrote {path}")
+
+
+def _describe(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}" for err in exc.errors()
+    )
