@@ -155,7 +155,11 @@ def _serve_frontend(
         f"    strata publish --local --source {DEMO_SOURCE} --name {DEMO_MODEL_NAME} "
         f"--frontend-url http://{host}:{port}\n"
     )
+    from workflows.metrics import WORKFLOW_REGISTRY
+
     config = ServeConfig(
+        extra_metric_registries=[WORKFLOW_REGISTRY],
+        prometheus_targets_dir=services.root / "prometheus" / "targets",
         model_dir=model_dir,
         num_workers=0,
         host=host,

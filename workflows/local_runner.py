@@ -16,6 +16,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from workflows import metrics
 from workflows.pipeline import PublishParams, WorkflowSpec
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ def run_workflow(
 ) -> RunResult:
     console = console or Console(stderr=True)
     statuses = {s.name: StepStatus(s.name) for s in spec.steps}
+    metrics.init_model(params.name, [s.name for s in spec.steps])
     started = time.monotonic()
     console.print(f"[bold]workflow {spec.name}[/] ({params.name}): {len(spec.steps)} steps")
     for step in spec.order():
@@ -94,6 +96,12 @@ def run_workflow(
                 status.phase = "Failed"
                 break
         status.duration_s = time.monotonic() - step_started
+        outcome = "succeeded" if status.phase == "Succeeded" else "failed"
+        metrics.STEP_DURATION.labels(model=params.name, step=step.name, outcome=outcome).observe(
+            status.duration_s
+        )
+        if status.phase == "Failed":
+            metrics.STEP_FAILURES.labels(model=params.name, step=step.name).inc()
         colour = "green" if status.phase == "Succeeded" else "red"
         console.print(
             f"  [{colour}]{step.name}: {status.phase}[/] in {status.duration_s:.1f} s"
@@ -101,6 +109,7 @@ def run_workflow(
         )
     phase = "Succeeded" if all(s.phase == "Succeeded" for s in statuses.values()) else "Failed"
     result = RunResult(spec.name, phase, statuses, time.monotonic() - started)
+    metrics.RUNS.labels(model=params.name, workflow=spec.name, outcome=phase.lower()).inc()
     console.print(render_table(result))
     if raise_on_failure and not result.succeeded:
         raise WorkflowFailed(result)

@@ -220,8 +220,10 @@ def _mlflow_spec(root: Path, port: int, s3_url: str) -> _Spec:
 def _prometheus_spec(root: Path, port: int) -> _Spec:
     """Prometheus scrapes itself and every target listed in ``prometheus/targets/*.json``
     (file service discovery: local workers drop a file there to be scraped)."""
+    rules = Path(__file__).resolve().parents[1] / "platform/monitoring/rules/strata-rules.yaml"
     config = {
         "global": {"scrape_interval": "5s", "evaluation_interval": "5s"},
+        "rule_files": [str(rules)] if rules.is_file() else [],
         "scrape_configs": [
             {"job_name": "prometheus", "static_configs": [{"targets": [f"{LOOPBACK}:{port}"]}]},
             {

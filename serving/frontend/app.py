@@ -16,7 +16,9 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from fastapi import FastAPI, Request
@@ -77,6 +79,9 @@ class FrontendSettings:
     max_health_failures: int = 3
     # A worker that served requests but sent no KV event for this long triggers a warning.
     kv_events_grace_s: float = 5.0
+    # Prometheus file service discovery: this frontend and its workers, kept current.
+    prometheus_targets_file: Path | None = None
+    self_address: str | None = None  # host:port of this frontend, for the targets file
 
 
 @dataclass(slots=True)
@@ -88,6 +93,8 @@ class FrontendState:
     pool: WorkerPool | None = None
     http: httpx.AsyncClient | None = None
     initial_workers: list[WorkerSpec] = field(default_factory=list)
+    # More registries to expose on /metrics (e.g. the workflow runner's, in `strata demo`).
+    extra_registries: list[Any] = field(default_factory=list)
     background: list[asyncio.Task] = field(default_factory=list)
 
 
@@ -121,10 +128,13 @@ def create_frontend_app(state: FrontendState) -> FastAPI:
         )
         for spec in state.initial_workers:
             await state.pool.register(spec)
+        write_prometheus_targets(state)
         state.background.append(asyncio.create_task(_health_loop(state)))
         try:
             yield
         finally:
+            if settings.prometheus_targets_file is not None:
+                settings.prometheus_targets_file.unlink(missing_ok=True)
             for task in state.background:
                 task.cancel()
             state.pool.close()
@@ -171,7 +181,8 @@ def create_frontend_app(state: FrontendState) -> FastAPI:
     @app.get("/metrics")
     async def prometheus() -> Response:
         _refresh_gauges(state)
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        body = b"".join(generate_latest(r) for r in [metrics.registry, *state.extra_registries])
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -647,6 +658,7 @@ async def _health_loop(state: FrontendState) -> None:
         with contextlib.suppress(Exception):
             await state.pool.check_health(settings.max_health_failures)
         _check_kv_events(state)
+        write_prometheus_targets(state)
 
 
 def _check_kv_events(state: FrontendState) -> None:
@@ -671,6 +683,29 @@ def _check_kv_events(state: FrontendState) -> None:
                 worker.url,
             )
     state.metrics.workers_without_events.set(silent)
+
+
+def write_prometheus_targets(state: FrontendState) -> None:
+    """File service discovery for Prometheus: the frontend and every registered worker."""
+    path = state.settings.prometheus_targets_file
+    if path is None or state.pool is None:
+        return
+    groups: list[dict[str, Any]] = []
+    if state.settings.self_address:
+        groups.append({"targets": [state.settings.self_address],
+                       "labels": {"component": "frontend"}})  # fmt: skip
+    for worker in state.pool.workers.values():
+        address = urlsplit(worker.url).netloc
+        groups.append(
+            {"targets": [address], "labels": {"component": "worker", "worker": worker.worker_id}}
+        )
+    text = json.dumps(groups, indent=1)
+    if path.is_file() and path.read_text() == text:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)  # atomic: Prometheus never reads half a file
 
 
 def _refresh_gauges(state: FrontendState) -> None:

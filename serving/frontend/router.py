@@ -57,6 +57,10 @@ class Router:
 
     def add_worker(self, worker_id: str) -> None:
         self.indexer.add_worker(worker_id)
+        # Every per-worker series exists from the start (at 0), so dashboards see idle workers.
+        self.metrics.kv_event_gaps.labels(worker=worker_id).inc(0)
+        self.metrics.kv_event_batches.labels(worker=worker_id).inc(0)
+        self._publish_load(worker_id)
 
     def remove_worker(self, worker_id: str) -> None:
         """Drop the worker's blocks and load; its requests are being migrated or failed."""

@@ -50,6 +50,9 @@ class ServeConfig:
     max_restarts: int = 5
     startup_timeout_s: float = 300.0
     log_dir: Path = Path(".strata/logs")
+    # Where `strata local up`'s Prometheus looks for targets; None: that directory if it exists.
+    prometheus_targets_dir: Path | None = None
+    extra_metric_registries: list = field(default_factory=list)
 
     @property
     def model_name(self) -> str:
@@ -225,6 +228,13 @@ def run_serve(config: ServeConfig) -> None:
             raise RuntimeError("no workers: use --workers N and/or --worker-url URL")
         max_len, vocab = model_limits(config.model_dir, [s.url for s in specs])
         state = build_frontend_state(config, specs, max_len, vocab)
+        targets_dir = config.prometheus_targets_dir or Path(".strata/local/prometheus/targets")
+        if targets_dir.is_dir():
+            state.settings.prometheus_targets_file = (
+                targets_dir / f"strata-serve-{config.port}.json"
+            )
+            state.settings.self_address = f"{config.host}:{config.port}"
+        state.extra_registries.extend(config.extra_metric_registries)
         app = create_frontend_app(state)
         server = uvicorn.Server(
             uvicorn.Config(

@@ -28,6 +28,9 @@ def stage_step(params: PublishParams) -> dict[str, Any]:
         name=staged_name(params),
         check=verify,
     )
+    from workflows.metrics import STAGE_BYTES
+
+    STAGE_BYTES.labels(model=params.name).inc(result.downloaded_bytes)
     return {
         "staged_dir": str(result.target_dir),
         "manifest_digest": result.manifest_digest,
