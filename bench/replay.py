@@ -58,6 +58,7 @@ from serving.engine.timing import MockModelRunner, TimingProfile  # noqa: E402
 from serving.protocol.kv_events import KVCacheEvent  # noqa: E402
 from serving.router.indexer import KVIndexer  # noqa: E402
 from serving.router.policies import (  # noqa: E402
+    DEFAULT_PREFILL_SCALE,
     KVCostConfig,
     PolicyName,
     RequestView,
@@ -88,7 +89,9 @@ class ReplayConfig(BaseModel):
         default=0.0, ge=0, description="Spread arrivals uniformly over this window (trace s)."
     )
     kv_prefill_scale: float = Field(
-        default=1.0, gt=0, description="kv/approx cost: weight of uncached prompt blocks."
+        default=DEFAULT_PREFILL_SCALE,
+        gt=0,
+        description="kv/approx cost: weight of uncached prompt blocks.",
     )
     seed: int = 0
     vocab_size: int = Field(default=32_000, ge=2)

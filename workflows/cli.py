@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from workflows import local_cli, model_import
+from workflows import bench_cli, local_cli, model_import
 
 app = typer.Typer(
     name="strata",
@@ -14,6 +14,7 @@ app = typer.Typer(
 )
 app.add_typer(model_import.app, name="model")
 app.add_typer(local_cli.app, name="local", help="Local S3, MLflow and Prometheus on loopback.")
+app.add_typer(bench_cli.app, name="bench", help="Benchmarks: trace replay.")
 
 
 def _register_serving_commands() -> None:

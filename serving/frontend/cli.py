@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from serving.router.policies import POLICY_NAMES
+from serving.router.policies import DEFAULT_PREFILL_SCALE, POLICY_NAMES
 
 
 def serve(
@@ -26,6 +26,9 @@ def serve(
     served_model_name: Annotated[str | None, typer.Option()] = None,
     block_size: Annotated[int, typer.Option()] = 16,
     migration_limit: Annotated[int, typer.Option()] = 3,
+    kv_prefill_scale: Annotated[
+        float, typer.Option(help="kv router: weight of an uncached prompt block vs decode load.")
+    ] = DEFAULT_PREFILL_SCALE,
     worker_arg: Annotated[
         list[str] | None,
         typer.Option(help="Extra argument for every local worker, e.g. --worker-arg=--speedup=10"),
@@ -57,6 +60,7 @@ def serve(
         served_model_name=served_model_name,
         block_size=block_size,
         migration_limit=migration_limit,
+        kv_prefill_scale=kv_prefill_scale,
         worker_args=list(worker_arg or []),
     )
     try:

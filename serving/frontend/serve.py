@@ -28,7 +28,7 @@ from serving.frontend.app import FrontendSettings, FrontendState, create_fronten
 from serving.frontend.metrics import FrontendMetrics
 from serving.frontend.router import Router
 from serving.frontend.workers import WorkerSpec
-from serving.router.policies import PolicyName
+from serving.router.policies import DEFAULT_PREFILL_SCALE, KVCostConfig, PolicyName
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ class ServeConfig:
     served_model_name: str | None = None
     block_size: int = 16
     migration_limit: int = 3
+    kv_prefill_scale: float = DEFAULT_PREFILL_SCALE
     worker_args: list[str] = field(default_factory=list)  # passed to every local worker
     max_restarts: int = 5
     startup_timeout_s: float = 300.0
@@ -201,7 +202,8 @@ def build_frontend_state(
     config: ServeConfig, worker_specs: list[WorkerSpec], max_model_len: int, vocab_size: int
 ) -> FrontendState:
     metrics = FrontendMetrics(config.model_name)
-    router = Router(config.router, config.block_size, metrics)
+    cost = KVCostConfig(block_size=config.block_size, prefill_scale=config.kv_prefill_scale)
+    router = Router(config.router, config.block_size, metrics, cost=cost)
     settings = FrontendSettings(
         served_model_names=[config.model_name],
         max_model_len=max_model_len,

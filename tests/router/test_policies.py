@@ -10,6 +10,7 @@ import pytest
 from serving.protocol.kv_events import BlockStored
 from serving.router.indexer import KVIndexer
 from serving.router.policies import (
+    DEFAULT_PREFILL_SCALE,
     POLICY_NAMES,
     ApproxPolicy,
     KVCostConfig,
@@ -76,7 +77,11 @@ def kv_setup(
     store(indexer, "A", a_blocks)
     store(indexer, "B", b_blocks)
     load = WorkerLoad(BS)
-    return indexer, load, KVPolicy(indexer, load, KVCostConfig(BS, **config))
+    return (
+        indexer,
+        load,
+        KVPolicy(indexer, load, KVCostConfig(BS, **{"prefill_scale": 1.0, **config})),
+    )
 
 
 # Cost
@@ -134,10 +139,12 @@ def test_tier_weights_change_the_cost() -> None:
     store(indexer, "A", 4, medium="CPU")  # credits 4 * 0.75 = 3
     store(indexer, "B", 2, medium="GPU")  # credits 2
     load = WorkerLoad(BS)
-    decision = KVPolicy(indexer, load, KVCostConfig(BS)).choose(request(indexer), WORKERS)
+    decision = KVPolicy(indexer, load, KVCostConfig(BS, prefill_scale=1.0)).choose(
+        request(indexer), WORKERS
+    )
     assert decision.worker_costs == {"A": 1.0, "B": 2.0}
     assert decision.worker_id == "A"
-    cheap_cpu = KVCostConfig(BS, tier_weights={"GPU": 1.0, "CPU": 0.25})
+    cheap_cpu = KVCostConfig(BS, prefill_scale=1.0, tier_weights={"GPU": 1.0, "CPU": 0.25})
     decision = KVPolicy(indexer, load, cheap_cpu).choose(request(indexer), WORKERS)
     assert decision.worker_costs == {"A": 3.0, "B": 2.0}
     assert decision.worker_id == "B"
@@ -161,7 +168,7 @@ def test_partial_last_block_counts_as_prefill() -> None:
 def test_temperature_zero_is_argmin() -> None:
     indexer, _, _ = kv_setup(a_blocks=3, b_blocks=1)
     load = WorkerLoad(BS)
-    policy = KVPolicy(indexer, load, KVCostConfig(BS, temperature=0.0), seed=7)
+    policy = KVPolicy(indexer, load, KVCostConfig(BS, prefill_scale=1.0, temperature=0.0), seed=7)
     assert {policy.choose(request(indexer), WORKERS).worker_id for _ in range(50)} == {"A"}
 
 
@@ -170,7 +177,9 @@ def test_seeded_sampling_is_reproducible_and_favours_low_cost() -> None:
     workers = ["A", "B", "C"]  # costs 1, 3, 4
 
     def run(seed: int) -> list[str]:
-        policy = KVPolicy(indexer, load, KVCostConfig(BS, temperature=0.5), seed=seed)
+        policy = KVPolicy(
+            indexer, load, KVCostConfig(BS, prefill_scale=1.0, temperature=0.5), seed=seed
+        )
         return [policy.choose(request(indexer), workers).worker_id for _ in range(300)]
 
     first = run(seed=3)
@@ -179,7 +188,7 @@ def test_seeded_sampling_is_reproducible_and_favours_low_cost() -> None:
     counts = Counter(first)
     assert counts["A"] > counts["B"] > counts["C"] > 0
     assert (
-        KVPolicy(indexer, load, KVCostConfig(BS, temperature=0.5))
+        KVPolicy(indexer, load, KVCostConfig(BS, prefill_scale=1.0, temperature=0.5))
         .choose(request(indexer), workers)
         .reason
         == "sampled"
@@ -284,7 +293,9 @@ def test_least_loaded() -> None:
 def test_no_workers_raises(name: str) -> None:
     load = WorkerLoad(BS)
     indexer = KVIndexer(BS)
-    policy = make_policy(name, load, KVCostConfig(BS), indexer, clock=FakeClock())  # type: ignore[arg-type]
+    policy = make_policy(
+        name, load, KVCostConfig(BS, prefill_scale=1.0), indexer, clock=FakeClock()
+    )  # type: ignore[arg-type]
     assert policy.name == name
     with pytest.raises(NoWorkersError):
         policy.choose(request(session_id="s"), [])
@@ -293,11 +304,11 @@ def test_no_workers_raises(name: str) -> None:
 def test_make_policy_needs_its_dependencies() -> None:
     load = WorkerLoad(BS)
     with pytest.raises(ValueError, match="KVIndexer"):
-        make_policy("kv", load, KVCostConfig(BS))
+        make_policy("kv", load, KVCostConfig(BS, prefill_scale=1.0))
     with pytest.raises(ValueError, match="clock"):
-        make_policy("approx", load, KVCostConfig(BS))
+        make_policy("approx", load, KVCostConfig(BS, prefill_scale=1.0))
     with pytest.raises(ValueError, match="unknown routing policy"):
-        make_policy("fastest", load, KVCostConfig(BS))  # type: ignore[arg-type]
+        make_policy("fastest", load, KVCostConfig(BS, prefill_scale=1.0))  # type: ignore[arg-type]
 
 
 # Session affinity
@@ -345,7 +356,7 @@ def test_session_map_is_bounded_lru() -> None:
 def test_approx_learns_from_its_decisions_and_forgets_after_ttl() -> None:
     clock = FakeClock()
     load = WorkerLoad(BS)
-    policy = ApproxPolicy(load, KVCostConfig(BS), ttl_s=60.0, clock=clock)
+    policy = ApproxPolicy(load, KVCostConfig(BS, prefill_scale=1.0), ttl_s=60.0, clock=clock)
     add_blocks(load, "A", 1)  # so the first, cold decision goes to B
     cold = policy.choose(request(request_id="r1"), WORKERS)
     assert (cold.worker_id, cold.num_cached_blocks) == ("B", 0)
@@ -370,7 +381,9 @@ def test_approx_learns_from_its_decisions_and_forgets_after_ttl() -> None:
 
 def test_approx_index_refresh_and_remove_worker() -> None:
     clock = FakeClock()
-    policy = ApproxPolicy(WorkerLoad(BS), KVCostConfig(BS), ttl_s=10.0, clock=clock)
+    policy = ApproxPolicy(
+        WorkerLoad(BS), KVCostConfig(BS, prefill_scale=1.0), ttl_s=10.0, clock=clock
+    )
     hashes = request().block_hashes
     policy.index.record(hashes, "A")
     policy.index.record(hashes[:2], "B")
@@ -384,3 +397,8 @@ def test_approx_index_refresh_and_remove_worker() -> None:
     assert policy.index.find_matches(hashes).worker_to_medium_blocks == {"A": {"GPU": 1}}
     policy.index.remove_worker("A")
     assert policy.index.num_entries() == 0
+
+
+def test_default_prefill_scale_is_the_measured_one() -> None:
+    # docs/replay.md: 16 reaches >= 90% of the shared-cache bound on the conversation trace.
+    assert KVCostConfig(BS).prefill_scale == DEFAULT_PREFILL_SCALE == 16.0
