@@ -16,6 +16,8 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
+from serving.router.policies import DEFAULT_PREFILL_SCALE
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 app = typer.Typer(no_args_is_help=True)
@@ -76,7 +78,7 @@ def replay(
             help="kv/approx cost: weight of each uncached prompt block against active KV blocks.",
             env="KV_PREFILL_SCALE",
         ),
-    ] = 1.0,
+    ] = DEFAULT_PREFILL_SCALE,
     seed: Annotated[int, _opt("--seed", help="Tokens, policies, jitter.", env="SEED")] = 0,
     max_num_seqs: Annotated[
         int, _opt("--max-num-seqs", help="Per engine.", env="MAX_NUM_SEQS")
