@@ -40,7 +40,7 @@ from serving.protocol.openai import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
-    context_length_exceeded,
+    check_prompt,
     model_card,
     model_not_found,
     new_id,
@@ -292,20 +292,13 @@ def _make_job(
     logprobs: int | None,
 ) -> _Job:
     settings = state.settings
-    num_prompt = len(prompt_ids)
-    if num_prompt == 0:
-        raise APIError("prompt is empty", param="prompt")
-    bad = [t for t in prompt_ids if not 0 <= t < settings.vocab_size]
-    if bad:
-        raise APIError(
-            f"prompt: token id {bad[0]} is out of range for vocabulary size {settings.vocab_size}",
-            param="prompt",
-        )
-    room = settings.max_model_len - num_prompt
-    if room < 1 or (max_tokens is not None and max_tokens > room):
-        raise context_length_exceeded(num_prompt, max_tokens or 1, settings.max_model_len)
-    if max_tokens is None:
-        max_tokens = room if default_max_tokens is None else min(default_max_tokens, room)
+    max_tokens = check_prompt(
+        prompt_ids,
+        vocab_size=settings.vocab_size,
+        max_model_len=settings.max_model_len,
+        max_tokens=max_tokens,
+        default_max_tokens=default_max_tokens,
+    )
     header_id = raw.headers.get("x-request-id")
     return _Job(
         request_id=f"{prefix}-{header_id}" if header_id else new_id(prefix),

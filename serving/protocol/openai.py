@@ -69,6 +69,35 @@ def context_length_exceeded(num_prompt_tokens: int, max_tokens: int, limit: int)
     )
 
 
+def check_prompt(
+    prompt_ids: list[int],
+    *,
+    vocab_size: int,
+    max_model_len: int,
+    max_tokens: int | None,
+    default_max_tokens: int | None,
+) -> int:
+    """Validate a tokenized prompt against the model; returns the effective ``max_tokens``.
+
+    ``default_max_tokens=None`` means "the rest of the context" (chat, as vLLM does).
+    """
+    num_prompt = len(prompt_ids)
+    if num_prompt == 0:
+        raise APIError("prompt is empty", param="prompt")
+    bad = [t for t in prompt_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise APIError(
+            f"prompt: token id {bad[0]} is out of range for vocabulary size {vocab_size}",
+            param="prompt",
+        )
+    room = max_model_len - num_prompt
+    if room < 1 or (max_tokens is not None and max_tokens > room):
+        raise context_length_exceeded(num_prompt, max_tokens or 1, max_model_len)
+    if max_tokens is not None:
+        return max_tokens
+    return room if default_max_tokens is None else min(default_max_tokens, room)
+
+
 # -- requests ---------------------------------------------------------------------------------
 
 

@@ -29,7 +29,7 @@ from serving.protocol.openai import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
-    context_length_exceeded,
+    check_prompt,
     model_card,
     model_not_found,
     new_id,
@@ -181,24 +181,18 @@ def _engine_request(
     logprobs: int | None,
 ) -> EngineRequest:
     info = state.info
-    num_prompt = len(prompt_ids)
-    if num_prompt == 0:
-        raise APIError("prompt is empty", param="prompt")
-    bad = [t for t in prompt_ids if not 0 <= t < info.vocab_size]
-    if bad:
-        raise APIError(
-            f"prompt: token id {bad[0]} is out of range for vocabulary size {info.vocab_size}",
-            param="prompt",
-        )
-    room = info.max_model_len - num_prompt
-    if room < 1 or (max_tokens is not None and max_tokens > room):
-        raise context_length_exceeded(num_prompt, max_tokens or 1, info.max_model_len)
-    default = room if default_max_tokens is None else min(default_max_tokens, room)
+    effective_max_tokens = check_prompt(
+        prompt_ids,
+        vocab_size=info.vocab_size,
+        max_model_len=info.max_model_len,
+        max_tokens=max_tokens,
+        default_max_tokens=default_max_tokens,
+    )
     eos_ids = info.eos_token_ids
     extra_stop_ids = [] if body.ignore_eos else list(eos_ids[1:])
     try:
         params = body.sampling_params(
-            default_max_tokens=max_tokens or default,
+            default_max_tokens=effective_max_tokens,
             logprobs=logprobs,
             stop_token_ids=extra_stop_ids,
         )
