@@ -550,6 +550,67 @@ def run_online(config: ReplayConfig, requests: Sequence[TraceRequest] | None = N
     return report
 
 
+def run_online_managed(config: ReplayConfig, model_dir: Path) -> dict:
+    """Online mode without ``--url``: for each policy, start ``strata serve`` (mock workers
+    with this replay's KV size, block size and speedup), replay over HTTP, stop it."""
+    import signal
+    import socket
+    import subprocess
+
+    import httpx
+
+    requests = load_requests(config)
+    report: dict[str, Any] | None = None
+    for policy in config.routers:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        cmd = [
+            sys.executable, "-m", "workflows.cli", "serve", "--model", str(model_dir),
+            "--workers", str(config.workers), "--engine", "mock", "--router", policy,
+            "--port", str(port), "--block-size", str(config.block_size),
+            "--kv-prefill-scale", str(config.kv_prefill_scale), "--log-level", "warning",
+            f"--worker-arg=--num-blocks={config.kv_blocks_per_worker}",
+            f"--worker-arg=--max-model-len={config.kv_blocks_per_worker * config.block_size}",
+            f"--worker-arg=--speedup={config.speedup}",
+            f"--worker-arg=--max-num-seqs={config.max_num_seqs}",
+            f"--worker-arg=--max-num-batched-tokens={config.max_num_batched_tokens}",
+        ]  # fmt: skip
+        serve = subprocess.Popen(
+            cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 300
+            while True:
+                if serve.poll() is not None:
+                    raise RuntimeError(f"strata serve exited with {serve.returncode}")
+                try:
+                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError("strata serve did not become healthy in 300 s")
+                time.sleep(0.2)
+            one = config.model_copy(update={"url": f"{url}/v1", "routers": (policy,)})
+            result = run_online(one, requests)
+        finally:
+            serve.send_signal(signal.SIGTERM)
+            try:
+                serve.wait(60)
+            except subprocess.TimeoutExpired:
+                serve.kill()
+        if report is None:
+            report = result
+        else:
+            report["policies"].update(result["policies"])
+            report["runtime"]["policies_s"].update(result["runtime"]["policies_s"])
+    assert report is not None
+    report["config"]["routers"] = list(config.routers)
+    return report
+
+
 def _report_head(
     config: ReplayConfig, requests: Sequence[TraceRequest]
 ) -> tuple[dict[str, Any], float]:

@@ -98,6 +98,10 @@ def replay(
         Path | None,
         _opt("--out", help="JSON report (default: bench/results/replay-*.json).", env="OUT"),
     ] = None,
+    model: Annotated[
+        Path,
+        typer.Option(help="Online mode without --url: checkpoint dir for `strata serve`."),
+    ] = REPO_ROOT / ".strata" / "test-cache" / "smollm2-135m-instruct",
 ) -> None:
     """Replay a Mooncake trace; print hit rates, TTFT, ITL, throughput and load imbalance."""
     if str(REPO_ROOT) not in sys.path:
@@ -109,6 +113,7 @@ def replay(
         print_report,
         run_offline,
         run_online,
+        run_online_managed,
     )
 
     routers = tuple(name.strip() for item in router for name in item.split(",") if name.strip())
@@ -135,15 +140,15 @@ def replay(
     except ValidationError as exc:
         raise typer.BadParameter(_describe(exc)) from None
     err = Console(stderr=True, soft_wrap=True)
-    if config.mode == "online" and config.url is None:
-        err.print(
-            "[red]error:[/] --mode online without --url is not implemented yet: starting the "
-            "frontend and workers is `strata serve`'s job. Start it (mock workers with the same "
-            "--block-size) and pass its base URL, e.g. --url http://127.0.0.1:8000/v1"
-        )
-        raise typer.Exit(2)
     try:
-        report = run_online(config) if config.mode == "online" else run_offline(config)
+        if config.mode == "offline":
+            report = run_offline(config)
+        elif config.url is not None:
+            report = run_online(config)
+        else:  # start `strata serve` with mock workers per policy
+            if not (model / "config.json").is_file():
+                raise ValueError(f"--model {model}: no config.json (the tokenizer for serve)")
+            report = run_online_managed(config, model.absolute())
     except (OSError, ValueError, RuntimeError, LoadError) as exc:
         err.print(f"[red]error:[/] {escape(str(exc))}")
         raise typer.Exit(1) from None

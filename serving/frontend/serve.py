@@ -184,10 +184,12 @@ def _wait_healthy(worker: _LocalWorker, deadline: float) -> None:
 
 
 def model_limits(model_dir: Path, worker_urls: list[str]) -> tuple[int, int]:
-    """(max_model_len, vocab_size): the smallest context any worker serves; vocab from config."""
+    """(max_model_len, vocab_size). The context is the smallest any worker reports on
+    /v1/models (workers know their KV pool and overrides); the checkpoint's config.json only
+    when no worker reports one. The vocabulary size comes from config.json."""
     config = json.loads((model_dir / "config.json").read_text())
     vocab_size = int(config["vocab_size"])
-    lengths = [int(config.get("max_position_embeddings", 2**31 - 1))]
+    lengths = []
     for url in worker_urls:
         try:
             card = httpx.get(f"{url.split(';')[0]}/v1/models", timeout=10).json()["data"][0]
@@ -195,6 +197,8 @@ def model_limits(model_dir: Path, worker_urls: list[str]) -> tuple[int, int]:
                 lengths.append(int(card["max_model_len"]))
         except (httpx.HTTPError, ValueError, KeyError, IndexError):
             continue
+    if not lengths:
+        lengths.append(int(config.get("max_position_embeddings", 2**31 - 1)))
     return min(lengths), vocab_size
 
 
