@@ -7,27 +7,6 @@ integration test skips panels on them by name, and docs/observability.md lists t
 from __future__ import annotations
 
 PLANNED_METRICS: dict[str, tuple[str, str, str]] = {
-    "strata_workflow_step_duration_seconds": (
-        "histogram",
-        "model, step, outcome",
-        "Duration of a lifecycle step (stage, verify, register, deploy, evaluate, benchmark, "
-        "promote, rollback); outcome is succeeded|failed. Buckets 1 s to 2 h.",
-    ),
-    "strata_workflow_step_failures_total": (
-        "counter",
-        "model, step",
-        "Failed lifecycle steps (StrataStagingFailed: step=stage).",
-    ),
-    "strata_workflow_stage_bytes_total": (
-        "counter",
-        "model",
-        "Bytes copied from S3 onto the model cache by the stage step.",
-    ),
-    "strata_workflow_runs_total": (
-        "counter",
-        "model, workflow, outcome",
-        "Finished workflows: workflow is publish|rollback, outcome succeeded|failed|rolled_back.",
-    ),
     "strata_planner_replicas": ("gauge", "model, role", "Replicas running per role."),
     "strata_planner_desired_replicas": (
         "gauge",

@@ -100,9 +100,10 @@ def exposed_metric_names() -> set[str]:
     """Series names the workers' and frontend's registries expose (with the suffixes)."""
     from serving.frontend.metrics import FrontendMetrics
     from serving.worker.metrics import WorkerMetrics
+    from workflows.metrics import WORKFLOW_REGISTRY
 
     names: set[str] = set()
-    for registry in (WorkerMetrics("m").registry, FrontendMetrics("m").registry):
+    for registry in (WorkerMetrics("m").registry, FrontendMetrics("m").registry, WORKFLOW_REGISTRY):
         for family in registry.collect():
             if family.type == "counter":
                 names.add(f"{family.name}_total")

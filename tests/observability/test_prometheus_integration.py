@@ -6,6 +6,7 @@ by dashboard, panel and query name (``pytest -rs`` lists them)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -25,6 +26,7 @@ import httpx
 import openai
 import pytest
 import yaml
+from rich.console import Console
 
 from grafana.panels import parse_label_values
 from tests.observability.conftest import (
@@ -55,7 +57,6 @@ DEADLINE_S = 90.0
 # Long enough to span the whole load: every rate() window sees it.
 RATE_INTERVAL = "2m"
 _NOT_RUNNING = {
-    "strata_workflow_": "model lifecycle (workflow steps) does not run in this test",
     "strata_planner_": "the planner does not exist yet",
     "strata_kv_tier_": "KV tiers below the device do not exist yet",
     "strata_kv_transfer_": "KV transfer does not exist yet",
@@ -197,11 +198,12 @@ def stack(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         workers = httpx.get(f"{frontend_url}/admin/workers", timeout=10).json()["workers"]
         worker_urls = [w["url"] for w in workers]
         assert len(worker_urls) == 2
-        hosts = {"frontend": [frontend_url], "worker": worker_urls}
+        workflow_url = _run_workflows_and_serve_their_metrics()
+        hosts = {"frontend": [frontend_url], "worker": worker_urls, "workflow": [workflow_url]}
         hosts = {name: [u.removeprefix("http://") for u in urls] for name, urls in hosts.items()}
         prometheus, prometheus_url = _start_prometheus(tmp, hosts)
         result = Stack(prometheus_url, frontend_url, worker_urls)
-        _wait_until("3 targets up", lambda: _num_up(result) == 3)
+        _wait_until("4 targets up", lambda: _num_up(result) == 4)
         _drive_load(frontend_url)
         load_end_s = time.time()
         # Two scrapes of every target after the load, then one rule evaluation after those.
@@ -213,6 +215,40 @@ def stack(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         if prometheus is not None:
             _stop(prometheus)
         _stop(serve)
+
+
+def _run_workflows_and_serve_their_metrics() -> str:
+    """Run the local workflow runner twice (one success, one failed stage) with stand-in steps,
+    and serve its registry the way the demo's frontend does, for the lifecycle panels."""
+    from prometheus_client import start_http_server
+
+    from workflows.local_runner import run_workflow
+    from workflows.metrics import STAGE_BYTES, WORKFLOW_REGISTRY
+    from workflows.pipeline import PublishParams, StepSpec, WorkflowSpec
+
+    def stage(params: PublishParams) -> dict[str, Any]:
+        STAGE_BYTES.labels(model=params.name).inc(541_600_000)
+        return {"staged_dir": "/model-cache/x"}
+
+    def failing_stage(params: PublishParams) -> dict[str, Any]:
+        raise OSError("S3 unreachable")
+
+    def verify(params: PublishParams, staged_dir: str) -> dict[str, Any]:
+        return {}
+
+    params = PublishParams(name=MODEL)
+    wiring = {"staged_dir": ("stage", "staged_dir")}
+    ok = WorkflowSpec("publish-model", (
+        StepSpec("stage", stage),
+        StepSpec("verify", verify, depends=("stage",), inputs=wiring),
+    ))  # fmt: skip
+    bad = WorkflowSpec("publish-model", (StepSpec("stage", failing_stage),))
+    quiet = Console(file=io.StringIO())
+    run_workflow(ok, params, console=quiet)
+    run_workflow(bad, params, console=quiet, raise_on_failure=False)
+    port = free_port()
+    start_http_server(port, addr="127.0.0.1", registry=WORKFLOW_REGISTRY)
+    return f"127.0.0.1:{port}"
 
 
 def _num_up(stack: Stack) -> int:
@@ -300,7 +336,7 @@ def test_prometheus_evaluates_every_rule_without_error(stack: Stack) -> None:
 def test_both_workers_and_the_frontend_were_scraped(stack: Stack) -> None:
     up = stack.query('count by (component) (up{job="strata"} == 1)')
     by_component = {s["metric"]["component"]: s["value"][1] for s in up}
-    assert by_component == {"frontend": "1", "worker": "2"}
+    assert by_component == {"frontend": "1", "worker": "2", "workflow": "1"}
     served = stack.query(
         f'count(sum by (instance) (vllm:request_success_total{{model_name="{MODEL}"}}) > 0)'
     )
