@@ -54,11 +54,13 @@ def deploy_candidate(
     root: Path = DEPLOYMENTS_DIR,
     startup_timeout_s: float = 300.0,
 ) -> Deployment:
-    """Start (or reuse, when already healthy) the version's local deployment."""
+    """Start (or reuse, when already healthy) the version's local deployment, or apply its
+    Kubernetes Deployment and Service and wait until every replica is ready."""
+    if params.deploy_target == "kubernetes":
+        return _deploy_kubernetes(params, version, staged_dir, root=root)
     if params.deploy_target != "local":
         raise DeployError(
-            f"deploy target {params.deploy_target!r} is not available yet: only 'local' is "
-            "built (the Kubernetes target renders with the platform/ Helm chart, not built)"
+            f"unknown deploy target {params.deploy_target!r}: use 'local' or 'kubernetes'"
         )
     name = deployment_name(params.name, version)
     directory = root / name
@@ -107,6 +109,27 @@ def deploy_candidate(
     return deployment
 
 
+def _deploy_kubernetes(
+    params: PublishParams, version: str, staged_dir: Path, *, root: Path
+) -> Deployment:
+    """Kubernetes target: settings from ``STRATA_K8S_NAMESPACE``, ``STRATA_IMAGE``,
+    ``STRATA_MODEL_CACHE_PVC`` and ``STRATA_K8S_READY_TIMEOUT_S``; no local processes."""
+    from workflows.steps import k8s_deploy
+
+    name, endpoint = k8s_deploy.deploy(
+        params,
+        version,
+        staged_dir,
+        namespace=os.environ.get("STRATA_K8S_NAMESPACE", "strata"),
+        image=os.environ.get("STRATA_IMAGE", "ghcr.io/strata-llm/strata:latest"),
+        pvc_name=os.environ.get("STRATA_MODEL_CACHE_PVC", "strata-model-cache"),
+        gpu=params.engine != "mock",
+        api_client=k8s_deploy.make_api_client(),
+        timeout_s=float(os.environ.get("STRATA_K8S_READY_TIMEOUT_S", "1200")),
+    )
+    return Deployment(name, endpoint, (), root / name)
+
+
 def read_deployment(directory: Path) -> Deployment | None:
     try:
         doc = json.loads((directory / "deployment.json").read_text())
@@ -140,9 +163,13 @@ def switch_production(
 
     Order matters: the new worker is registered (and healthy) before any old one leaves, so
     there is always a worker to route to; old workers are deregistered (no new requests) and
-    then drained by SIGTERM when they are local deployments.
+    then drained by SIGTERM: local deployments directly, Kubernetes ones (cluster Service
+    URLs) by deleting their Deployment and Service.
     """
+    from workflows.steps import k8s_deploy
+
     base = frontend_url.rstrip("/")
+    api_client = None
     with httpx.Client(timeout=30) as client:
         added = client.post(f"{base}/admin/workers", json={"url": endpoint})
         if added.status_code != 201:
@@ -155,6 +182,10 @@ def switch_production(
                 continue
             client.delete(f"{base}/admin/workers/{worker['worker_id']}")
             removed.append(worker["worker_id"])
+            if k8s_deploy.service_from_endpoint(worker["url"]) is not None:
+                api_client = api_client or k8s_deploy.make_api_client()
+                k8s_deploy.delete_for_endpoint(worker["url"], api_client)
+                continue
             for deployment in list_deployments(root):
                 if deployment.endpoint == worker["url"]:
                     stop_deployment(deployment)
