@@ -29,7 +29,7 @@ def _opt(*names: str, help: str, env: str) -> object:
 
 @app.callback()
 def bench_commands() -> None:
-    """Benchmarks: replay request traces through the router and engines."""
+    """Benchmarks: replay request traces through the router and engines; load a live endpoint."""
 
 
 @app.command()
@@ -156,6 +156,117 @@ def replay(
     path = config.out or default_out_path(config)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
+    Console().print(f"wrote {path}")
+
+
+@app.command()
+def serve(
+    runs: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            help="With --compare: run directories (each holds a run.json).", show_default=False
+        ),
+    ] = None,
+    url: Annotated[
+        str | None, _opt("--url", help="OpenAI base URL, e.g. http://127.0.0.1:8000/v1.", env="URL")
+    ] = None,
+    out: Annotated[
+        Path | None, _opt("--out", help="Directory for run.json, *.png, report.html.", env="OUT")
+    ] = None,
+    trace: Annotated[
+        Path | None, _opt("--trace", help="Mooncake-format JSONL trace (open loop).", env="TRACE")
+    ] = None,
+    speedup: Annotated[
+        float, _opt("--speedup", help="Trace: divide arrival times by this.", env="SPEEDUP")
+    ] = 1.0,
+    limit: Annotated[
+        int | None, _opt("--limit", help="Trace: send only the first K requests.", env="LIMIT")
+    ] = None,
+    synthetic: Annotated[
+        bool, _opt("--synthetic", help="Constant concurrency, fixed lengths.", env="SYNTHETIC")
+    ] = False,
+    concurrency: Annotated[
+        int, _opt("--concurrency", help="Synthetic: requests in flight.", env="CONCURRENCY")
+    ] = 8,
+    num_requests: Annotated[
+        int, _opt("--num-requests", help="Synthetic: requests in all.", env="NUM_REQUESTS")
+    ] = 100,
+    prompt_tokens: Annotated[
+        int, _opt("--prompt-tokens", help="Synthetic: tokens per prompt.", env="PROMPT_TOKENS")
+    ] = 256,
+    output_tokens: Annotated[
+        int, _opt("--output-tokens", help="Synthetic: max_tokens.", env="OUTPUT_TOKENS")
+    ] = 64,
+    block_size: Annotated[
+        int, _opt("--block-size", help="Trace: tokens per hash id.", env="BLOCK_SIZE")
+    ] = 512,
+    vocab_size: Annotated[
+        int, _opt("--vocab-size", help="Prompt token ids are below this.", env="VOCAB_SIZE")
+    ] = 32_000,
+    seed: Annotated[int, _opt("--seed", help="Prompt tokens.", env="SEED")] = 0,
+    model_name: Annotated[
+        str | None, _opt("--model", help="Model name (default: the first listed).", env="MODEL")
+    ] = None,
+    api_key: Annotated[
+        str | None, _opt("--api-key", help="Bearer token (not written out).", env="API_KEY")
+    ] = None,
+    label: Annotated[
+        str | None,
+        _opt("--label", help="Run name in reports (default: --out's name).", env="LABEL"),
+    ] = None,
+    compare: Annotated[
+        bool, typer.Option("--compare", help="Compare the RUNS directories in one report.")
+    ] = False,
+) -> None:
+    """Load an OpenAI endpoint (trace or constant concurrency); write run.json and a report."""
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    from bench.load import LoadError
+    from bench.serve import ServeBenchConfig, run_serve_bench
+    from bench.serve_report import print_summaries
+
+    err = Console(stderr=True, soft_wrap=True)
+    if out is None:
+        raise typer.BadParameter("--out DIR is required")
+    if compare:
+        _compare_runs(runs or [], out, err)
+        return
+    if runs:
+        raise typer.BadParameter(f"unexpected arguments {[str(r) for r in runs]} (--compare?)")
+    if url is None:
+        raise typer.BadParameter("--url is required (or --compare RUN RUN ...)")
+    try:
+        config = ServeBenchConfig(
+            url=url, out=out, trace=trace, speedup=speedup, limit=limit, synthetic=synthetic,
+            concurrency=concurrency, num_requests=num_requests, prompt_tokens=prompt_tokens,
+            output_tokens=output_tokens, block_size=block_size, vocab_size=vocab_size,
+            seed=seed, model=model_name, label=label, api_key=api_key,
+        )  # fmt: skip
+    except ValidationError as exc:
+        raise typer.BadParameter(_describe(exc)) from None
+    try:
+        run = run_serve_bench(config)
+    except (OSError, ValueError, LoadError) as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(1) from None
+    print_summaries(f"strata bench serve: {config.url}", [run])
+    Console().print(f"wrote {config.out / 'run.json'} and {config.out / 'report.html'}")
+
+
+def _compare_runs(runs: list[Path], out: Path, err: Console) -> None:
+    """``serve --compare``: one report over the runs' ``run.json`` files."""
+    from bench.serve import read_run
+    from bench.serve_report import print_summaries, write_compare_report
+
+    if len(runs) < 2:
+        raise typer.BadParameter("--compare needs two or more run directories")
+    try:
+        loaded = [read_run(path) for path in runs]
+        path = write_compare_report(loaded, out)
+    except (OSError, ValueError) as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(1) from None
+    print_summaries("strata bench serve --compare", loaded)
     Console().print(f"wrote {path}")
 
 
