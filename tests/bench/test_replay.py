@@ -238,7 +238,7 @@ def test_mooncake_head_replays_with_the_bound_above_every_policy() -> None:
 # -- the command ----------------------------------------------------------------------------------
 
 
-def test_cli_writes_the_report_and_refuses_online_mode(tmp_path: Path) -> None:
+def test_cli_writes_the_report_and_checks_online_mode(tmp_path: Path) -> None:
     trace = tmp_path / "trace.jsonl"
     write_mooncake(trace, make_synthetic_trace(30, block_size=16, seed=4))
     out = tmp_path / "report.json"
@@ -248,9 +248,10 @@ def test_cli_writes_the_report_and_refuses_online_mode(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     assert list(report["policies"]) == ["kv", "round-robin"]
     assert report["policies"]["kv"]["requests"]["completed"] == 30
-    online = CliRunner().invoke(bench_app, [*args, "--mode", "online"])  # no --url
-    assert online.exit_code == 2
-    assert "not implemented yet" in online.output
+    # No --url: online mode starts `strata serve`, which needs a checkpoint for its tokenizer.
+    online = CliRunner().invoke(bench_app, [*args, "--mode", "online", "--model", str(tmp_path)])
+    assert online.exit_code == 1
+    assert "no config.json" in online.output
     bad = CliRunner().invoke(bench_app, [*args, "--router", "nearest"])
     assert bad.exit_code == 2
 
@@ -301,3 +302,20 @@ def test_online_replay_streams_every_request_from_a_mock_worker(mock_worker: str
     assert 0 < res["hit_rate"] <= report["shared_cache"]["unbounded_hit_rate"]
     assert 0 < res["ttft_s"]["p50"] <= res["ttft_s"]["p99"] < 5
     assert 0 < res["itl_s"]["p50"] < 1
+
+
+@pytest.mark.slow
+def test_online_mode_starts_strata_serve_per_policy(smollm2_dir: Path, tmp_path: Path) -> None:
+    trace = tmp_path / "trace.jsonl"
+    write_mooncake(trace, make_synthetic_trace(16, block_size=16, seed=5))
+    out = tmp_path / "online.json"
+    args = ["replay", "--trace", str(trace), "--workers", "2", "--block-size", "16",
+            "--kv-blocks-per-worker", "256", "--mode", "online", "--speedup", "10",
+            "--router", "kv,round-robin", "--model", str(smollm2_dir)]  # fmt: skip
+    args += ["--out", str(out)]
+    result = CliRunner().invoke(bench_app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert list(report["policies"]) == ["kv", "round-robin"]
+    for figures in report["policies"].values():
+        assert figures["requests"]["completed"] == 16
