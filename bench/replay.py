@@ -554,17 +554,14 @@ def run_online_managed(config: ReplayConfig, model_dir: Path) -> dict:
     """Online mode without ``--url``: for each policy, start ``strata serve`` (mock workers
     with this replay's KV size, block size and speedup), replay over HTTP, stop it."""
     import signal
-    import socket
     import subprocess
 
-    import httpx
+    from serving.netutil import free_port, wait_healthy
 
     requests = load_requests(config)
     report: dict[str, Any] | None = None
     for policy in config.routers:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        port = free_port()
         cmd = [
             sys.executable, "-m", "workflows.cli", "serve", "--model", str(model_dir),
             "--workers", str(config.workers), "--engine", "mock", "--router", policy,
@@ -581,18 +578,7 @@ def run_online_managed(config: ReplayConfig, model_dir: Path) -> dict:
         )
         url = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + 300
-            while True:
-                if serve.poll() is not None:
-                    raise RuntimeError(f"strata serve exited with {serve.returncode}")
-                try:
-                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError("strata serve did not become healthy in 300 s")
-                time.sleep(0.2)
+            wait_healthy(url, serve, timeout_s=300)
             one = config.model_copy(update={"url": f"{url}/v1", "routers": (policy,)})
             result = run_online(one, requests)
         finally:

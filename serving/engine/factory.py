@@ -62,11 +62,6 @@ def build_engine(config: EngineConfig, served_model_name: str | None = None) -> 
     model_dir = Path(config.model_dir) if config.model_dir is not None else None
     name = served_model_name or (model_dir.name if model_dir is not None else "mock")
     tokenizer = load_tokenizer(model_dir) if model_dir is not None else None
-    scheduler_config = SchedulerConfig(
-        max_num_seqs=config.max_num_seqs,
-        max_num_batched_tokens=config.max_num_batched_tokens,
-        max_model_len=config.max_model_len or _MOCK_DEFAULT_MAX_MODEL_LEN,
-    )
     if config.engine == "builtin":
         from serving.engine.model_runner import ModelRunner
 
@@ -101,8 +96,8 @@ def build_engine(config: EngineConfig, served_model_name: str | None = None) -> 
             seed=config.seed,
         )
     scheduler_config = SchedulerConfig(
-        max_num_seqs=scheduler_config.max_num_seqs,
-        max_num_batched_tokens=scheduler_config.max_num_batched_tokens,
+        max_num_seqs=config.max_num_seqs,
+        max_num_batched_tokens=config.max_num_batched_tokens,
         max_model_len=max_len,
     )
     core = EngineCore(

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ from serving.frontend.app import FrontendSettings, FrontendState, create_fronten
 from serving.frontend.metrics import FrontendMetrics
 from serving.frontend.router import Router
 from serving.frontend.workers import WorkerSpec
+from serving.netutil import free_port, free_port_pair, wait_healthy
 from serving.router.policies import DEFAULT_PREFILL_SCALE, KVCostConfig, PolicyName
 
 logger = logging.getLogger(__name__)
@@ -58,12 +58,6 @@ class ServeConfig:
     @property
     def model_name(self) -> str:
         return self.served_model_name or self.model_dir.name
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 @dataclass(slots=True)
@@ -99,7 +93,7 @@ class WorkerSupervisor:
         cfg = self.config
         cfg.log_dir.mkdir(parents=True, exist_ok=True)
         for i in range(cfg.num_workers):
-            port, kv_port = free_port(), _free_port_pair()
+            port, kv_port = free_port(), free_port_pair()
             cmd = [
                 sys.executable, "-m", "serving.worker",
                 "--model", str(cfg.model_dir),
@@ -156,31 +150,16 @@ class WorkerSupervisor:
                 worker.proc.wait()
 
 
-def _free_port_pair() -> int:
-    """A port p with p+1 also free (KV events PUB and replay)."""
-    for _ in range(100):
-        port = free_port()
-        try:
-            with socket.socket() as sock:
-                sock.bind(("127.0.0.1", port + 1))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no free port pair for KV events")
-
-
 def _wait_healthy(worker: _LocalWorker, deadline: float) -> None:
-    while time.monotonic() < deadline:
-        if worker.proc is not None and worker.proc.poll() is not None:
-            tail = worker.log_path.read_text()[-2000:]
-            raise RuntimeError(f"worker {worker.index} exited during start-up:\n{tail}")
-        try:
-            if httpx.get(f"{worker.url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"worker {worker.index} not healthy in time; log {worker.log_path}")
+    try:
+        wait_healthy(worker.url, worker.proc, timeout_s=max(0.0, deadline - time.monotonic()))
+    except RuntimeError:
+        tail = worker.log_path.read_text()[-2000:]
+        raise RuntimeError(f"worker {worker.index} exited during start-up:\n{tail}") from None
+    except TimeoutError:
+        raise RuntimeError(
+            f"worker {worker.index} not healthy in time; log {worker.log_path}"
+        ) from None
 
 
 def model_limits(model_dir: Path, worker_urls: list[str]) -> tuple[int, int]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -16,13 +15,8 @@ import httpx
 import numpy as np
 import pytest
 
+from serving.netutil import free_port
 from workflows.steps.s3 import make_s3_client
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def start_moto(log_path: Path, timeout_s: float = 30.0) -> tuple[subprocess.Popen[bytes], str]:

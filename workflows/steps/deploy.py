@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 import psutil
 
+from serving.netutil import free_port, free_port_pair, is_healthy
 from workflows.pipeline import PublishParams
 
 logger = logging.getLogger(__name__)
@@ -65,11 +66,11 @@ def deploy_candidate(
     name = deployment_name(params.name, version)
     directory = root / name
     existing = read_deployment(directory)
-    if existing is not None and _healthy(existing.endpoint):
+    if existing is not None and is_healthy(existing.endpoint):
         logger.info("deployment %s already running at %s", name, existing.endpoint)
         return existing
     directory.mkdir(parents=True, exist_ok=True)
-    port, kv_port = _free_port(), _free_port_pair()
+    port, kv_port = free_port(), free_port_pair()
     cmd = [
         sys.executable, "-m", "serving.worker",
         "--model", str(Path(staged_dir).absolute()),
@@ -97,7 +98,7 @@ def deploy_candidate(
         )
     )
     deadline = time.monotonic() + startup_timeout_s
-    while not _healthy(endpoint):
+    while not is_healthy(endpoint):
         if proc.poll() is not None:
             tail = (directory / "worker-0.log").read_text()[-2000:]
             raise DeployError(f"deployment {name}: worker exited with {proc.returncode}:\n{tail}")
@@ -193,13 +194,6 @@ def switch_production(
     return removed
 
 
-def _healthy(endpoint: str) -> bool:
-    try:
-        return httpx.get(f"{endpoint}/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 def _alive(pid: int) -> bool:
     """Running and not a zombie (a worker started by another process may await its reaping)."""
     try:
@@ -211,15 +205,3 @@ def _alive(pid: int) -> bool:
 def _signal(pid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
-
-
-def _free_port() -> int:
-    from serving.frontend.serve import free_port
-
-    return free_port()
-
-
-def _free_port_pair() -> int:
-    from serving.frontend.serve import _free_port_pair
-
-    return _free_port_pair()
