@@ -31,6 +31,8 @@ class EngineConfig(BaseModel):
     max_num_batched_tokens: int = Field(default=2048, ge=1)
     max_model_len: int | None = Field(default=None, ge=2)
     enable_prefix_caching: bool = True
+    # Prefill role: seconds a finished request's blocks wait for a decode worker's pull.
+    kv_lease_s: float = Field(default=30.0, gt=0)
     seed: int = 0
     # Mock engine only.
     speedup: float = Field(default=1.0, gt=0)

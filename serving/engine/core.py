@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from serving.engine.kv_cache_manager import KVCacheManager
+from serving.engine.kv_transfer import DEFAULT_LEASE_S, KVLease, RemotePrefill
 from serving.engine.outputs import EngineCoreOutput, EngineStepResult, SchedulerStats
 from serving.engine.request import Request, RequestStatus
 from serving.engine.scheduler import Scheduler, SchedulerConfig
@@ -52,6 +53,7 @@ class EngineCore:
         scheduler_config: SchedulerConfig,
         *,
         enable_prefix_caching: bool = True,
+        kv_lease_s: float = DEFAULT_LEASE_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.executor = executor
@@ -70,6 +72,7 @@ class EngineCore:
             max_num_seqs=scheduler_config.max_num_seqs,
             max_num_batched_tokens=scheduler_config.max_num_batched_tokens,
             max_model_len=max_model_len,
+            kv_lease_s=kv_lease_s,
         )
         self.limits = EngineLimits(max_model_len, executor.num_blocks, executor.block_size)
         self.kv_cache_manager = KVCacheManager(
@@ -81,7 +84,12 @@ class EngineCore:
     # -- requests ----------------------------------------------------------------------------
 
     def add_request(self, request: Request) -> None:
-        """Queue a request. Raises ``ValueError`` if it can never fit (caller maps to 400)."""
+        """Queue a request. Raises ``ValueError`` if it can never fit (caller maps to 400).
+
+        ``kv_transfer_params`` with ``do_remote_prefill`` make it a disaggregated decode
+        request: ``step`` then reports a ``KVPull`` for it instead of computing its prompt.
+        """
+        request.remote_prefill = RemotePrefill.from_params(request.kv_transfer_params)
         limit = self.limits.max_model_len
         if request.num_prompt_tokens == 0:
             raise ValueError("the prompt is empty")
@@ -120,8 +128,32 @@ class EngineCore:
         )
         stats.num_generation_tokens = len(outputs)
         return EngineStepResult(
-            outputs=outputs, stats=stats, step_duration_s=runner_output.step_duration_s
+            outputs=outputs,
+            stats=stats,
+            step_duration_s=runner_output.step_duration_s,
+            kv_pulls=scheduler_output.kv_pulls,
         )
+
+    # -- disaggregation ------------------------------------------------------------------------
+
+    def finish_kv_pull(self, request_id: str, *, succeeded: bool) -> bool:
+        """A pull from ``step().kv_pulls`` ended (see ``Scheduler.finish_kv_pull``)."""
+        return self.scheduler.finish_kv_pull(request_id, succeeded=succeeded)
+
+    def release_lease(self, request_id: str) -> bool:
+        """Free a prefill lease's blocks (the decode worker confirmed its pull)."""
+        return self.scheduler.release_lease(request_id)
+
+    def renew_lease(self, request_id: str, lease_s: float | None = None) -> KVLease | None:
+        return self.scheduler.renew_lease(request_id, lease_s)
+
+    def expire_leases(self) -> list[str]:
+        """Free the leases whose time ran out; returns their request ids."""
+        return self.scheduler.expire_leases()
+
+    @property
+    def leases(self) -> list[KVLease]:
+        return [held.lease for held in self.scheduler.leases.values()]
 
     def take_kv_events(self) -> list[KVCacheEvent]:
         """KV cache events since the last call, in order (BlockStored/BlockRemoved/...)."""

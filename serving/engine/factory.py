@@ -101,7 +101,10 @@ def build_engine(config: EngineConfig, served_model_name: str | None = None) -> 
         max_model_len=max_len,
     )
     core = EngineCore(
-        executor, scheduler_config, enable_prefix_caching=config.enable_prefix_caching
+        executor,
+        scheduler_config,
+        enable_prefix_caching=config.enable_prefix_caching,
+        kv_lease_s=config.kv_lease_s,
     )
     info = ModelInfo(
         name=name,

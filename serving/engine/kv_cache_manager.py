@@ -90,6 +90,8 @@ class KVCacheManager:
         request: Request,
         num_new_tokens: int,
         new_computed_blocks: KVCacheBlocks | None = None,
+        *,
+        cache_blocks: bool = True,
     ) -> KVCacheBlocks | None:
         """Give ``request`` room for ``num_new_tokens`` more tokens, or return None.
 
@@ -102,6 +104,10 @@ class KVCacheManager:
         count as computed. On success the blocks that become full are indexed by hash (and
         announced as ``BlockStored``) and the newly added blocks are returned. None means the
         pool is too small right now: nothing changed, and the caller preempts or waits.
+
+        ``cache_blocks=False`` allocates without indexing: for blocks whose KV arrives from
+        elsewhere (a remote prefill pull) and must not be found by other requests before it
+        has landed. A later call indexes them once they count as computed.
         """
         if num_new_tokens <= 0:
             raise ValueError(f"num_new_tokens must be > 0, got {num_new_tokens}")
@@ -124,7 +130,7 @@ class KVCacheManager:
         new_blocks = self.block_pool.get_new_blocks(num_new_blocks) if num_new_blocks > 0 else []
         req_blocks.extend(new_blocks)
 
-        if self.enable_caching:
+        if self.enable_caching and cache_blocks:
             num_full = (num_computed + num_new_tokens) // self.block_size
             num_cached = self.num_cached_blocks.get(request.request_id, 0)
             if num_full > num_cached:
@@ -144,6 +150,15 @@ class KVCacheManager:
         blocks = self.req_to_blocks.pop(request.request_id, [])
         self.block_pool.free_blocks(reversed(blocks))
         self.num_cached_blocks.pop(request.request_id, None)
+
+    def detach(self, request: Request) -> list[KVCacheBlock]:
+        """Take a request's blocks out of its table, still referenced (a prefill lease)."""
+        self.num_cached_blocks.pop(request.request_id, None)
+        return self.req_to_blocks.pop(request.request_id, [])
+
+    def release(self, blocks: list[KVCacheBlock]) -> None:
+        """Drop the references ``detach`` kept, tail first as ``free`` does."""
+        self.block_pool.free_blocks(reversed(blocks))
 
     def get_block_ids(self, request_id: str) -> list[int]:
         return [b.block_id for b in self.req_to_blocks.get(request_id, [])]

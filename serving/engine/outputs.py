@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from serving.engine.kv_transfer import KVPull
 from serving.engine.scheduler_output import TokenLogprobs
 
 
@@ -58,3 +59,5 @@ class EngineStepResult:
     stats: SchedulerStats
     # Modelled compute time of the step (mock engine); None when the wall clock is the truth.
     step_duration_s: float | None = None
+    # Remote prefill KV the owner must pull, then report with ``EngineCore.finish_kv_pull``.
+    kv_pulls: list[KVPull] = field(default_factory=list)

@@ -7,10 +7,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from serving.engine.kv_transfer import RemotePrefill
+
 
 class RequestStatus(enum.IntEnum):
     WAITING = enum.auto()
     RUNNING = enum.auto()
+    # Blocks allocated, remote prefill KV being pulled into them (disaggregated decode).
+    WAITING_FOR_REMOTE_KVS = enum.auto()
     PREEMPTED = enum.auto()
     # Everything after PREEMPTED is a finished state.
     FINISHED_STOPPED = enum.auto()
@@ -86,6 +90,8 @@ class Request:
     eos_token_id: int | None = None
     arrival_time_s: float = field(default_factory=time.monotonic)
     kv_transfer_params: dict[str, Any] | None = None
+    # Set from kv_transfer_params on a decode worker; cleared once the pull was planned.
+    remote_prefill: RemotePrefill | None = None
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0

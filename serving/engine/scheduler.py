@@ -7,7 +7,15 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from serving.engine.kv_cache_manager import KVCacheManager
+from serving.engine.block_pool import KVCacheBlock
+from serving.engine.kv_cache_manager import KVCacheBlocks, KVCacheManager, cdiv
+from serving.engine.kv_transfer import (
+    DEFAULT_LEASE_S,
+    KVLease,
+    KVPull,
+    lease_params,
+    wants_remote_decode,
+)
 from serving.engine.outputs import EngineCoreOutput, RequestTimes, SchedulerStats
 from serving.engine.request import Request, RequestStatus
 from serving.engine.scheduler_output import ModelRunnerOutput, ScheduledSeq, SchedulerOutput
@@ -18,6 +26,22 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int = 8192
+    # Prefill side of disaggregation: how long finished requests' blocks wait for a pull.
+    kv_lease_s: float = DEFAULT_LEASE_S
+
+
+@dataclass(slots=True)
+class _PendingPull:
+    request: Request
+    num_local_hit_tokens: int
+    # Tokens with KV once the pull landed (== num_local_hit_tokens for an empty pull).
+    num_computed_after_pull: int
+
+
+@dataclass(slots=True)
+class _HeldBlocks:
+    lease: KVLease
+    blocks: list[KVCacheBlock]
 
 
 class Scheduler:
@@ -44,6 +68,10 @@ class Scheduler:
         self.times: dict[str, RequestTimes] = {}
         self._finished_req_ids: set[str] = set()
         self._num_preemptions = 0
+        # Decode side: requests whose blocks are allocated and being filled by a pull.
+        self.waiting_for_kv: dict[str, _PendingPull] = {}
+        # Prefill side: finished requests' blocks kept for a decode worker, by request id.
+        self.leases: dict[str, _HeldBlocks] = {}
 
     # -- admission ---------------------------------------------------------------------------
 
@@ -63,6 +91,11 @@ class Scheduler:
                 continue
             if request.status == RequestStatus.RUNNING:
                 self.running.remove(request)
+            elif request.status == RequestStatus.WAITING_FOR_REMOTE_KVS:
+                # A pull may be writing into its blocks: they are freed in finish_kv_pull.
+                request.status = status
+                done.append(req_id)
+                continue
             else:
                 self.waiting.remove(request)
             request.status = status
@@ -72,10 +105,64 @@ class Scheduler:
 
     @property
     def num_unfinished_requests(self) -> int:
-        return len(self.waiting) + len(self.running)
+        return len(self.waiting) + len(self.running) + len(self.waiting_for_kv)
 
     def has_unfinished_requests(self) -> bool:
+        """Whether a step has work to do (requests waiting for a pull do not count)."""
         return bool(self.waiting or self.running)
+
+    # -- disaggregation ----------------------------------------------------------------------
+
+    def finish_kv_pull(self, request_id: str, *, succeeded: bool) -> bool:
+        """A pull planned by ``schedule`` ended; the request can run now.
+
+        On success the prompt's KV is local except the last token, which is recomputed (its
+        logits sample the first output token); an empty pull (nothing to fetch, or a remote
+        side that could not cover the prompt) leaves the local prefix-cache hit. On failure the
+        request prefills locally from its own prefix-cache hit, in the blocks it already holds.
+        Returns False for an unknown id. A request aborted during the pull is freed here.
+        """
+        pending = self.waiting_for_kv.pop(request_id, None)
+        if pending is None:
+            return False
+        request = pending.request
+        if request.is_finished:
+            self._free_request(request)
+            return True
+        if succeeded:
+            request.num_computed_tokens = pending.num_computed_after_pull
+        else:
+            request.num_computed_tokens = pending.num_local_hit_tokens
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+        return True
+
+    def release_lease(self, request_id: str) -> bool:
+        """The decode worker has the blocks (or gave up): drop the lease. False if unknown."""
+        held = self.leases.pop(request_id, None)
+        if held is None:
+            return False
+        self.kv.release(held.blocks)
+        return True
+
+    def renew_lease(self, request_id: str, lease_s: float | None = None) -> KVLease | None:
+        """Push a lease's expiry to now + ``lease_s`` (default: the configured lease)."""
+        held = self.leases.get(request_id)
+        if held is None:
+            return None
+        held.lease.expires_at_s = self.clock() + (lease_s or self.config.kv_lease_s)
+        return held.lease
+
+    def expire_leases(self) -> list[str]:
+        """Release every lease past its expiry; returns their request ids."""
+        now = self.clock()
+        expired = [rid for rid, h in self.leases.items() if h.lease.expires_at_s <= now]
+        for request_id in expired:
+            self.release_lease(request_id)
+        return expired
+
+    def next_lease_expiry_s(self) -> float | None:
+        return min((h.lease.expires_at_s for h in self.leases.values()), default=None)
 
     # -- one step ----------------------------------------------------------------------------
 
@@ -111,14 +198,22 @@ class Scheduler:
                 continue
             break  # the request itself was preempted: nothing after it can run either
 
+        pulls: list[KVPull] = []
         while (
             not preempted
             and self.waiting
             and budget > 0
-            and len(self.running) < self.config.max_num_seqs
+            and len(self.running) + len(self.waiting_for_kv) < self.config.max_num_seqs
         ):
             request = self.waiting[0]
             hits, num_hit_tokens = self.kv.get_computed_blocks(request)
+            if request.remote_prefill is not None:
+                pull = self._plan_pull(request, hits, num_hit_tokens)
+                if pull is None:
+                    break
+                pulls.append(pull)
+                self.times[request.request_id].first_scheduled_s = now
+                continue
             num_new = min(request.num_tokens - num_hit_tokens, budget)
             if self.kv.allocate_slots(request, num_new, hits) is None:
                 break
@@ -143,6 +238,7 @@ class Scheduler:
             finished_req_ids=finished,
             preempted_req_ids=preempted,
             kv_usage=self.kv.usage,
+            kv_pulls=pulls,
         )
 
     def update_from_output(
@@ -182,7 +278,12 @@ class Scheduler:
             )
             if request.is_finished:
                 self.running.remove(request)
-                self._free_request(request)
+                if request.status == RequestStatus.FINISHED_LENGTH_CAPPED and wants_remote_decode(
+                    request.kv_transfer_params
+                ):
+                    outputs[-1].kv_transfer_params = self._lease(request)
+                else:
+                    self._free_request(request)
         return outputs
 
     def make_stats(self) -> SchedulerStats:
@@ -210,6 +311,66 @@ class Scheduler:
             sampling_params=request.sampling_params,
             num_output_tokens=request.num_output_tokens,
         )
+
+    def _plan_pull(
+        self, request: Request, hits: KVCacheBlocks, num_hit_tokens: int
+    ) -> KVPull | None:
+        """Allocate a remote-prefill request's prompt blocks and say which to pull.
+
+        The KV of prompt tokens ``[0, n-1)`` is needed (the last one is recomputed); the local
+        prefix cache covers ``num_hit_tokens`` of them, the prefill worker's blocks the rest.
+        None when the pool cannot hold the prompt now (the request keeps waiting).
+        """
+        source = request.remote_prefill
+        assert source is not None
+        num_tokens = request.num_tokens
+        if (
+            self.kv.allocate_slots(request, num_tokens - num_hit_tokens, hits, cache_blocks=False)
+            is None
+        ):
+            return None
+        self.waiting.popleft()
+        request.remote_prefill = None  # one attempt: a preempted request recomputes locally
+        if request.num_preemptions == 0:
+            self.kv.record_prefix_lookup(num_tokens, num_hit_tokens)
+        request.num_computed_tokens = num_hit_tokens
+        if request.num_cached_tokens is None:
+            request.num_cached_tokens = num_hit_tokens
+        request.status = RequestStatus.WAITING_FOR_REMOTE_KVS
+
+        block_size = self.kv.block_size
+        first_block = num_hit_tokens // block_size
+        end_block = cdiv(num_tokens - 1, block_size)
+        local_ids = self.kv.get_block_ids(request.request_id)
+        if len(source.block_ids) < end_block or request.num_output_tokens:
+            first_block = end_block = 0  # the remote side cannot cover the prompt: prefill here
+        first_token = first_block * block_size
+        num_pulled_tokens = max(min(end_block * block_size, num_tokens - 1) - first_token, 0)
+        computed_after = first_token + num_pulled_tokens if num_pulled_tokens else num_hit_tokens
+        self.waiting_for_kv[request.request_id] = _PendingPull(
+            request, num_hit_tokens, computed_after
+        )
+        return KVPull(
+            request_id=request.request_id,
+            source=source,
+            remote_block_ids=source.block_ids[first_block:end_block],
+            local_block_ids=tuple(local_ids[first_block:end_block]),
+            first_token=first_token,
+            num_tokens=num_pulled_tokens,
+        )
+
+    def _lease(self, request: Request) -> dict:
+        """Keep a finished prefill request's blocks for a decode worker; its response params."""
+        blocks = self.kv.detach(request)
+        lease = KVLease(
+            request_id=request.request_id,
+            block_ids=[b.block_id for b in blocks],
+            num_tokens=request.num_prompt_tokens,
+            expires_at_s=self.clock() + self.config.kv_lease_s,
+        )
+        self.leases[request.request_id] = _HeldBlocks(lease, blocks)
+        self._free_request(request)
+        return lease_params(lease)
 
     def _preempt(self, request: Request) -> None:
         self.kv.free(request)

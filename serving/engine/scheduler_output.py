@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from serving.engine.kv_transfer import KVPull
 from serving.engine.request import SamplingParams
 
 
@@ -48,6 +49,9 @@ class SchedulerOutput:
     preempted_req_ids: set[str] = field(default_factory=set)
     # Fraction of KV blocks in use after scheduling (0..1), for timing models.
     kv_usage: float = 0.0
+    # Remote prefill KV to pull before these requests can run (disaggregated decode); the
+    # owner runs them outside the step and reports back with ``finish_kv_pull``.
+    kv_pulls: list[KVPull] = field(default_factory=list)
 
     @property
     def total_num_scheduled_tokens(self) -> int:

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from serving.engine.factory import ModelInfo
+from serving.engine.kv_transfer import KVLease, RemotePrefill, wants_remote_decode
 from serving.engine.output_processor import RequestOutput
 from serving.engine.request import Request as EngineRequest
 from serving.engine.scheduler_output import TokenLogprobs
@@ -89,6 +90,38 @@ def create_app(state: WorkerState, on_shutdown: Callable[[], Any] | None = None)
         registry = state.engine.metrics.registry
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    @app.get("/v1/kv/leases")
+    async def leases() -> dict[str, Any]:
+        """Finished prefill requests whose blocks wait for a decode worker (prefill role)."""
+        now = state.engine.core.clock()
+        return {
+            "leases": [_lease_dict(lease, now) for lease in state.engine.leases_snapshot],
+            "kv_transport": state.extra_health.get("kv_transport"),
+        }
+
+    @app.post("/v1/kv/leases/{request_id}/renew")
+    async def renew_lease(request_id: str, raw: Request) -> dict[str, Any]:
+        """Push a lease's expiry out (body ``{"lease_s": s}`` optional: the default lease)."""
+        lease_s = None
+        if await raw.body():
+            try:
+                lease_s = float((await raw.json())["lease_s"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise APIError('body must be {"lease_s": seconds}', param="lease_s") from exc
+            if not lease_s > 0:
+                raise APIError("lease_s must be > 0", param="lease_s")
+        lease = await state.engine.lease_op(request_id, lease_s=lease_s)
+        if lease is None:
+            raise _lease_not_found(request_id)
+        return _lease_dict(lease, state.engine.core.clock())
+
+    @app.delete("/v1/kv/leases/{request_id}", status_code=204)
+    async def release_lease(request_id: str) -> Response:
+        """Free a lease's blocks now (the decode side gave up; also done by notification)."""
+        if not await state.engine.lease_op(request_id, release=True):
+            raise _lease_not_found(request_id)
+        return Response(status_code=204)
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         cards = [model_card(n, state.info.max_model_len) for n in state.served_model_names]
@@ -150,6 +183,24 @@ def create_app(state: WorkerState, on_shutdown: Callable[[], Any] | None = None)
 # -- request building ---------------------------------------------------------------------------
 
 
+def _lease_dict(lease: KVLease, now_s: float) -> dict[str, Any]:
+    return {
+        "request_id": lease.request_id,
+        "block_ids": list(lease.block_ids),
+        "num_tokens": lease.num_tokens,
+        "expires_in_s": round(lease.expires_at_s - now_s, 3),
+    }
+
+
+def _lease_not_found(request_id: str) -> APIError:
+    return APIError(
+        f"no KV lease for request {request_id!r} (pulled, released or expired)",
+        status_code=404,
+        type="NotFoundError",
+        param="request_id",
+    )
+
+
 def validation_error(exc: RequestValidationError) -> APIError:
     first = exc.errors()[0] if exc.errors() else {}
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
@@ -203,8 +254,35 @@ def _engine_request(
         prompt_token_ids=prompt_ids,
         sampling_params=params,
         eos_token_id=eos_ids[0] if eos_ids else None,
-        kv_transfer_params=body.kv_transfer_params,
+        kv_transfer_params=_request_kv_params(state, body.kv_transfer_params),
     )
+
+
+def _request_kv_params(state: WorkerState, params: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Validate ``kv_transfer_params`` at the edge (400 naming the field).
+
+    Without a KV transport a prefill request is served as a plain one (no lease nobody could
+    pull), as a vLLM worker without a connector ignores the field.
+    """
+    if params is None:
+        return None
+    try:
+        RemotePrefill.from_params(params)
+    except ValueError as exc:
+        raise APIError(str(exc), param="kv_transfer_params") from exc
+    if wants_remote_decode(params) and state.engine.connector is None:
+        return None
+    return params
+
+
+def _response_kv_params(state: WorkerState, last: RequestOutput) -> dict[str, Any] | None:
+    """Filled ``kv_transfer_params`` when the engine leased the blocks for a decode pull."""
+    connector = state.engine.connector
+    if last.kv_transfer_params is None or connector is None:
+        return None
+    if not last.kv_transfer_params.get("do_remote_prefill"):
+        return None  # a request's own params echoed back, not a lease
+    return connector.response_params(last.kv_transfer_params)
 
 
 # -- running ------------------------------------------------------------------------------------
@@ -289,7 +367,7 @@ async def _completion_response(
         "model": body.model,
         "choices": [choice],
         "usage": usage_dict(last.num_prompt_tokens, last.num_output_tokens, last.num_cached_tokens),
-        "kv_transfer_params": None,
+        "kv_transfer_params": _response_kv_params(state, last),
     }
 
 
@@ -358,7 +436,7 @@ async def _chat_response(
         "model": body.model,
         "choices": [choice],
         "usage": usage_dict(last.num_prompt_tokens, last.num_output_tokens, last.num_cached_tokens),
-        "kv_transfer_params": None,
+        "kv_transfer_params": _response_kv_params(state, last),
     }
 
 

@@ -50,6 +50,30 @@ def worker(
     ] = None,
     vocab_size: Annotated[int | None, typer.Option(help="Mock engine without --model.")] = None,
     seed: Annotated[int, typer.Option()] = 0,
+    role: Annotated[
+        str,
+        typer.Option(
+            envvar="STRATA_ROLE",
+            help="prefill | decode | both (disaggregated serving; any role serves any request).",
+        ),
+    ] = "both",
+    kv_transport: Annotated[
+        str | None,
+        typer.Option(
+            help="KV transfer: auto (NIXL, else TCP, loudly) | nixl | tcp | none. "
+            "Default: auto for prefill/decode, none for both."
+        ),
+    ] = None,
+    kv_transfer_host: Annotated[
+        str | None, typer.Option(help="Address peers pull KV from (default: --host).")
+    ] = None,
+    kv_transfer_port: Annotated[int, typer.Option(help="KV side-channel port (0: any).")] = 0,
+    kv_lease: Annotated[
+        float, typer.Option(help="Seconds a prefill result waits for its decode pull.")
+    ] = 30.0,
+    mock_kv_bandwidth_gbps: Annotated[
+        float, typer.Option(help="Mock engine: modelled KV transfer bandwidth (GB/s).")
+    ] = 25.0,
     drain_timeout: Annotated[float, typer.Option(help="Seconds to drain on SIGTERM.")] = 30.0,
     log_level: Annotated[str, typer.Option()] = "info",
 ) -> None:
@@ -75,6 +99,7 @@ def worker(
                 speedup=speedup,
                 timing_profile=timing_profile,
                 vocab_size=vocab_size,
+                kv_lease_s=kv_lease,
                 seed=seed,
             ),
             host=host,
@@ -83,6 +108,11 @@ def worker(
             kv_events_port=kv_events_port,
             drain_timeout_s=drain_timeout,
             log_level=log_level,
+            role=role,
+            kv_transport=kv_transport,
+            kv_transfer_host=kv_transfer_host,
+            kv_transfer_port=kv_transfer_port,
+            mock_kv_bandwidth_gbps=mock_kv_bandwidth_gbps,
         )
     except ValidationError as exc:
         raise typer.BadParameter(_describe(exc)) from None

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from serving.engine.config import EngineConfig
+
+WorkerRole = Literal["prefill", "decode", "both"]
+KVTransportKind = Literal["auto", "nixl", "tcp", "none"]
 
 
 class WorkerConfig(BaseModel):
@@ -20,6 +25,22 @@ class WorkerConfig(BaseModel):
     # Seconds to let in-flight requests finish after SIGTERM before stopping.
     drain_timeout_s: float = Field(default=30.0, ge=0)
     log_level: str = "info"
+    # Disaggregation. The role is advertised to the frontend (/health); any role serves any
+    # request. The KV transport defaults to "auto" (NIXL, else loud TCP) for prefill and
+    # decode workers and to "none" for aggregated ones.
+    role: WorkerRole = "both"
+    kv_transport: KVTransportKind | None = None
+    # Where peers reach the transport's side channel (default: ``host``; port 0: any free).
+    kv_transfer_host: str | None = None
+    kv_transfer_port: int = Field(default=0, ge=0, le=65535)
+    # Mock engine only: the link speed its modelled KV transfers take.
+    mock_kv_bandwidth_gbps: float = Field(default=25.0, gt=0)
+
+    @property
+    def resolved_kv_transport(self) -> KVTransportKind:
+        if self.kv_transport is not None:
+            return self.kv_transport
+        return "none" if self.role == "both" else "auto"
 
     @property
     def model_names(self) -> list[str]:

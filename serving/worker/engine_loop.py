@@ -9,6 +9,8 @@ time is slept here, so a mock worker behaves in real time like a GPU worker woul
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import logging
 import threading
 import time
@@ -17,8 +19,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from serving.engine.core import EngineCore
+from serving.engine.kv_transfer import KVLease, KVPull
 from serving.engine.output_processor import OutputProcessor, RequestOutput
 from serving.engine.request import Request, RequestStatus
+from serving.worker.kv_connector import KVConnector, PullResult
 from serving.worker.kv_events import NullEventPublisher, ZmqEventPublisher
 from serving.worker.metrics import WorkerMetrics
 
@@ -26,6 +30,10 @@ logger = logging.getLogger(__name__)
 
 # The engine thread wakes at least this often when idle, to notice shutdown.
 _IDLE_WAIT_S = 0.5
+# ... and this often while it holds prefill leases, to see release notifications.
+_LEASE_POLL_S = 0.02
+# Concurrent KV pulls (each is one transfer; more only queue on the same link).
+_MAX_PULLS_IN_FLIGHT = 4
 
 
 class EngineDeadError(RuntimeError):
@@ -43,6 +51,19 @@ class _Abort:
     request_id: str
 
 
+@dataclass(slots=True)
+class _LeaseOp:
+    """Renew (``lease_s`` > 0) or release a prefill lease, answered through ``future``."""
+
+    request_id: str
+    lease_s: float | None
+    release: bool
+    future: concurrent.futures.Future[KVLease | bool | None]
+
+
+_Message = _Add | _Abort | PullResult | _LeaseOp
+
+
 class AsyncEngine:
     """``generate()`` streams ``RequestOutput`` deltas; leaving the iterator early aborts."""
 
@@ -52,12 +73,19 @@ class AsyncEngine:
         output_processor: OutputProcessor,
         metrics: WorkerMetrics,
         publisher: ZmqEventPublisher | NullEventPublisher | None = None,
+        connector: KVConnector | None = None,
     ) -> None:
         self.core = core
         self.output_processor = output_processor
         self.metrics = metrics
         self.publisher = publisher or NullEventPublisher()
-        self._inbox: deque[_Add | _Abort] = deque()
+        self.connector = connector
+        self._pull_pool = concurrent.futures.ThreadPoolExecutor(
+            _MAX_PULLS_IN_FLIGHT, thread_name_prefix="kv-pull"
+        )
+        # The engine thread's view of its leases, for /v1/kv/leases (read-only elsewhere).
+        self.leases_snapshot: list[KVLease] = []
+        self._inbox: deque[_Message] = deque()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
@@ -78,7 +106,10 @@ class AsyncEngine:
         self._wake.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
+        self._pull_pool.shutdown(wait=False, cancel_futures=True)
         self.publisher.close()
+        if self.connector is not None:
+            self.connector.close()
 
     @property
     def is_alive(self) -> bool:
@@ -121,7 +152,15 @@ class AsyncEngine:
             if not finished:
                 self._post(_Abort(request.request_id))
 
-    def _post(self, message: _Add | _Abort) -> None:
+    async def lease_op(
+        self, request_id: str, *, release: bool = False, lease_s: float | None = None
+    ) -> KVLease | bool | None:
+        """Renew a lease (-> the lease, or None if unknown) or release it (-> found)."""
+        future: concurrent.futures.Future[KVLease | bool | None] = concurrent.futures.Future()
+        self._post(_LeaseOp(request_id, lease_s, release, future))
+        return await asyncio.wrap_future(future)
+
+    def _post(self, message: _Message) -> None:
         self._inbox.append(message)
         self._wake.set()
 
@@ -139,9 +178,10 @@ class AsyncEngine:
                 errors = self._drain_inbox()
                 if errors:
                     self._send(errors)
+                self._maintain_leases()
                 if not self.core.has_unfinished_requests():
                     self.metrics.record_step(self.core.scheduler.make_stats())
-                    self._wake.wait(_IDLE_WAIT_S)
+                    self._wake.wait(_LEASE_POLL_S if self.leases_snapshot else _IDLE_WAIT_S)
                     self._wake.clear()
                     continue
                 self._step()
@@ -158,6 +198,13 @@ class AsyncEngine:
             message = self._inbox.popleft()
             if isinstance(message, _Abort):
                 aborts.append(message.request_id)
+                continue
+            if isinstance(message, PullResult):
+                self.metrics.record_kv_pull(message)
+                self.core.finish_kv_pull(message.request_id, succeeded=message.succeeded)
+                continue
+            if isinstance(message, _LeaseOp):
+                self._lease_op(message)
                 continue
             request = message.request
             try:
@@ -181,9 +228,54 @@ class AsyncEngine:
                 self._last_token_s.pop(request_id, None)
         return errors
 
+    def _lease_op(self, op: _LeaseOp) -> None:
+        if op.release:
+            found = self.core.release_lease(op.request_id)
+            if found:
+                self.metrics.record_lease_released("released")
+            op.future.set_result(found)
+        else:
+            op.future.set_result(self.core.renew_lease(op.request_id, op.lease_s))
+
+    def _maintain_leases(self) -> None:
+        """Free leases whose blocks were pulled (notifications) or whose time ran out."""
+        if self.connector is not None:
+            for request_id in self.connector.poll_released():
+                if self.core.release_lease(request_id):
+                    self.metrics.record_lease_released("pulled")
+        for _ in self.core.expire_leases():
+            self.metrics.record_lease_released("expired")
+        self.leases_snapshot = self.core.leases
+        self.metrics.kv_leases.set(len(self.leases_snapshot))
+
+    def _start_pulls(self, pulls: list[KVPull]) -> None:
+        for pull in pulls:
+            if self.connector is None:
+                logger.warning(
+                    "request %s carries remote prefill KV but this worker has no KV transport "
+                    "(start it with --role decode or --kv-transport): prefilling locally",
+                    pull.request_id,
+                )
+                self._post(PullResult(pull.request_id, False, 0, 0.0, error="no KV transport"))
+                continue
+            future = self._pull_pool.submit(self.connector.run_pull, pull)
+            future.add_done_callback(functools.partial(self._pull_done, pull.request_id))
+
+    def _pull_done(self, request_id: str, future: concurrent.futures.Future[PullResult]) -> None:
+        if future.cancelled():
+            return
+        try:
+            result = future.result()
+        except Exception as exc:  # run_pull reports failures; this is a bug, not a lost request
+            logger.exception("KV pull for %s raised", request_id)
+            result = PullResult(request_id, False, 0, 0.0, error=repr(exc))
+        self._post(result)
+
     def _step(self) -> None:
         started_s = time.monotonic()
         result = self.core.step()
+        if result.kv_pulls:
+            self._start_pulls(result.kv_pulls)
         outputs, stopped = self.output_processor.process(result.outputs)
         if stopped:
             self.core.abort_requests(stopped, RequestStatus.FINISHED_STOPPED)

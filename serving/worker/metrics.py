@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from serving.engine.output_processor import RequestOutput
 from serving.engine.outputs import SchedulerStats
+from serving.worker.kv_connector import PullResult
 
 _LABELS = ("model_name", "engine")
 
@@ -26,13 +27,24 @@ REQUEST_LATENCY_BUCKETS_S = (
     0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
     240.0, 480.0, 960.0, 1920.0, 7680.0,
 )  # fmt: skip
+TRANSFER_BUCKETS_S = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
 TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000)
 
 
 class WorkerMetrics:
     """Owns a registry; ``record_step`` and ``record_finished`` are called by the engine loop."""
 
-    def __init__(self, model_name: str, engine: str = "0") -> None:
+    def __init__(
+        self,
+        model_name: str,
+        engine: str = "0",
+        *,
+        role: str = "both",
+        transport: str = "none",
+        transport_fallback: bool = False,
+    ) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.labels = {"model_name": model_name, "engine": engine}
@@ -107,9 +119,64 @@ class WorkerMetrics:
             "Number of generation tokens processed.",
             TOKEN_BUCKETS,
         )
+        # Disaggregation (Strata's own names): the role, the KV transport and its traffic.
+        self.transport = transport
+        Gauge(
+            "strata_worker_info",
+            "Constant 1: this worker's role and KV transport (fallback=true: NIXL was unusable).",
+            (*_LABELS, "role", "transport", "fallback"),
+            registry=r,
+        ).labels(
+            **self.labels,
+            role=role,
+            transport=transport,
+            fallback=str(transport_fallback).lower(),
+        ).set(1)
+        self._transfer_bytes = Counter(
+            "strata_kv_transfer_bytes",
+            "KV bytes pulled from prefill workers into this worker's cache.",
+            (*_LABELS, "transport"),
+            registry=r,
+        ).labels(**self.labels, transport=transport)
+        self._transfer_seconds = Histogram(
+            "strata_kv_transfer_seconds",
+            "Time of one request's KV pull (connect, transfer, release notification).",
+            (*_LABELS, "transport"),
+            buckets=TRANSFER_BUCKETS_S,
+            registry=r,
+        ).labels(**self.labels, transport=transport)
+        self._pulls = Counter(
+            "strata_kv_pulls",
+            "KV pulls by outcome (failed: the request was prefilled locally instead).",
+            (*_LABELS, "transport", "outcome"),
+            registry=r,
+        )
+        self._leases_released = Counter(
+            "strata_kv_leases_released",
+            "Prefill leases ended: pulled (decode confirmed), released (API) or expired.",
+            (*_LABELS, "how"),
+            registry=r,
+        )
+        self.kv_leases = gauge(
+            "strata_kv_leases", "Finished prefill requests whose blocks wait for a decode pull."
+        )
         # Initialise the labelled children so every series exists from the first scrape.
         for reason in ("stop", "length", "abort"):
             self._request_success.labels(**self.labels, finished_reason=reason)
+        for outcome in ("ok", "failed"):
+            self._pulls.labels(**self.labels, transport=transport, outcome=outcome)
+        for how in ("pulled", "released", "expired"):
+            self._leases_released.labels(**self.labels, how=how)
+
+    def record_kv_pull(self, result: PullResult) -> None:
+        outcome = "ok" if result.succeeded else "failed"
+        self._pulls.labels(**self.labels, transport=self.transport, outcome=outcome).inc()
+        if result.succeeded:
+            self._transfer_bytes.inc(result.num_bytes)
+            self._transfer_seconds.observe(result.duration_s)
+
+    def record_lease_released(self, how: str) -> None:
+        self._leases_released.labels(**self.labels, how=how).inc()
 
     def record_step(self, stats: SchedulerStats) -> None:
         self.num_requests_running.set(stats.num_running_reqs)

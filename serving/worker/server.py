@@ -11,6 +11,7 @@ from serving.engine.output_processor import OutputProcessor
 from serving.worker.app import WorkerState, create_app
 from serving.worker.config import WorkerConfig
 from serving.worker.engine_loop import AsyncEngine
+from serving.worker.kv_connector import KVConnector, make_connector
 from serving.worker.kv_events import NullEventPublisher, ZmqEventPublisher
 from serving.worker.metrics import WorkerMetrics
 
@@ -41,10 +42,20 @@ def build_state(config: WorkerConfig, loaded: LoadedEngine | None = None) -> Wor
     else:
         publisher = NullEventPublisher()
     extra["block_size"] = loaded.core.limits.block_size
+    connector = _make_connector(config, loaded)
+    extra["role"] = config.role
+    extra["kv_transport"] = connector.transport.metadata() if connector else None
+    extra["kv_transport_fallback"] = connector.is_fallback if connector else False
     tokenizer = loaded.tokenizer
     processor = OutputProcessor(tokenizer.backend_tokenizer if tokenizer is not None else None)
-    metrics = WorkerMetrics(config.model_names[0], engine="0")
-    engine = AsyncEngine(loaded.core, processor, metrics, publisher)
+    metrics = WorkerMetrics(
+        config.model_names[0],
+        engine="0",
+        role=config.role,
+        transport=connector.kind if connector else "none",
+        transport_fallback=connector.is_fallback if connector else False,
+    )
+    engine = AsyncEngine(loaded.core, processor, metrics, publisher, connector)
     return WorkerState(
         engine=engine,
         info=loaded.info,
@@ -52,6 +63,36 @@ def build_state(config: WorkerConfig, loaded: LoadedEngine | None = None) -> Wor
         served_model_names=config.model_names,
         extra_health=extra,
     )
+
+
+def _make_connector(config: WorkerConfig, loaded: LoadedEngine) -> KVConnector | None:
+    kind = config.resolved_kv_transport
+    if kind == "none":
+        if config.role != "both":
+            logger.warning(
+                "role %s without a KV transport: remote prefill requests will be prefilled "
+                "locally and prefill results cannot be pulled",
+                config.role,
+            )
+        return None
+    executor = loaded.core.executor
+    kv_cache = getattr(executor, "kv_cache", None)  # the mock engine has none
+    connector = make_connector(
+        kind,
+        kv_cache=kv_cache,
+        num_blocks=loaded.core.limits.num_blocks,
+        host=config.kv_transfer_host or config.host,
+        port=config.kv_transfer_port,
+        modelled_bytes_per_token=executor.kv_bytes_per_token if kv_cache is None else None,
+        modelled_bandwidth_bytes_per_s=config.mock_kv_bandwidth_gbps * 1e9,
+    )
+    logger.info(
+        "role %s, KV transport %s at %s",
+        config.role,
+        connector.kind,
+        connector.transport.metadata(),
+    )
+    return connector
 
 
 class DrainingServer(uvicorn.Server):
