@@ -176,16 +176,39 @@ class NixlTransport(KVTransport):
             return
         local_idx = self._layout.descriptor_index(local_block_ids).astype(np.int32)
         remote_idx = state.layout.descriptor_index(remote_block_ids).astype(np.int32)
+        what = f"READ of {len(local_block_ids)} blocks from {peer}"
+        try:
+            with self._lock:
+                handle = self._agent.make_prepped_xfer(
+                    "READ", self._local_dlist, local_idx, state.dlist, remote_idx
+                )
+            self._wait(handle, what)
+        except Exception as exc:
+            # A dead peer surfaces as nixlRemoteDisconnectError & co: forget it, so a later
+            # connect starts fresh, and report one error type.
+            self._drop_peer(peer)
+            if isinstance(exc, TransportError):
+                raise
+            raise TransportError(f"{self.name}: {what} failed: {exc!r}") from exc
+
+    def _drop_peer(self, peer: str) -> None:
         with self._lock:
-            handle = self._agent.make_prepped_xfer(
-                "READ", self._local_dlist, local_idx, state.dlist, remote_idx
-            )
-        self._wait(handle, f"READ of {len(local_block_ids)} blocks from {peer}")
+            state = self._peers.pop(peer, None)
+            if state is None:
+                return
+            with contextlib.suppress(Exception):
+                self._agent.release_dlist_handle(state.dlist)
+            with contextlib.suppress(Exception):
+                self._agent.remove_remote_agent(state.name)
 
     def notify(self, peer: str, message: bytes) -> None:
         self._peer(peer)
-        with self._lock:
-            self._agent.send_notif(peer, bytes(message))
+        try:
+            with self._lock:
+                self._agent.send_notif(peer, bytes(message))
+        except Exception as exc:
+            self._drop_peer(peer)
+            raise TransportError(f"{self.name}: notification to {peer} failed: {exc!r}") from exc
 
     def poll_notifications(self) -> list[tuple[str, bytes]]:
         with self._lock:
