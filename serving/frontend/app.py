@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import httpx
@@ -47,6 +47,7 @@ from serving.protocol.openai import (
     now_s,
     usage_dict,
 )
+from serving.router.disagg import DisaggConfig, DisaggDecision, decide, prefill_request_params
 from serving.router.policies import NoWorkersError
 from serving.worker.app import validation_error
 
@@ -82,6 +83,8 @@ class FrontendSettings:
     # Prometheus file service discovery: this frontend and its workers, kept current.
     prometheus_targets_file: Path | None = None
     self_address: str | None = None  # host:port of this frontend, for the targets file
+    # Conditional disaggregation (used when prefill workers are registered).
+    disagg: DisaggConfig = field(default_factory=DisaggConfig)
 
 
 @dataclass(slots=True)
@@ -104,6 +107,7 @@ class WorkerRegistration(BaseModel):
     kv_events_endpoint: str | None = None
     replay_endpoint: str | None = None
     worker_id: str | None = None
+    role: Literal["prefill", "decode", "both"] | None = None
 
 
 class _WorkerFailed(Exception):
@@ -198,7 +202,7 @@ def create_frontend_app(state: FrontendState) -> FastAPI:
     async def add_worker(body: WorkerRegistration) -> dict[str, Any]:
         assert state.pool is not None
         spec = WorkerSpec(body.url.rstrip("/"), body.kv_events_endpoint, body.replay_endpoint,
-                          body.worker_id)  # fmt: skip
+                          body.worker_id, body.role)  # fmt: skip
         try:
             worker = await state.pool.register(spec)
         except WorkerRegistrationError as exc:
@@ -334,9 +338,9 @@ async def _segments(state: FrontendState, job: _Job) -> AsyncIterator[dict[str, 
     tried: set[str] = set()
     router = state.router
     while True:
-        candidates = [w for w in state.pool.healthy_ids() if w not in tried]
+        candidates = [w for w in state.pool.decode_ids() if w not in tried]
         if not candidates:
-            candidates = state.pool.healthy_ids()  # every worker failed once: try again
+            candidates = state.pool.decode_ids()  # every worker failed once: try again
         routing_id = f"{job.request_id}#{job.num_migrations}"
         try:
             decision = router.route(routing_id, job.prompt_ids + job.output_ids, candidates,
@@ -352,7 +356,8 @@ async def _segments(state: FrontendState, job: _Job) -> AsyncIterator[dict[str, 
             worker.first_request_s = time.monotonic()
         resumed_text = _unsent_text(state, job) if job.num_migrations else ""
         try:
-            async for chunk in _stream_from_worker(state, job, worker, routing_id):
+            kv_params = await _maybe_remote_prefill(state, job, decision.num_cached_blocks)
+            async for chunk in _stream_from_worker(state, job, worker, routing_id, kv_params):
                 if resumed_text:
                     chunk = {**chunk, "text": resumed_text + (chunk.get("text") or "")}
                     resumed_text = ""
@@ -384,11 +389,100 @@ async def _segments(state: FrontendState, job: _Job) -> AsyncIterator[dict[str, 
             raise
 
 
+async def _maybe_remote_prefill(
+    state: FrontendState, job: _Job, num_cached_blocks: int
+) -> dict[str, Any] | None:
+    """Prefill on a prefill worker when the rule says so; the decode worker's kv params.
+
+    Returns None to prefill on the decode worker: the uncached part is short, no prefill worker
+    is healthy, the prefill worker failed (marked unhealthy, never fatal), or the request is
+    resumed after a migration (the lease was consumed) or carries the client's own params.
+    """
+    assert state.pool is not None and state.http is not None
+    metrics = state.metrics
+    prefill_ids = state.pool.prefill_ids()
+    if job.num_migrations or job.output_ids or job.body.kv_transfer_params is not None:
+        return None
+    if not prefill_ids and not any(w.role == "prefill" for w in state.pool.workers.values()):
+        metrics.disagg_decisions.labels(model=metrics.model, decision="aggregated").inc()
+        return None
+    num_prompt = len(job.prompt_ids)
+    cached = min(num_cached_blocks * state.router.block_size, num_prompt)
+    decision = decide(num_prompt, cached, len(prefill_ids), state.settings.disagg)
+    if decision.is_remote:
+        params = await _remote_prefill(state, job, prefill_ids)
+        if params is None:
+            decision = DisaggDecision.LOCAL_PREFILL_FAILED
+    else:
+        params = None
+    metrics.disagg_decisions.labels(model=metrics.model, decision=decision.value).inc()
+    return params
+
+
+async def _remote_prefill(
+    state: FrontendState, job: _Job, prefill_ids: list[str]
+) -> dict[str, Any] | None:
+    """vLLM's prefill request (max_tokens=1, do_remote_decode) to the lowest-cost prefill
+    worker; its response's ``kv_transfer_params``, or None on any failure."""
+    assert state.pool is not None and state.http is not None
+    routing_id = f"{job.request_id}#prefill"
+    decision = state.router.route(routing_id, job.prompt_ids, prefill_ids)
+    worker = state.pool.workers[decision.worker_id]
+    worker.num_requests += 1
+    payload = {
+        **_worker_payload(job, worker),
+        "max_tokens": 1,
+        "stream": False,
+        # The sampled token is thrown away; what matters is that the request ends length-capped
+        # (the only state in which the blocks are leased), so no EOS or stop may end it first.
+        "ignore_eos": True,
+        "stop": [],
+        "stop_token_ids": [],
+        "kv_transfer_params": prefill_request_params(),
+    }
+    payload.pop("stream_options", None)
+    started_s = time.monotonic()
+    try:
+        response = await state.http.post(
+            f"{worker.url}/v1/completions",
+            json=payload,
+            headers={"x-request-id": f"{job.request_id}-prefill"},
+        )
+        if response.status_code >= 500:
+            state.pool.mark_failed(worker.worker_id, f"prefill HTTP {response.status_code}")
+            return None
+        if response.status_code != 200:
+            raise _passthrough_error(response)  # the request itself is bad: tell the client
+        params = response.json().get("kv_transfer_params")
+    except httpx.TransportError as exc:
+        state.pool.mark_failed(worker.worker_id, f"prefill failed: {exc!r}")
+        return None
+    finally:
+        state.router.finish(routing_id)
+    state.metrics.remote_prefill_seconds.labels(model=state.metrics.model).observe(
+        time.monotonic() - started_s
+    )
+    if not isinstance(params, dict) or not params.get("do_remote_prefill"):
+        logger.warning(
+            "prefill worker %s returned no kv_transfer_params (no KV transport?): "
+            "prefilling on the decode worker",
+            worker.worker_id,
+        )
+        return None
+    return params
+
+
 async def _stream_from_worker(
-    state: FrontendState, job: _Job, worker: Worker, routing_id: str
+    state: FrontendState,
+    job: _Job,
+    worker: Worker,
+    routing_id: str,
+    kv_params: dict[str, Any] | None = None,
 ) -> AsyncIterator[dict[str, Any]]:
     assert state.http is not None
     payload = _worker_payload(job, worker)
+    if kv_params is not None:
+        payload["kv_transfer_params"] = kv_params
     first = True
     try:
         async with state.http.stream(
@@ -723,6 +817,7 @@ def _worker_json(worker: Worker) -> dict[str, Any]:
         "worker_id": worker.worker_id,
         "url": worker.url,
         "model": worker.model_name,
+        "role": worker.role,
         "healthy": worker.healthy,
         "kv_events_endpoint": worker.kv_events_endpoint,
         "replay_endpoint": worker.replay_endpoint,

@@ -8,19 +8,45 @@ from typing import Annotated
 
 import typer
 
+from serving.router.disagg import (
+    DEFAULT_MAX_LOCAL_PREFILL_FRACTION,
+    DEFAULT_MAX_LOCAL_PREFILL_TOKENS,
+)
 from serving.router.policies import DEFAULT_PREFILL_SCALE, POLICY_NAMES
 
 
 def serve(
     model: Annotated[Path, typer.Option("--model", envvar="STRATA_MODEL", help="Checkpoint dir.")],
-    workers: Annotated[int, typer.Option("--workers", help="Local workers to start.")] = 1,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers", help="Aggregated local workers (default 1, or 0 with --prefill/--decode)."
+        ),
+    ] = None,
+    prefill: Annotated[int, typer.Option("--prefill", help="Local prefill workers.")] = 0,
+    decode: Annotated[int, typer.Option("--decode", help="Local decode workers.")] = 0,
+    kv_transport: Annotated[
+        str, typer.Option(help="Prefill/decode workers' KV transfer: auto | nixl | tcp.")
+    ] = "auto",
+    max_local_prefill_tokens: Annotated[
+        int,
+        typer.Option(
+            help="Disaggregation: a decode worker prefills itself when the uncached prompt is "
+            "shorter than this and than --max-local-prefill-fraction of the prompt."
+        ),
+    ] = DEFAULT_MAX_LOCAL_PREFILL_TOKENS,
+    max_local_prefill_fraction: Annotated[float, typer.Option()] = (
+        DEFAULT_MAX_LOCAL_PREFILL_FRACTION
+    ),
     engine: Annotated[str, typer.Option(help="builtin | mock")] = "builtin",
     router: Annotated[str, typer.Option(help=" | ".join(POLICY_NAMES))] = "kv",
     host: Annotated[str, typer.Option(envvar="STRATA_HOST")] = "127.0.0.1",
     port: Annotated[int, typer.Option(envvar="STRATA_PORT")] = 8000,
     worker_url: Annotated[
         list[str] | None,
-        typer.Option(help="External worker: URL[;kv=tcp://h:p][;replay=tcp://h:p][;id=name]."),
+        typer.Option(
+            help="External worker: URL[;kv=tcp://h:p][;replay=tcp://h:p][;id=name][;role=R]."
+        ),
     ] = None,
     api_key: Annotated[str | None, typer.Option(envvar="STRATA_API_KEY")] = None,
     served_model_name: Annotated[str | None, typer.Option()] = None,
@@ -46,11 +72,24 @@ def serve(
         raise typer.BadParameter(f"--router must be one of {', '.join(POLICY_NAMES)}")
     if engine not in ("builtin", "mock"):
         raise typer.BadParameter("--engine must be builtin or mock")
+    if min(prefill, decode) < 0 or (workers is not None and workers < 0):
+        raise typer.BadParameter("--workers, --prefill and --decode must be >= 0")
+    if prefill and not decode and not workers:
+        raise typer.BadParameter("--prefill needs --decode or --workers to stream the output")
+    if kv_transport not in ("auto", "nixl", "tcp"):
+        raise typer.BadParameter("--kv-transport must be auto, nixl or tcp")
+    if workers is None:
+        workers = 0 if prefill or decode else 1
     if not (model / "config.json").is_file():
         raise typer.BadParameter(f"--model {model}: no config.json there")
     config = ServeConfig(
         model_dir=model.absolute(),
         num_workers=workers,
+        num_prefill=prefill,
+        num_decode=decode,
+        kv_transport=kv_transport,
+        max_local_prefill_tokens=max_local_prefill_tokens,
+        max_local_prefill_fraction=max_local_prefill_fraction,
         engine=engine,
         router=router,  # type: ignore[arg-type]
         host=host,

@@ -64,6 +64,20 @@ class FrontendMetrics:
             ("model",),
             registry=r,
         )
+        self.disagg_decisions = Counter(
+            "strata_router_disagg_decisions",
+            "Where prompts were prefilled: remote (a prefill worker, KV pulled by the decode "
+            "worker), local_short, local_no_prefill_worker, local_prefill_failed, aggregated.",
+            ("model", "decision"),
+            registry=r,
+        )
+        self.remote_prefill_seconds = Histogram(
+            "strata_frontend_remote_prefill_seconds",
+            "Time of the prefill worker's max_tokens=1 request in disaggregated serving.",
+            ("model",),
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+            registry=r,
+        )
         self.decisions = Counter(
             "strata_router_decisions",
             "Routing decisions by policy, reason and chosen worker.",
@@ -126,6 +140,9 @@ class FrontendMetrics:
         for state in ("healthy", "unhealthy"):
             self.workers.labels(state=state)
         self.migrations.labels(model=model)
+        for decision in ("remote", "local_short", "local_no_prefill_worker",
+                         "local_prefill_failed", "aggregated"):  # fmt: skip
+            self.disagg_decisions.labels(model=model, decision=decision)
         self.active_requests.labels(model=model)
 
     def forget_worker(self, worker_id: str) -> None:

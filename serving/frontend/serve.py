@@ -1,4 +1,8 @@
-"""``strata serve``: N supervised local workers plus the frontend, stopped together.
+"""``strata serve``: supervised local workers plus the frontend, stopped together.
+
+``--workers N`` starts aggregated workers (role ``both``); ``--prefill P --decode D`` starts a
+disaggregated pool (roles ``prefill``/``decode``, each with a KV transport: NIXL, else TCP,
+loudly); both may be mixed.
 
 Workers are ``python -m serving.worker`` processes on free loopback ports, each publishing KV
 events. A worker that exits unexpectedly is restarted (bounded); meanwhile the frontend's
@@ -28,6 +32,11 @@ from serving.frontend.metrics import FrontendMetrics
 from serving.frontend.router import Router
 from serving.frontend.workers import WorkerSpec
 from serving.netutil import free_port, free_port_pair, wait_healthy
+from serving.router.disagg import (
+    DEFAULT_MAX_LOCAL_PREFILL_FRACTION,
+    DEFAULT_MAX_LOCAL_PREFILL_TOKENS,
+    DisaggConfig,
+)
 from serving.router.policies import DEFAULT_PREFILL_SCALE, KVCostConfig, PolicyName
 
 logger = logging.getLogger(__name__)
@@ -37,6 +46,12 @@ logger = logging.getLogger(__name__)
 class ServeConfig:
     model_dir: Path
     num_workers: int = 1
+    num_prefill: int = 0
+    num_decode: int = 0
+    # Transport of the prefill/decode workers: auto (NIXL, else TCP) | nixl | tcp.
+    kv_transport: str = "auto"
+    max_local_prefill_tokens: int = DEFAULT_MAX_LOCAL_PREFILL_TOKENS
+    max_local_prefill_fraction: float = DEFAULT_MAX_LOCAL_PREFILL_FRACTION
     engine: str = "builtin"
     router: PolicyName = "kv"
     host: str = "127.0.0.1"
@@ -59,10 +74,20 @@ class ServeConfig:
     def model_name(self) -> str:
         return self.served_model_name or self.model_dir.name
 
+    @property
+    def roles(self) -> list[str]:
+        """One role per local worker, in start order."""
+        return (
+            ["both"] * self.num_workers
+            + ["prefill"] * self.num_prefill
+            + ["decode"] * self.num_decode
+        )
+
 
 @dataclass(slots=True)
 class _LocalWorker:
     index: int
+    role: str
     port: int
     kv_port: int
     cmd: list[str]
@@ -73,6 +98,10 @@ class _LocalWorker:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def worker_id(self) -> str:
+        return f"local-{self.index}" if self.role == "both" else f"{self.role}-{self.index}"
 
     def start(self) -> None:
         log = self.log_path.open("a")
@@ -89,11 +118,14 @@ class WorkerSupervisor:
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="supervisor", daemon=True)
 
-    def start(self) -> list[str]:
+    def start(self) -> list[WorkerSpec]:
         cfg = self.config
         cfg.log_dir.mkdir(parents=True, exist_ok=True)
-        for i in range(cfg.num_workers):
+        for i, role in enumerate(cfg.roles):
             port, kv_port = free_port(), free_port_pair()
+            role_args = (
+                [] if role == "both" else ["--role", role, "--kv-transport", cfg.kv_transport]
+            )
             cmd = [
                 sys.executable, "-m", "serving.worker",
                 "--model", str(cfg.model_dir),
@@ -104,16 +136,17 @@ class WorkerSupervisor:
                 "--served-model-name", cfg.model_name,
                 "--block-size", str(cfg.block_size),
                 "--log-level", "warning",
+                *role_args,
                 *cfg.worker_args,
             ]  # fmt: skip
-            worker = _LocalWorker(i, port, kv_port, cmd, cfg.log_dir / f"worker-{i}.log")
+            worker = _LocalWorker(i, role, port, kv_port, cmd, cfg.log_dir / f"worker-{i}.log")
             worker.start()
             self.workers.append(worker)
         deadline = time.monotonic() + cfg.startup_timeout_s
         for worker in self.workers:
             _wait_healthy(worker, deadline)
         self._thread.start()
-        return [w.url for w in self.workers]
+        return [WorkerSpec(w.url, worker_id=w.worker_id, role=w.role) for w in self.workers]
 
     def _watch(self) -> None:
         while not self._stopping.wait(0.5):
@@ -193,6 +226,7 @@ def build_frontend_state(
         vocab_size=vocab_size,
         api_key=config.api_key,
         migration_limit=config.migration_limit,
+        disagg=DisaggConfig(config.max_local_prefill_tokens, config.max_local_prefill_fraction),
     )
     return FrontendState(
         settings=settings,
@@ -206,11 +240,12 @@ def build_frontend_state(
 def run_serve(config: ServeConfig) -> None:
     supervisor = WorkerSupervisor(config)
     try:
-        local_urls = supervisor.start() if config.num_workers else []
-        specs = [WorkerSpec(u, worker_id=f"local-{i}") for i, u in enumerate(local_urls)]
+        specs = supervisor.start() if config.roles else []
         specs += [WorkerSpec.parse(text) for text in config.worker_urls]
         if not specs:
-            raise RuntimeError("no workers: use --workers N and/or --worker-url URL")
+            raise RuntimeError(
+                "no workers: use --workers N, --prefill P --decode D and/or --worker-url URL"
+            )
         max_len, vocab = model_limits(config.model_dir, [s.url for s in specs])
         state = build_frontend_state(config, specs, max_len, vocab)
         targets_dir = config.prometheus_targets_dir or Path(".strata/local/prometheus/targets")
@@ -230,8 +265,9 @@ def run_serve(config: ServeConfig) -> None:
                 timeout_graceful_shutdown=30,
             )
         )
+        roles = ", ".join(f"{s.worker_id or s.url} ({s.role or 'from /health'})" for s in specs)
         print(
-            f"strata serve: {len(specs)} worker(s), router {config.router}\n"
+            f"strata serve: {len(specs)} worker(s), router {config.router}: {roles}\n"
             f"endpoint: http://{config.host}:{config.port}/v1  (model {config.model_name})\n"
             f"metrics:  http://{config.host}:{config.port}/metrics",
             flush=True,

@@ -23,6 +23,9 @@ from serving.router.subscriber import KVEventSubscriber, KVEventSubscriberThread
 logger = logging.getLogger(__name__)
 
 
+ROLES = ("prefill", "decode", "both")
+
+
 class WorkerRegistrationError(ValueError):
     """A worker could not be added (unreachable, wrong model, bad block size...)."""
 
@@ -35,22 +38,31 @@ class WorkerSpec:
     kv_events_endpoint: str | None = None
     replay_endpoint: str | None = None
     worker_id: str | None = None
+    # prefill | decode | both; None: from the worker's /health (vLLM workers: "both").
+    role: str | None = None
 
     @classmethod
     def parse(cls, text: str) -> WorkerSpec:
-        """``URL[;kv=tcp://h:p][;replay=tcp://h:p][;id=name]`` (the ``--worker-url`` format)."""
+        """``URL[;kv=tcp://h:p][;replay=tcp://h:p][;id=name][;role=prefill|decode|both]``.
+
+        The ``--worker-url`` format; ``role`` is needed for a stock vLLM worker started as a
+        KV producer or consumer (Strata workers report theirs on /health).
+        """
         url, *options = [part.strip() for part in text.split(";")]
         if not url.startswith(("http://", "https://")):
             raise WorkerRegistrationError(f"worker url {url!r} must start with http(s)://")
         values: dict[str, str] = {}
         for option in options:
             key, sep, value = option.partition("=")
-            if not sep or key not in ("kv", "replay", "id"):
+            if not sep or key not in ("kv", "replay", "id", "role"):
                 raise WorkerRegistrationError(
-                    f"worker option {option!r}: expected kv=..., replay=... or id=..."
+                    f"worker option {option!r}: expected kv=..., replay=..., id=... or role=..."
                 )
             values[key] = value
-        return cls(url.rstrip("/"), values.get("kv"), values.get("replay"), values.get("id"))
+        role = values.get("role")
+        if role is not None and role not in ROLES:
+            raise WorkerRegistrationError(f"worker role {role!r}: expected one of {ROLES}")
+        return cls(url.rstrip("/"), values.get("kv"), values.get("replay"), values.get("id"), role)
 
 
 @dataclass(slots=True)
@@ -60,6 +72,7 @@ class Worker:
     model_name: str
     kv_events_endpoint: str | None
     replay_endpoint: str | None
+    role: str = "both"
     healthy: bool = True
     num_health_failures: int = 0
     num_event_batches: int = 0
@@ -102,6 +115,17 @@ class WorkerPool:
     def healthy_ids(self) -> list[str]:
         return [w.worker_id for w in self.workers.values() if w.healthy]
 
+    def decode_ids(self) -> list[str]:
+        """Healthy workers that serve client streams (decode and aggregated ones).
+
+        When only prefill workers are healthy they serve whole requests rather than none.
+        """
+        ids = [i for i in self.healthy_ids() if self.workers[i].role != "prefill"]
+        return ids or self.healthy_ids()
+
+    def prefill_ids(self) -> list[str]:
+        return [i for i in self.healthy_ids() if self.workers[i].role == "prefill"]
+
     async def register(self, spec: WorkerSpec) -> Worker:
         """Probe the worker, subscribe to its events, and add it. Idempotent per URL."""
         self._loop = asyncio.get_running_loop()
@@ -134,15 +158,19 @@ class WorkerPool:
         self._next_index += 1
         if worker_id in self.workers:
             raise WorkerRegistrationError(f"worker id {worker_id!r} is already registered")
-        worker = Worker(worker_id, spec.url, model_name, kv_endpoint, replay_endpoint)
+        role = spec.role or health.get("role") or "both"
+        if role not in ROLES:
+            raise WorkerRegistrationError(f"worker {spec.url} reports unknown role {role!r}")
+        worker = Worker(worker_id, spec.url, model_name, kv_endpoint, replay_endpoint, role)
         self.workers[worker_id] = worker
         self.on_added(worker)
         self._subscribe(worker)
         logger.info(
-            "worker %s added: %s (model %s, KV events %s)",
+            "worker %s added: %s (model %s, role %s, KV events %s)",
             worker_id,
             spec.url,
             model_name,
+            role,
             kv_endpoint or "none",
         )
         return worker
