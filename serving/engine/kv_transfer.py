@@ -92,11 +92,12 @@ class KVLease:
     expires_at_s: float
 
 
-def lease_params(lease: KVLease) -> dict[str, Any]:
+def lease_params(lease: KVLease, lease_s: float) -> dict[str, Any]:
     """The engine's part of the prefill response's ``kv_transfer_params``.
 
     The keys vLLM's NixlConnector returns, plus ``remote_num_tokens`` (prompt tokens the
-    blocks hold); the worker adds ``remote_engine_id``, ``remote_host`` and ``remote_port``.
+    blocks hold) and ``remote_lease_s`` (how long they are held from now); the worker adds
+    ``remote_engine_id``, ``remote_host``, ``remote_port`` and the lease's wall-clock expiry.
     """
     return {
         "do_remote_prefill": True,
@@ -105,4 +106,5 @@ def lease_params(lease: KVLease) -> dict[str, Any]:
         "remote_block_ids": [list(lease.block_ids)],
         "remote_num_tokens": lease.num_tokens,
         "tp_size": 1,
+        "remote_lease_s": lease_s,
     }

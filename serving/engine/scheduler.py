@@ -370,7 +370,7 @@ class Scheduler:
         )
         self.leases[request.request_id] = _HeldBlocks(lease, blocks)
         self._free_request(request)
-        return lease_params(lease)
+        return lease_params(lease, self.config.kv_lease_s)
 
     def _preempt(self, request: Request) -> None:
         self.kv.free(request)

@@ -32,6 +32,10 @@ WorkerRole = Literal["prefill", "decode", "both"]
 # Bytes per block of the mock engine's stand-in pool: enough to move real bytes, cheaply.
 _MOCK_BLOCK_BYTES = 64
 TRANSPORT_METADATA_KEY = "strata_transport"
+LEASE_EXPIRY_KEY = "remote_lease_expires_unix_s"
+# A pull must not start this close to the lease's end: the prefill worker may reuse the blocks
+# as soon as it expires, and bytes read from reused blocks would be silently wrong.
+LEASE_MARGIN_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,8 +81,11 @@ class KVConnector:
     def response_params(self, engine_params: dict[str, Any]) -> dict[str, Any]:
         """The prefill response's ``kv_transfer_params``: the engine's plus where we are."""
         meta = self.transport.metadata()
+        lease_s = engine_params.get("remote_lease_s")
+        expiry = {LEASE_EXPIRY_KEY: time.time() + float(lease_s)} if lease_s else {}
         return {
             **engine_params,
+            **expiry,
             "remote_engine_id": self.engine_id,
             "remote_host": meta.get("host"),
             "remote_port": meta.get("port"),
@@ -108,6 +115,11 @@ class KVConnector:
             "port": params.get("remote_port"),
         }
         try:
+            expires_s = params.get(LEASE_EXPIRY_KEY)
+            if expires_s is not None and time.time() > float(expires_s) - LEASE_MARGIN_S:
+                raise TimeoutError(
+                    f"the prefill lease has expired or ends within {LEASE_MARGIN_S} s"
+                )
             peer = self.transport.connect(meta)
             num_bytes = 0
             if pull.remote_block_ids:
