@@ -132,12 +132,14 @@ class WorkerMetrics:
             transport=transport,
             fallback=str(transport_fallback).lower(),
         ).set(1)
+        # One name for every KV byte movement: tier changes (offload/onboard, later) and
+        # worker-to-worker pulls (direction "receive" into the device tier G1).
         self._transfer_bytes = Counter(
             "strata_kv_transfer_bytes",
-            "KV bytes pulled from prefill workers into this worker's cache.",
-            (*_LABELS, "transport"),
+            "KV bytes moved: pulled from prefill workers (direction=receive, tier=G1).",
+            (*_LABELS, "transport", "tier", "direction"),
             registry=r,
-        ).labels(**self.labels, transport=transport)
+        ).labels(**self.labels, transport=transport, tier="G1", direction="receive")
         self._transfer_seconds = Histogram(
             "strata_kv_transfer_seconds",
             "Time of one request's KV pull (connect, transfer, release notification).",
