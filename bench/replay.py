@@ -27,7 +27,7 @@ import statistics
 import sys
 import time
 from array import array
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 import numpy as np
 import typer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from rich.console import Console
 from rich.table import Table
 
@@ -51,11 +51,20 @@ from bench.trace import (  # noqa: E402
     load_mooncake,
 )
 from serving.engine.core import EngineCore  # noqa: E402
-from serving.engine.outputs import EngineStepResult  # noqa: E402
+from serving.engine.kv_transfer import DEFAULT_LEASE_S, KVPull  # noqa: E402
+from serving.engine.outputs import EngineCoreOutput, EngineStepResult  # noqa: E402
 from serving.engine.request import Request, SamplingParams  # noqa: E402
 from serving.engine.scheduler import SchedulerConfig  # noqa: E402
 from serving.engine.timing import MockModelRunner, TimingProfile  # noqa: E402
 from serving.protocol.kv_events import KVCacheEvent  # noqa: E402
+from serving.router.disagg import (  # noqa: E402
+    DEFAULT_MAX_LOCAL_PREFILL_FRACTION,
+    DEFAULT_MAX_LOCAL_PREFILL_TOKENS,
+    DisaggConfig,
+    DisaggDecision,
+    decide,
+    prefill_request_params,
+)
 from serving.router.indexer import KVIndexer  # noqa: E402
 from serving.router.policies import (  # noqa: E402
     DEFAULT_PREFILL_SCALE,
@@ -77,7 +86,34 @@ class ReplayConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     trace: Path = Field(description="Mooncake-format JSONL trace.")
-    workers: int = Field(default=8, ge=1, description="Number of engines.")
+    workers: int = Field(
+        default=8, ge=0, description="Aggregated engines (each prefills and decodes)."
+    )
+    prefill_workers: int = Field(
+        default=0, ge=0, description="Prefill-only engines: remote prefill for the others."
+    )
+    decode_workers: int = Field(
+        default=0, ge=0, description="Decode-only engines: routed to like aggregated ones."
+    )
+    kv_bandwidth_gbps: float = Field(
+        default=25.0, gt=0, description="KV pull bandwidth in GB/s (1e9 bytes)."
+    )
+    max_local_prefill_tokens: int = Field(
+        default=DEFAULT_MAX_LOCAL_PREFILL_TOKENS,
+        ge=0,
+        description="Disaggregation: uncached prompt tokens the decode worker prefills itself.",
+    )
+    max_local_prefill_fraction: float = Field(
+        default=DEFAULT_MAX_LOCAL_PREFILL_FRACTION,
+        ge=0,
+        le=1,
+        description="Disaggregation: ... and at most this share of the prompt.",
+    )
+    kv_lease_s: float = Field(
+        default=DEFAULT_LEASE_S,
+        gt=0,
+        description="Disaggregation: how long a prefill engine keeps finished KV for a pull.",
+    )
     routers: tuple[PolicyName, ...] = Field(default=("kv",), min_length=1)
     engine: Literal["mock"] = "mock"
     mode: Literal["offline", "online"] = "offline"
@@ -100,6 +136,26 @@ class ReplayConfig(BaseModel):
     timing_profile: Path | None = None
     url: str | None = Field(default=None, description="Online mode: OpenAI base URL.")
     out: Path | None = None
+
+    @model_validator(mode="after")
+    def _check_pools(self) -> ReplayConfig:
+        if self.workers + self.decode_workers < 1:
+            raise ValueError(
+                "no engine can decode: workers (aggregated) + decode_workers must be >= 1"
+            )
+        if self.mode == "online" and self.is_disaggregated:
+            raise ValueError(
+                "online mode does not run prefill/decode pools yet: use --mode offline"
+            )
+        return self
+
+    @property
+    def is_disaggregated(self) -> bool:
+        return self.prefill_workers + self.decode_workers > 0
+
+    @property
+    def num_engines(self) -> int:
+        return self.workers + self.prefill_workers + self.decode_workers
 
 
 # -- the shared-cache upper bound ----------------------------------------------------------------
@@ -176,7 +232,10 @@ def _horner(coeffs: Sequence[float], x: float) -> float:
     return y
 
 
-_STEP_DONE, _ARRIVAL, _WAKE = 0, 1, 2  # same-time order: results land, then arrivals, then steps
+# Same-time order: results land, then KV pulls, then arrivals, then steps and lease checks.
+_STEP_DONE, _PULL_DONE, _ARRIVAL, _WAKE, _LEASE_CHECK = 0, 1, 2, 3, 4
+_ROLE_BOTH, _ROLE_PREFILL, _ROLE_DECODE = "both", "prefill", "decode"
+_PREFILL_SUFFIX = "/prefill"  # engine request id of a request's remote prefill
 
 
 @dataclass(slots=True)
@@ -186,6 +245,60 @@ class _Live:
     arrival_s: float
     first_token_s: float | None = None
     last_token_s: float = 0.0
+    remote: bool = False  # prefilled by a prefill worker (its hit is counted there)
+
+
+@dataclass(slots=True)
+class _RemotePrefill:
+    """A request whose prompt a prefill worker is computing; the decode side waits for it."""
+
+    request_id: str
+    decode_worker: int
+    prompt: list[int]
+    max_tokens: int
+
+
+@dataclass
+class _DisaggStats:
+    """What a replay with prefill/decode pools counts besides the aggregated figures."""
+
+    decisions: Counter[str] = field(default_factory=Counter)
+    decision_of: dict[str, str] = field(default_factory=dict)  # by request id
+    pull_s: array = field(default_factory=lambda: array("d"))
+    pull_tokens: int = 0
+    pull_bytes: int = 0
+    pulls_failed: int = 0
+    leases_expired: int = 0
+    decode_hit_tokens: int = 0  # remote requests: prompt tokens the decode engine had cached
+
+    def record(self, request_id: str, decision: DisaggDecision) -> None:
+        previous = self.decision_of.get(request_id)
+        if previous is not None:
+            self.decisions[previous] -= 1
+        self.decisions[decision.value] += 1
+        self.decision_of[request_id] = decision.value
+
+    def to_dict(self, ttft_by_request: dict[str, float]) -> dict[str, Any]:
+        order = [d.value for d in DisaggDecision]
+        by_decision: dict[str, list[float]] = {}
+        for request_id, ttft in ttft_by_request.items():
+            by_decision.setdefault(self.decision_of[request_id], []).append(ttft)
+        return {
+            "disagg_decisions": {d: self.decisions[d] for d in order if self.decisions[d]},
+            "ttft_s_by_decision": {
+                d: _percentiles(by_decision[d], (50, 99)) for d in order if d in by_decision
+            },
+            "kv_transfer": {
+                "pulls": len(self.pull_s),
+                "tokens": self.pull_tokens,
+                "bytes": self.pull_bytes,
+                "time_s_total": float(sum(self.pull_s)),
+                "time_s": _percentiles(self.pull_s, (50, 99)),
+                "failed": self.pulls_failed,
+                "decode_side_hit_tokens": self.decode_hit_tokens,
+            },
+            "leases_expired": self.leases_expired,
+        }
 
 
 @dataclass
@@ -209,6 +322,9 @@ class PolicyResult:
     per_worker: dict[str, list[float]]
     sim_wall_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    # Per request id: TTFT in virtual seconds; every inter-token gap. Not in ``to_dict``.
+    request_ttft_s: dict[str, float] = field(default_factory=dict, repr=False)
+    itl_samples_s: Sequence[float] = field(default_factory=tuple, repr=False)
 
     @property
     def hit_rate(self) -> float:
@@ -274,10 +390,16 @@ def _percentiles(samples: Sequence[float], qs: Sequence[int]) -> dict[str, float
 
 
 class OfflineReplay:
-    """Owns N mock engines, one router (policy, load, index) and the virtual clock; no I/O.
+    """Owns the mock engines, one router (policy, load, index) and the virtual clock; no I/O.
 
     Never sleeps and never starts a thread: ``run`` pops events off one heap until every
     request has finished. Engines see the virtual clock through the injected ``clock``.
+
+    Engines have roles: ``workers`` aggregated ones (``w0``..., prefill and decode), then
+    ``prefill_workers`` (``p0``...: remote prefill only) and ``decode_workers`` (``d0``...).
+    Requests are routed among the aggregated and decode engines; with prefill engines present,
+    ``serving.router.disagg.decide`` sends long uncached prompts to one of them (chosen by the
+    same policy) and the decode engine pulls the KV over a link of ``kv_bandwidth_gbps``.
     """
 
     def __init__(
@@ -294,27 +416,23 @@ class OfflineReplay:
         self.config = config
         self.now = 0.0
         bs = config.block_size
-        pool_tokens = config.kv_blocks_per_worker * bs
-        self.worker_ids = [f"w{i}" for i in range(config.workers)]
-        self.engines = [
-            EngineCore(
-                MockModelRunner(
-                    vocab_size=config.vocab_size,
-                    num_blocks=config.kv_blocks_per_worker,
-                    block_size=bs,
-                    profile=_ScalarTimingProfile.of(profile),
-                    seed=config.seed + i,
-                ),
-                SchedulerConfig(
-                    max_num_seqs=config.max_num_seqs,
-                    max_num_batched_tokens=config.max_num_batched_tokens,
-                    max_model_len=pool_tokens,
-                ),
-                enable_prefix_caching=True,
-                clock=self._clock,
-            )
-            for i in range(config.workers)
-        ]
+        self.roles = (
+            [_ROLE_BOTH] * config.workers
+            + [_ROLE_PREFILL] * config.prefill_workers
+            + [_ROLE_DECODE] * config.decode_workers
+        )
+        self.worker_ids = (
+            [f"w{i}" for i in range(config.workers)]
+            + [f"p{i}" for i in range(config.prefill_workers)]
+            + [f"d{i}" for i in range(config.decode_workers)]
+        )
+        num_engines = len(self.worker_ids)
+        self._index = {worker_id: i for i, worker_id in enumerate(self.worker_ids)}
+        # Routing targets: every engine that decodes. Prefill engines only serve remote prefill.
+        roles = list(zip(self.worker_ids, self.roles, strict=True))
+        self.decode_ids = [w for w, role in roles if role != _ROLE_PREFILL]
+        self.prefill_ids = [w for w, role in roles if role == _ROLE_PREFILL]
+        self.engines = [self._make_engine(i, profile) for i in range(num_engines)]
         self.load = WorkerLoad(bs)
         # Only kv reads events; the index hashes prompts for approx as well (a pure function).
         self.indexer = KVIndexer(bs) if policy_name == "kv" else None
@@ -322,27 +440,33 @@ class OfflineReplay:
         if self.indexer is not None:
             for worker_id in self.worker_ids:
                 self.indexer.add_worker(worker_id)
-        self.policy = make_policy(
-            policy_name,
-            self.load,
-            KVCostConfig(block_size=bs, prefill_scale=config.kv_prefill_scale),
-            indexer=self.indexer,
-            clock=self._clock,
-            seed=config.seed,
+        self.policy = self._make_policy()
+        # The same policy over the prefill engines, its own instance (round-robin counter,
+        # approx index, RNG): one shared round-robin counter would alternate decode and prefill
+        # turns and, with an even number of decode engines, skip half of them. Load and KV index
+        # are shared.
+        self.prefill_policy = self._make_policy() if self.prefill_ids else None
+        self._disagg = config.is_disaggregated
+        self._disagg_config = DisaggConfig(
+            config.max_local_prefill_tokens, config.max_local_prefill_fraction
         )
         self._hash_prompts = policy_name in _PREFIX_POLICIES
         self._heap: list[tuple[float, int, int, int, Any]] = []
         self._seq = 0
-        self._busy = [False] * config.workers
-        self._empty_steps = [0] * config.workers
+        self._busy = [False] * num_engines
+        # The last step could run nothing until a KV pull lands or a lease goes: stay idle.
+        self._stalled = [False] * num_engines
+        self._empty_steps = [0] * num_engines
         self._live: dict[str, _Live] = {}
+        self._remote: dict[str, _RemotePrefill] = {}  # by prefill engine request id
         # Measurements.
         self._ttft = array("d")
         self._itl = array("d")
         self._e2e = array("d")
-        self._worker_prompt_tokens = [0] * config.workers
-        self._worker_requests = [0] * config.workers
-        self._worker_busy_s = [0.0] * config.workers
+        self._ttft_by_request: dict[str, float] = {}
+        self._worker_prompt_tokens = [0] * num_engines
+        self._worker_requests = [0] * num_engines
+        self._worker_busy_s = [0.0] * num_engines
         self._prompt_tokens = 0
         self._cached_tokens = 0
         self._predicted_cached_tokens = 0
@@ -353,6 +477,39 @@ class OfflineReplay:
         self._steps = 0
         self._first_arrival_s = math.inf
         self._last_token_s = 0.0
+        self._disagg_stats = _DisaggStats()
+
+    def _make_engine(self, index: int, profile: TimingProfile | None) -> EngineCore:
+        config = self.config
+        return EngineCore(
+            MockModelRunner(
+                vocab_size=config.vocab_size,
+                num_blocks=config.kv_blocks_per_worker,
+                block_size=config.block_size,
+                profile=_ScalarTimingProfile.of(profile),
+                seed=config.seed + index,
+            ),
+            SchedulerConfig(
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                max_model_len=config.kv_blocks_per_worker * config.block_size,
+            ),
+            enable_prefix_caching=True,
+            kv_lease_s=config.kv_lease_s,
+            clock=self._clock,
+        )
+
+    def _make_policy(self) -> Any:
+        return make_policy(
+            self.policy_name,
+            self.load,
+            KVCostConfig(
+                block_size=self.config.block_size, prefill_scale=self.config.kv_prefill_scale
+            ),
+            indexer=self.indexer,
+            clock=self._clock,
+            seed=self.config.seed,
+        )
 
     def _clock(self) -> float:
         return self.now
@@ -367,8 +524,10 @@ class OfflineReplay:
             self._push(r.arrival_s / self.config.speedup, _ARRIVAL, r)
         handlers: dict[int, Callable[[Any], None]] = {
             _STEP_DONE: self._on_step_done,
+            _PULL_DONE: self._on_pull_done,
             _ARRIVAL: self._on_arrival,
             _WAKE: self._start_step,
+            _LEASE_CHECK: self._on_lease_check,
         }
         heap = self._heap
         while heap:
@@ -386,8 +545,22 @@ class OfflineReplay:
         prompt = self.prompts.prompt_token_ids(r)
         hashes = self._hasher.hash_request(prompt) if self._hash_prompts else ()
         view = RequestView(request_id, len(prompt), hashes)
-        decision = route_request(self.policy, self.load, view, self.worker_ids)
-        worker = int(decision.worker_id[1:])
+        decision = route_request(self.policy, self.load, view, self.decode_ids)
+        worker = self._index[decision.worker_id]
+        self._first_arrival_s = min(self._first_arrival_s, self.now)
+        num_cached_blocks = decision.num_cached_blocks
+        if self._disagg:
+            # As the frontend decides (serving/frontend/app.py ``_maybe_remote_prefill``).
+            if self.prefill_ids:
+                cached = min(num_cached_blocks * self.config.block_size, len(prompt))
+                choice = decide(len(prompt), cached, len(self.prefill_ids), self._disagg_config)
+            else:
+                choice = DisaggDecision.AGGREGATED
+            self._disagg_stats.record(request_id, choice)
+            if choice.is_remote:
+                if self._start_remote_prefill(r, prompt, hashes, worker):
+                    return
+                self._disagg_stats.record(request_id, DisaggDecision.LOCAL_PREFILL_FAILED)
         request = Request(
             request_id,
             prompt,
@@ -395,7 +568,6 @@ class OfflineReplay:
             eos_token_id=None,
             arrival_time_s=self.now,
         )
-        self._first_arrival_s = min(self._first_arrival_s, self.now)
         try:
             self.engines[worker].add_request(request)
         except ValueError:
@@ -404,27 +576,82 @@ class OfflineReplay:
             return
         num_hit_cap = (len(prompt) - 1) // self.config.block_size
         self._predicted_cached_tokens += (
-            min(decision.num_cached_blocks, num_hit_cap) * self.config.block_size
+            min(num_cached_blocks, num_hit_cap) * self.config.block_size
         )
         self._live[request_id] = _Live(self.now)
         self._prompt_tokens += len(prompt)
         self._worker_prompt_tokens[worker] += len(prompt)
         self._worker_requests[worker] += 1
+        self._wake(worker)
+
+    def _start_remote_prefill(
+        self, r: TraceRequest, prompt: list[int], hashes: Sequence[int], decode_worker: int
+    ) -> bool:
+        """Route the prompt to a prefill engine as a ``max_tokens=1`` request whose blocks it
+        leases. False when that engine refuses it (the decode engine then prefills)."""
+        assert self.prefill_policy is not None
+        request_id = str(r.index)
+        prefill_id = request_id + _PREFILL_SUFFIX
+        view = RequestView(prefill_id, len(prompt), hashes)
+        decision = route_request(self.prefill_policy, self.load, view, self.prefill_ids)
+        worker = self._index[decision.worker_id]
+        request = Request(
+            prefill_id,
+            prompt,
+            SamplingParams(max_tokens=1, ignore_eos=True),
+            eos_token_id=None,
+            arrival_time_s=self.now,
+            kv_transfer_params=prefill_request_params(),
+        )
+        try:
+            self.engines[worker].add_request(request)
+        except ValueError:
+            self.load.finish_request(prefill_id)
+            return False
+        num_hit_cap = (len(prompt) - 1) // self.config.block_size
+        self._predicted_cached_tokens += (
+            min(decision.num_cached_blocks, num_hit_cap) * self.config.block_size
+        )
+        self._remote[prefill_id] = _RemotePrefill(
+            request_id, decode_worker, prompt, r.output_length
+        )
+        self._live[request_id] = _Live(self.now, remote=True)
+        self._prompt_tokens += len(prompt)
+        self._worker_prompt_tokens[worker] += len(prompt)  # computed there
+        self._worker_requests[decode_worker] += 1  # served there
+        self._wake(worker)
+        return True
+
+    def _wake(self, worker: int) -> None:
+        """Something changed for ``worker`` (a request, a landed pull, freed blocks): step it."""
+        self._stalled[worker] = False
         if not self._busy[worker]:
             self._busy[worker] = True  # a wake-up is pending; later arrivals now join it
             self._push(self.now, _WAKE, worker)
 
     def _start_step(self, worker: int) -> None:
         engine = self.engines[worker]
+        if self._disagg and engine.scheduler.leases:
+            self._expire_leases(worker)
         result = engine.step()
         events = engine.take_kv_events()
         duration = result.step_duration_s or 0.0
         self._steps += 1
-        if duration == 0.0 and not result.outputs:
-            # Only a step that preempted everything it planned is empty: the next one runs.
-            self._empty_steps[worker] += 1
-            if self._empty_steps[worker] > 3:
-                raise RuntimeError(f"engine w{worker} cannot schedule its requests")
+        if result.kv_pulls:
+            self._start_pulls(worker, result.kv_pulls)
+        if duration == 0.0 and not result.outputs and not result.kv_pulls:
+            sched = engine.scheduler
+            if sched.waiting_for_kv or sched.leases:
+                # Blocks are held by pulls in flight or by leases: idle until one ends.
+                self._stalled[worker] = True
+                expiry = sched.next_lease_expiry_s()
+                if expiry is not None:
+                    self._push(expiry, _LEASE_CHECK, worker)
+            else:
+                # Only a step that preempted everything it planned is empty: the next one runs.
+                self._empty_steps[worker] += 1
+                if self._empty_steps[worker] > 3:
+                    raise RuntimeError(f"engine {self.worker_ids[worker]} cannot schedule")
         else:
             self._empty_steps[worker] = 0
         self._worker_busy_s[worker] += duration
@@ -436,31 +663,120 @@ class OfflineReplay:
         if self.indexer is not None and events:
             self.indexer.apply_events(self.worker_ids[worker], events)
         self._preemptions += result.stats.num_preemptions
-        load = self.load
-        for out in result.outputs:
-            rid = out.request_id
-            live = self._live[rid]
-            if live.first_token_s is None:
-                live.first_token_s = now
-                self._ttft.append(now - live.arrival_s)
-                self._cached_tokens += out.num_cached_tokens
-                load.mark_prefill_done(rid)
-            else:
-                self._itl.append(now - live.last_token_s)
-            live.last_token_s = now
-            num_new = len(out.new_token_ids)
-            self._output_tokens += num_new
-            load.add_output_tokens(rid, num_new)
-            if out.finished:
-                load.finish_request(rid)
-                self._e2e.append(now - live.arrival_s)
-                self._completed += 1
-                self._last_token_s = max(self._last_token_s, now)
-                del self._live[rid]
-        if self.engines[worker].has_unfinished_requests():
+        if self.roles[worker] == _ROLE_PREFILL:
+            for out in result.outputs:
+                self._on_prefill_output(worker, out)
+        else:
+            load = self.load
+            for out in result.outputs:
+                rid = out.request_id
+                live = self._live[rid]
+                if live.first_token_s is None:
+                    live.first_token_s = now
+                    ttft = now - live.arrival_s
+                    self._ttft.append(ttft)
+                    self._ttft_by_request[rid] = ttft
+                    if live.remote:
+                        self._disagg_stats.decode_hit_tokens += out.num_cached_tokens
+                    else:
+                        self._cached_tokens += out.num_cached_tokens
+                    load.mark_prefill_done(rid)
+                else:
+                    self._itl.append(now - live.last_token_s)
+                live.last_token_s = now
+                num_new = len(out.new_token_ids)
+                self._output_tokens += num_new
+                load.add_output_tokens(rid, num_new)
+                if out.finished:
+                    load.finish_request(rid)
+                    self._e2e.append(now - live.arrival_s)
+                    self._completed += 1
+                    self._last_token_s = max(self._last_token_s, now)
+                    del self._live[rid]
+        if self.engines[worker].has_unfinished_requests() and not self._stalled[worker]:
             self._start_step(worker)
         else:
             self._busy[worker] = False
+
+    # -- disaggregation ------------------------------------------------------------------------
+
+    def _on_prefill_output(self, worker: int, out: EngineCoreOutput) -> None:
+        """A prefill engine's (only) token: its blocks are leased; the decode side takes over.
+
+        The token is not the client's: the decode engine samples the first token again from
+        the last prompt position, which it recomputes.
+        """
+        remote = self._remote.pop(out.request_id)
+        self.load.finish_request(out.request_id)
+        self._cached_tokens += out.num_cached_tokens
+        params = out.kv_transfer_params
+        if not out.finished or not params or not params.get("do_remote_prefill"):
+            raise RuntimeError(f"prefill {out.request_id} returned no KV lease: {params}")
+        request = Request(
+            remote.request_id,
+            remote.prompt,
+            SamplingParams(max_tokens=remote.max_tokens, ignore_eos=True),
+            eos_token_id=None,
+            arrival_time_s=self._live[remote.request_id].arrival_s,
+            kv_transfer_params={**params, "remote_engine_id": self.worker_ids[worker]},
+        )
+        try:
+            self.engines[remote.decode_worker].add_request(request)
+        except ValueError:
+            self._release_lease(worker, out.request_id)
+            self.load.finish_request(remote.request_id)
+            del self._live[remote.request_id]
+            self._rejected += 1
+            return
+        self._wake(remote.decode_worker)
+
+    def _start_pulls(self, worker: int, pulls: Sequence[KVPull]) -> None:
+        """The decode engine planned pulls in the step starting now: each lands after
+        ``tokens * kv_bytes_per_token / bandwidth`` (links do not contend)."""
+        engine = self.engines[worker]
+        bytes_per_s = self.config.kv_bandwidth_gbps * 1e9
+        bytes_per_token = engine.executor.kv_bytes_per_token
+        stats = self._disagg_stats
+        for pull in pulls:
+            source = self._index[pull.source.engine_id]
+            held = self.engines[source].scheduler.leases.get(pull.source.request_id)
+            if held is None or held.lease.expires_at_s <= self.now:
+                # The lease ran out before the decode engine got to the request.
+                if held is not None:
+                    self._expire_leases(source)
+                engine.finish_kv_pull(pull.request_id, succeeded=False)
+                stats.pulls_failed += 1
+                continue
+            num_bytes = pull.num_tokens * bytes_per_token
+            seconds = num_bytes / bytes_per_s
+            stats.pull_tokens += pull.num_tokens
+            stats.pull_bytes += num_bytes
+            stats.pull_s.append(seconds)
+            self._push(self.now + seconds, _PULL_DONE, (worker, source, pull))
+
+    def _on_pull_done(self, payload: tuple[int, int, KVPull]) -> None:
+        worker, source, pull = payload
+        landed = self._release_lease(source, pull.source.request_id)
+        if not landed:  # the lease expired during the copy: the blocks may be overwritten
+            self._disagg_stats.pulls_failed += 1
+        self.engines[worker].finish_kv_pull(pull.request_id, succeeded=landed)
+        self._wake(worker)
+
+    def _release_lease(self, worker: int, request_id: str) -> bool:
+        released = self.engines[worker].release_lease(request_id)
+        if released and self.engines[worker].has_unfinished_requests():
+            self._wake(worker)
+        return released
+
+    def _expire_leases(self, worker: int) -> None:
+        expired = self.engines[worker].expire_leases()
+        if expired:
+            self._disagg_stats.leases_expired += len(expired)
+            if self._stalled[worker]:
+                self._wake(worker)
+
+    def _on_lease_check(self, worker: int) -> None:
+        self._expire_leases(worker)
 
     # -- results -------------------------------------------------------------------------------
 
@@ -489,7 +805,18 @@ class OfflineReplay:
                 "busy_s": list(self._worker_busy_s),
             },
             sim_wall_s=wall_s,
+            extra=self._disagg_figures() if self._disagg else {},
+            request_ttft_s=self._ttft_by_request,
+            itl_samples_s=self._itl,
         )
+
+    def _disagg_figures(self) -> dict[str, Any]:
+        """Where prompts were computed, what the KV pulls cost, and what was left at the end."""
+        return {
+            "workers": {"ids": list(self.worker_ids), "roles": list(self.roles)},
+            **self._disagg_stats.to_dict(self._ttft_by_request),
+            "leases_outstanding_at_end": sum(len(e.scheduler.leases) for e in self.engines),
+        }
 
 
 # -- one command -----------------------------------------------------------------------------------
@@ -602,7 +929,7 @@ def _report_head(
 ) -> tuple[dict[str, Any], float]:
     """The report without policies: config, trace figures and the shared-cache bound."""
     started = time.perf_counter()
-    capacity = config.workers * config.kv_blocks_per_worker
+    capacity = config.num_engines * config.kv_blocks_per_worker
     shared = shared_cache_hit_rate(requests, config.block_size, capacity)
     unbounded = shared_cache_hit_rate(requests, config.block_size, None)
     span_s = (requests[-1].arrival_s - requests[0].arrival_s) if requests else 0.0
@@ -634,17 +961,26 @@ def _report_head(
 
 def default_out_path(config: ReplayConfig) -> Path:
     routers = "-".join(config.routers)
-    return DEFAULT_RESULTS_DIR / f"replay-{config.mode}-{routers}-w{config.workers}.json"
+    pools = f"w{config.workers}"
+    if config.is_disaggregated:
+        pools += f"-p{config.prefill_workers}-d{config.decode_workers}"
+    return DEFAULT_RESULTS_DIR / f"replay-{config.mode}-{routers}-{pools}.json"
 
 
 def print_report(report: dict[str, Any], console: Console | None = None) -> None:
     """The report as one rich table: a column per policy, a row per figure."""
     console = console or Console()
     cfg, shared, policies = report["config"], report["shared_cache"], report["policies"]
+    workers = f"{cfg['workers']} workers"
+    if cfg.get("prefill_workers") or cfg.get("decode_workers"):
+        workers = (
+            f"{cfg['workers']} aggregated + {cfg['prefill_workers']} prefill + "
+            f"{cfg['decode_workers']} decode workers (KV link {cfg['kv_bandwidth_gbps']:g} GB/s)"
+        )
     table = Table(
         title=(
             f"{Path(cfg['trace']).name}: {report['trace']['requests']} requests, "
-            f"{cfg['workers']} workers x {cfg['kv_blocks_per_worker']} KV blocks of "
+            f"{workers} x {cfg['kv_blocks_per_worker']} KV blocks of "
             f"{cfg['block_size']} tokens, speedup {cfg['speedup']:g}, {cfg['mode']}"
         ),
         caption=(
@@ -655,7 +991,10 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
     table.add_column("")
     for name in policies:
         table.add_column(name, justify="right")
-    for label, cell in _ROWS:
+    rows = _ROWS
+    if any("disagg_decisions" in res for res in policies.values()):
+        rows = _ROWS + _DISAGG_ROWS
+    for label, cell in rows:
         table.add_row(label, *(cell(res) for res in policies.values()))
     console.print(table)
     wall = report["runtime"]["policies_s"]
@@ -702,6 +1041,27 @@ _ROWS: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
     ("completed", _cell("d", "requests", "completed")),
     ("rejected / failed", _cell("d", "requests", "rejected")),
     ("preemptions", _cell("d", "num_preemptions")),
+]
+
+
+def _decisions_cell(r: dict[str, Any]) -> str:
+    decisions = r.get("disagg_decisions") or {}
+    return ", ".join(f"{name} {count}" for name, count in decisions.items()) or "-"
+
+
+_DISAGG_ROWS: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
+    ("prefill decisions", _decisions_cell),
+    ("TTFT remote p50 ms", _cell("ms", "ttft_s_by_decision", "remote", "p50")),
+    ("TTFT remote p99 ms", _cell("ms", "ttft_s_by_decision", "remote", "p99")),
+    ("KV pulls", _cell("d", "kv_transfer", "pulls")),
+    ("KV pulled GB", lambda r: f"{r['kv_transfer']['bytes'] / 1e9:.2f}"),
+    ("KV pull p50 ms", _cell("ms", "kv_transfer", "time_s", "p50")),
+    ("KV pull p99 ms", _cell("ms", "kv_transfer", "time_s", "p99")),
+    ("KV pulls failed", _cell("d", "kv_transfer", "failed")),
+    (
+        "leases expired / at end",
+        lambda r: f"{r['leases_expired']} / {r['leases_outstanding_at_end']}",
+    ),
 ]
 
 

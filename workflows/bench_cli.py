@@ -35,7 +35,47 @@ def bench_commands() -> None:
 @app.command()
 def replay(
     trace: Annotated[Path, _opt("--trace", help="Mooncake-format JSONL trace.", env="TRACE")],
-    workers: Annotated[int, _opt("--workers", help="Number of engines.", env="WORKERS")] = 8,
+    workers: Annotated[
+        int | None,
+        _opt(
+            "--workers",
+            help="Aggregated engines (prefill + decode); default 8, 0 with --prefill/--decode.",
+            env="WORKERS",
+        ),
+    ] = None,
+    prefill: Annotated[
+        int,
+        _opt("--prefill", help="Prefill-only engines (disaggregated, offline).", env="PREFILL"),
+    ] = 0,
+    decode: Annotated[
+        int,
+        _opt("--decode", help="Decode-only engines (disaggregated, offline).", env="DECODE"),
+    ] = 0,
+    kv_bandwidth_gbps: Annotated[
+        float,
+        _opt(
+            "--kv-bandwidth-gbps",
+            help="Disaggregated: KV pull bandwidth, GB/s; a pull takes tokens * 128 KiB / this.",
+            env="KV_BANDWIDTH_GBPS",
+        ),
+    ] = 25.0,
+    max_local_prefill_tokens: Annotated[
+        int,
+        _opt(
+            "--max-local-prefill-tokens",
+            help="Disaggregated: the decode engine prefills itself when the uncached part of the "
+            "prompt is under this many tokens (and under --max-local-prefill-fraction of it).",
+            env="MAX_LOCAL_PREFILL_TOKENS",
+        ),
+    ] = 2048,
+    max_local_prefill_fraction: Annotated[
+        float,
+        _opt(
+            "--max-local-prefill-fraction",
+            help="Disaggregated: ... and under this share of the prompt.",
+            env="MAX_LOCAL_PREFILL_FRACTION",
+        ),
+    ] = 0.7,
     router: Annotated[
         list[str],
         _opt(
@@ -117,10 +157,17 @@ def replay(
     )
 
     routers = tuple(name.strip() for item in router for name in item.split(",") if name.strip())
+    if workers is None:
+        workers = 0 if prefill or decode else 8
     try:
         config = ReplayConfig(
             trace=trace,
             workers=workers,
+            prefill_workers=prefill,
+            decode_workers=decode,
+            kv_bandwidth_gbps=kv_bandwidth_gbps,
+            max_local_prefill_tokens=max_local_prefill_tokens,
+            max_local_prefill_fraction=max_local_prefill_fraction,
             routers=routers,
             engine=engine,
             mode=mode,
