@@ -21,6 +21,8 @@ class EngineConfig(BaseModel):
     engine: EngineKind = "builtin"
     device: str = "cpu"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # "dummy": random weights from config.json alone (benchmarks of large shapes), as vLLM's.
+    load_format: Literal["auto", "dummy"] = "auto"
     block_size: int = Field(default=16, ge=1, le=1024)
     num_blocks: int | None = Field(
         default=None, ge=1, description="KV blocks; default from memory (real) or 8192 (mock)."

@@ -75,6 +75,7 @@ def build_engine(config: EngineConfig, served_model_name: str | None = None) -> 
             kv_cache_bytes=config.kv_cache_bytes,
             gpu_memory_utilization=config.gpu_memory_utilization,
             max_num_batched_tokens=config.max_num_batched_tokens,
+            load_format=config.load_format,
         )
         arch = runner.arch
         max_len = min(config.max_model_len or arch.max_model_len, arch.max_model_len)

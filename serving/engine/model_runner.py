@@ -46,12 +46,15 @@ class ModelRunner:
         kv_cache_bytes: int | None = None,
         gpu_memory_utilization: float = 0.9,
         max_num_batched_tokens: int = 2048,
+        load_format: str = "auto",
     ) -> None:
         self.device = torch.device(device)
         self.arch: ModelArchConfig = load_arch_config(Path(model_dir))
         self.dtype = resolve_dtype(dtype, self.device, self.arch)
         self.block_size = block_size
-        self.model = load_model(Path(model_dir), self.arch, self.dtype, self.device)
+        self.model = load_model(
+            Path(model_dir), self.arch, self.dtype, self.device, load_format=load_format
+        )
         elem_bytes = torch.empty((), dtype=self.dtype).element_size()
         arch = self.arch
         self.kv_bytes_per_token = (
@@ -206,16 +209,41 @@ def resolve_dtype(dtype: str, device: torch.device, arch: ModelArchConfig) -> to
 
 
 def load_model(
-    model_dir: Path, arch: ModelArchConfig, dtype: torch.dtype, device: torch.device
+    model_dir: Path,
+    arch: ModelArchConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    load_format: str = "auto",
 ) -> LlamaForCausalLM:
-    """Allocate the model uninitialized on ``device``, then copy the checkpoint's tensors in."""
+    """Allocate the model uninitialized on ``device``, then copy the checkpoint's tensors in.
+
+    ``load_format="dummy"`` (vLLM's name) fills the weights with seeded random values instead:
+    only ``config.json`` is read, for benchmarks of large shapes without their weights.
+    """
+    if load_format not in ("auto", "dummy"):
+        raise ValueError(f"load_format must be auto or dummy, got {load_format!r}")
     with torch.device("meta"):
         model = LlamaForCausalLM(arch)
     inv_freq = model.rotary_emb.inv_freq  # float32, computed on CPU: keep it exact
     model = model.to(dtype=dtype).to_empty(device=device)
     model.rotary_emb.inv_freq = inv_freq.to(device)
-    model.load_weights(iter_weights(model_dir, dtype=dtype, device=device))
+    if load_format == "dummy":
+        _fill_dummy_weights(model, device)
+    else:
+        model.load_weights(iter_weights(model_dir, dtype=dtype, device=device))
     return model.eval().requires_grad_(False)
+
+
+def _fill_dummy_weights(model: torch.nn.Module, device: torch.device, seed: int = 0) -> None:
+    """Norm weights 1, everything else uniform in [-0.02, 0.02] (seeded, on ``device``)."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.fill_(1.0)
+            else:
+                param.uniform_(-0.02, 0.02, generator=generator)
 
 
 def _logprobs_by_req(

@@ -59,6 +59,10 @@ def serve(
         list[str] | None,
         typer.Option(help="Extra argument for every local worker, e.g. --worker-arg=--speedup=10"),
     ] = None,
+    worker_device: Annotated[
+        list[str] | None,
+        typer.Option(help="Devices for local workers, round-robin: --worker-device cuda:0 ..."),
+    ] = None,
     log_level: Annotated[str, typer.Option()] = "info",
 ) -> None:
     """Start local workers and the frontend (KV-aware router inside) until Ctrl-C."""
@@ -101,6 +105,7 @@ def serve(
         migration_limit=migration_limit,
         kv_prefill_scale=kv_prefill_scale,
         worker_args=list(worker_arg or []),
+        worker_devices=list(worker_device or []),
     )
     try:
         run_serve(config)

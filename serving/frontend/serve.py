@@ -63,6 +63,8 @@ class ServeConfig:
     migration_limit: int = 3
     kv_prefill_scale: float = DEFAULT_PREFILL_SCALE
     worker_args: list[str] = field(default_factory=list)  # passed to every local worker
+    # Local worker i gets --device worker_devices[i % len] (e.g. one GPU each); empty: default.
+    worker_devices: list[str] = field(default_factory=list)
     max_restarts: int = 5
     startup_timeout_s: float = 300.0
     log_dir: Path = Path(".strata/logs")

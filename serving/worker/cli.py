@@ -42,6 +42,9 @@ def worker(
         str, typer.Option(envvar="STRATA_DEVICE", help="cpu | cuda | cuda:N")
     ] = "cpu",
     dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
+    load_format: Annotated[
+        str, typer.Option(help="auto | dummy (random weights from config.json, benchmarks).")
+    ] = "auto",
     gpu_memory_utilization: Annotated[float, typer.Option()] = 0.9,
     no_prefix_caching: Annotated[bool, typer.Option("--no-prefix-caching")] = False,
     speedup: Annotated[float, typer.Option(help="Mock engine: divide modelled times.")] = 1.0,
@@ -88,6 +91,7 @@ def worker(
                 engine=engine,
                 device=device,
                 dtype=dtype,
+                load_format=load_format,
                 block_size=block_size,
                 num_blocks=num_blocks,
                 kv_cache_bytes=int(kv_cache_gib * 2**30) if kv_cache_gib else None,
