@@ -150,6 +150,7 @@ def run_layout(
     cmd = [
         sys.executable, "-m", "serving.frontend", "--model", str(model_dir),
         *LAYOUTS[layout], "--port", str(port), "--log-level", "warning",
+        "--log-dir", str(Path(args.log_dir) / layout),
         *[f"--worker-device={d}" for d in args.devices.split(",")],
         "--worker-arg=--load-format=dummy", f"--worker-arg=--dtype={args.dtype}",
         f"--worker-arg=--gpu-memory-utilization={args.gpu_memory_utilization}",
@@ -169,11 +170,15 @@ def run_layout(
         prompts = PromptBuilder(BLOCK, args.config["vocab_size"], seed=args.seed)
         warm = [TraceRequest(10_000 + i, i * 0.05, 600, 8, ()) for i in range(8)]
         asyncio.run(replay_online(f"{url}/v1", warm, prompts))
+        print(f"[{layout}] up, transports {transports}; warm-up done", flush=True)
         before = {w["worker_id"]: httpx.get(f"{w['url']}/metrics").text for w in workers}
         frontend_before = httpx.get(f"{url}/metrics").text
         started = time.perf_counter()
-        results = asyncio.run(replay_online(f"{url}/v1", requests, prompts))
+        results = asyncio.run(
+            replay_online(f"{url}/v1", requests, prompts, timeout_s=args.request_timeout)
+        )
         wall_s = time.perf_counter() - started
+        print(f"[{layout}] replay done in {wall_s:.1f} s", flush=True)
         frontend_metrics = httpx.get(f"{url}/metrics").text
         pulled_bytes = pull_s = 0.0
         for w in workers:
@@ -211,15 +216,22 @@ def run_layout(
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layouts", default="agg2,p1d1")
-    parser.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals")
-    parser.add_argument("--chat-rate", type=float, default=6.0, help="chat streams per second")
-    parser.add_argument("--long-rate", type=float, default=0.5, help="long documents per second")
-    parser.add_argument("--long-tokens", type=int, default=8192)
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals")
+    parser.add_argument("--chat-rate", type=float, default=3.0, help="chat streams per second")
+    parser.add_argument("--long-rate", type=float, default=0.3, help="long documents per second")
+    parser.add_argument("--long-tokens", type=int, default=4096)
     parser.add_argument("--max-num-seqs", type=int, default=128)
     parser.add_argument("--max-model-len", type=int, default=16384)
     parser.add_argument("--num-blocks", type=int, default=8192, help="KV blocks per worker")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--request-timeout",
+        type=float,
+        default=120.0,
+        help="per request (s): an overload "
+        "shows as failed requests instead of a run that never ends",
+    )
     parser.add_argument("--devices", default="cuda:0,cuda:1", help="one per worker, in order")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model (smoke test)")

@@ -63,6 +63,9 @@ def serve(
         list[str] | None,
         typer.Option(help="Devices for local workers, round-robin: --worker-device cuda:0 ..."),
     ] = None,
+    log_dir: Annotated[Path, typer.Option(help="Where local workers write their logs.")] = Path(
+        ".strata/logs"
+    ),
     log_level: Annotated[str, typer.Option()] = "info",
 ) -> None:
     """Start local workers and the frontend (KV-aware router inside) until Ctrl-C."""
@@ -106,6 +109,7 @@ def serve(
         kv_prefill_scale=kv_prefill_scale,
         worker_args=list(worker_arg or []),
         worker_devices=list(worker_device or []),
+        log_dir=log_dir,
     )
     try:
         run_serve(config)
