@@ -41,7 +41,7 @@ from typing import Any
 import httpx
 
 from bench.common import RESULTS_DIR, machine_info, print_table, write_json
-from bench.load import replay_online, summarize
+from bench.load import StreamResult, replay_online, stream_completion, summarize
 from bench.trace import PromptBuilder, TraceRequest
 from serving.netutil import free_port, wait_healthy
 
@@ -142,6 +142,71 @@ def _metric(text: str, name: str, **labels: str) -> float:
     return total
 
 
+async def _replay_with_deadline(
+    base_url: str,
+    requests: Sequence[TraceRequest],
+    prompts: PromptBuilder,
+    args: argparse.Namespace,
+    worker_urls: list[str],
+) -> list[StreamResult]:
+    """The open-loop replay of ``bench.load``, but bounded: requests still running
+    ``--drain`` seconds after the last arrival are cancelled and reported as unfinished, and
+    every 10 s one line shows progress (so an overloaded layout still yields figures)."""
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+    async with httpx.AsyncClient(
+        base_url=base_url + "/", timeout=httpx.Timeout(args.request_timeout, connect=30.0),
+        limits=limits,
+    ) as client:  # fmt: skip
+        model = (await client.get("models")).json()["data"][0]["id"]
+        started = time.perf_counter()
+        tasks: dict[asyncio.Task[StreamResult], TraceRequest] = {}
+
+        async def progress() -> None:
+            async with httpx.AsyncClient(timeout=5) as probe:
+                while True:
+                    await asyncio.sleep(10)
+                    done = sum(1 for t in tasks if t.done())
+                    gen = []
+                    for u in worker_urls:
+                        text = (await probe.get(f"{u}/metrics")).text
+                        gen.append(
+                            f"gen {_metric(text, 'vllm:generation_tokens_total'):.0f} "
+                            f"run {_metric(text, 'vllm:num_requests_running'):.0f} "
+                            f"wait {_metric(text, 'vllm:num_requests_waiting'):.0f}"
+                        )
+                    elapsed = time.perf_counter() - started
+                    print(f"  t={elapsed:.0f}s sent {len(tasks)} done {done} | "
+                          + " | ".join(gen), flush=True)  # fmt: skip
+
+        monitor = asyncio.create_task(progress())
+        for request in requests:
+            delay = request.arrival_s - (time.perf_counter() - started)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            prompt = prompts.prompt_token_ids(request)
+            task = asyncio.create_task(stream_completion(client, model, request, prompt, started))
+            tasks[task] = request
+        _, pending = await asyncio.wait(tasks, timeout=args.drain)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        monitor.cancel()
+        results = []
+        for task, request in tasks.items():
+            if task.cancelled():
+                results.append(
+                    StreamResult(
+                        request.index,
+                        request.arrival_s,
+                        request.input_length,
+                        error="unfinished at the deadline",
+                    )
+                )
+            else:
+                results.append(task.result())
+        return results
+
+
 def run_layout(
     layout: str, model_dir: Path, requests: Sequence[TraceRequest], args: argparse.Namespace
 ) -> dict[str, Any]:
@@ -175,7 +240,7 @@ def run_layout(
         frontend_before = httpx.get(f"{url}/metrics").text
         started = time.perf_counter()
         results = asyncio.run(
-            replay_online(f"{url}/v1", requests, prompts, timeout_s=args.request_timeout)
+            _replay_with_deadline(f"{url}/v1", requests, prompts, args, [w["url"] for w in workers])
         )
         wall_s = time.perf_counter() - started
         print(f"[{layout}] replay done in {wall_s:.1f} s", flush=True)
@@ -225,6 +290,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--num-blocks", type=int, default=8192, help="KV blocks per worker")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--drain", type=float, default=90.0, help="seconds after the last arrival to wait"
+    )
     parser.add_argument(
         "--request-timeout",
         type=float,
