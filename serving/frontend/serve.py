@@ -128,6 +128,8 @@ class WorkerSupervisor:
             role_args = (
                 [] if role == "both" else ["--role", role, "--kv-transport", cfg.kv_transport]
             )
+            if cfg.worker_devices:
+                role_args += ["--device", cfg.worker_devices[i % len(cfg.worker_devices)]]
             cmd = [
                 sys.executable, "-m", "serving.worker",
                 "--model", str(cfg.model_dir),
