@@ -426,7 +426,7 @@ async def _remote_prefill(
     worker; its response's ``kv_transfer_params``, or None on any failure."""
     assert state.pool is not None and state.http is not None
     routing_id = f"{job.request_id}#prefill"
-    decision = state.router.route(routing_id, job.prompt_ids, prefill_ids)
+    decision = state.router.route(routing_id, job.prompt_ids, prefill_ids, prefill=True)
     worker = state.pool.workers[decision.worker_id]
     worker.num_requests += 1
     payload = {

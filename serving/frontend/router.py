@@ -19,6 +19,7 @@ from serving.router.policies import (
     PolicyName,
     RequestView,
     RoutingDecision,
+    RoutingPolicy,
     WorkerLoad,
     make_policy,
     route_request,
@@ -43,14 +44,22 @@ class Router:
         self.metrics = metrics
         self.indexer = KVIndexer(block_size)
         self.load = WorkerLoad(block_size)
-        self.policy = make_policy(
-            policy,
-            self.load,
-            cost or KVCostConfig(block_size=block_size),
-            indexer=self.indexer,
-            clock=clock,
-            seed=seed,
-        )
+
+        def build() -> RoutingPolicy:
+            return make_policy(
+                policy,
+                self.load,
+                cost or KVCostConfig(block_size=block_size),
+                indexer=self.indexer,
+                clock=clock,
+                seed=seed,
+            )
+
+        self.policy = build()
+        # Prefill workers are chosen by a policy instance of their own: stateful policies
+        # (round-robin's cursor, session stickiness, approx's prefix memory) must not mix
+        # decisions about the two pools (one cursor for both sent every stream to one worker).
+        self.prefill_policy = build()
         self._worker_of: dict[str, str] = {}
 
     # -- workers -------------------------------------------------------------------------------
@@ -66,9 +75,10 @@ class Router:
         """Drop the worker's blocks and load; its requests are being migrated or failed."""
         self.indexer.remove_worker(worker_id)
         self.load.remove_worker(worker_id)
-        remover = getattr(self.policy, "remove_worker", None)
-        if remover is not None:
-            remover(worker_id)
+        for policy in (self.policy, self.prefill_policy):
+            remover = getattr(policy, "remove_worker", None)
+            if remover is not None:
+                remover(worker_id)
         self.metrics.forget_worker(worker_id)
         self.metrics.indexed_blocks.set(len(self.indexer))
 
@@ -87,13 +97,17 @@ class Router:
         token_ids: Sequence[int],
         worker_ids: Sequence[str],
         session_id: str | None = None,
+        *,
+        prefill: bool = False,
     ) -> RoutingDecision:
-        """Choose among ``worker_ids`` (raises ``NoWorkersError`` when empty)."""
+        """Choose among ``worker_ids`` (raises ``NoWorkersError`` when empty); ``prefill``:
+        a prefill worker for a disaggregated request (its own policy instance)."""
         hashes = (
             self.indexer.hash_request(token_ids) if self.policy_name in ("kv", "approx") else []
         )
         view = RequestView(request_id, len(token_ids), hashes, session_id)
-        decision = route_request(self.policy, self.load, view, list(worker_ids))
+        policy = self.prefill_policy if prefill else self.policy
+        decision = route_request(policy, self.load, view, list(worker_ids))
         self._worker_of[request_id] = decision.worker_id
         self.metrics.decisions.labels(
             policy=decision.policy, reason=decision.reason, worker=decision.worker_id
