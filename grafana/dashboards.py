@@ -2,14 +2,16 @@
 
 Worker panels use vLLM's metric names (``vllm:*``, label ``model_name``), so they serve Strata
 workers and stock ``vllm serve`` workers alike; frontend and router panels use ``strata_*``
-(label ``model``). Per-worker breakdowns of worker metrics use the scrape target (``instance``).
+(label ``model``). The workers' own disaggregation metrics (``strata_worker_info``,
+``strata_kv_*``) carry ``model_name`` too. Per-worker breakdowns of worker metrics use the
+scrape target (``instance``).
 Panels on metrics no component emits yet (lifecycle, planner, KV tiers) define them:
 ``grafana.planned_metrics`` lists them.
 """
 
 from __future__ import annotations
 
-from grafana.panels import Dashboard, Panel, Query
+from grafana.panels import CellColor, Dashboard, Panel, Query, Row
 from grafana.promql import (
     MODEL,
     MODEL_NAME,
@@ -109,7 +111,8 @@ def _router() -> Dashboard:
     return Dashboard(
         uid="strata-router",
         title="Strata / Router",
-        description="Routing decisions, KV-cache hit rate, per-worker load and the KV event feed.",
+        description="Routing decisions, KV-cache hit rate, per-worker load, the KV event feed "
+        "and where prompts are prefilled (disaggregation).",
         model_values="label_values(strata_frontend_requests_total, model)",
         panels=(
             Panel(
@@ -202,6 +205,31 @@ def _router() -> Dashboard:
                 width=8,
             ),
             Panel("Indexed KV blocks", (Query(f"sum({r}_indexed_blocks)", "blocks"),), width=8),
+            Row("Disaggregation"),
+            Panel(
+                "Prefill placement decisions",
+                (
+                    Query(
+                        f"sum by (decision) ({rate(f'{r}_disagg_decisions_total', MODEL)})",
+                        "{{decision}}",
+                    ),
+                ),
+                unit="reqps",
+                stack=True,
+                description="Where prompts were prefilled. remote: on a prefill worker, KV pulled "
+                "by the decode worker; local_short: the uncached part was short, the decode worker "
+                "prefilled; local_no_prefill_worker: no healthy prefill worker; "
+                "local_prefill_failed: the prefill worker failed, the decode worker prefilled; "
+                "aggregated: no prefill workers configured.",
+            ),
+            Panel(
+                "Remote prefill latency",
+                quantiles("strata_frontend_remote_prefill_seconds_bucket", MODEL, qs=(0.5, 0.99)),
+                unit="s",
+                description="The prefill worker's max_tokens=1 request, timed by the frontend "
+                "(queueing and prefill there). The decode worker's KV pull follows: see KV pull "
+                "time on the Workers dashboard.",
+            ),
         ),
     )
 
@@ -211,10 +239,12 @@ def _workers() -> Dashboard:
         return f"sum by (instance) ({rate(metric, MODEL_NAME)})"
 
     tier = 'model=~"$model"'
+    info = f"strata_worker_info{{{MODEL_NAME}}}"
     return Dashboard(
         uid="strata-workers",
         title="Strata / Workers and KV cache",
-        description="Per-worker engine state (vLLM metric names) and KV-cache tiers.",
+        description="Per-worker engine state (vLLM metric names), KV-cache tiers, and the "
+        "prefill/decode roles and KV transfers of disaggregated serving.",
         model_values="label_values(vllm:num_requests_running, model_name)",
         panels=(
             Panel(
@@ -295,6 +325,7 @@ def _workers() -> Dashboard:
                 quantiles("vllm:inter_token_latency_seconds_bucket", MODEL_NAME),
                 unit="s",
             ),
+            Row("KV cache tiers"),
             Panel(
                 "KV tier occupancy",
                 (
@@ -305,7 +336,6 @@ def _workers() -> Dashboard:
                     ),
                 ),
                 unit="percentunit",
-                width=8,
                 description="G1 device, G2 host, G3 disk, G4 S3.",
             ),
             Panel(
@@ -319,20 +349,107 @@ def _workers() -> Dashboard:
                     ),
                 ),
                 unit="percentunit",
-                width=8,
                 description="Blocks found in each tier / blocks looked up past the device.",
+            ),
+            Row("Disaggregation and KV transfer"),
+            Panel(
+                "Workers by role and KV transport",
+                (
+                    Query(
+                        f"max by (instance, role, transport, fallback) ({info})",
+                        "{{instance}}",
+                    ),
+                ),
+                kind="table",
+                columns=("instance", "role", "transport", "fallback"),
+                cell_colors=(
+                    CellColor("fallback", "true", "red", "yes: TCP, NIXL unusable"),
+                    CellColor("fallback", "false", "green", "no"),
+                ),
+                description="Each worker's role (prefill, decode, both) and KV transport (nixl, "
+                "tcp, none). fallback: NIXL was unusable and the worker moves KV over plain TCP, "
+                "several times slower (alert StrataKVTransportFallback).",
+            ),
+            Panel(
+                "Workers by role",
+                (Query(f"count by (role) ({info})", "{{role}}"),),
+                kind="stat",
+                width=6,
+            ),
+            Panel(
+                "Workers on TCP fallback",
+                (
+                    Query(
+                        f'count(strata_worker_info{{{MODEL_NAME}, fallback="true"}} == 1)'
+                        " or vector(0)",
+                        "workers",
+                    ),
+                ),
+                kind="stat",
+                width=6,
+                thresholds=((None, "green"), (1, "red")),
+                description="Workers started with --kv-transport auto whose NIXL was unusable.",
+            ),
+            Panel(
+                "KV pulls by outcome",
+                (
+                    Query(
+                        f"sum by (outcome) ({rate('strata_kv_pulls_total', MODEL_NAME)})",
+                        "{{outcome}}",
+                    ),
+                ),
+                unit="ops",
+                width=8,
+                description="Decode workers' pulls of prefilled KV blocks. failed: the decode "
+                "worker prefilled the prompt itself (alert StrataKVPullsFailing above 5%).",
+            ),
+            Panel(
+                "KV pull time",
+                quantiles(
+                    "strata_kv_transfer_seconds_bucket", MODEL_NAME, "transport", qs=(0.5, 0.99)
+                ),
+                unit="s",
+                width=8,
+                description="One request's KV pull on the decode worker: connect, transfer, "
+                "release notification.",
             ),
             Panel(
                 "KV transfer bytes per second",
                 (
                     Query(
-                        f"sum by (tier, direction) "
-                        f"({rate('strata_kv_transfer_bytes_total', tier)})",
-                        "{{direction}} {{tier}}",
+                        f"sum by (transport, tier, direction) "
+                        f"({rate('strata_kv_transfer_bytes_total', MODEL_NAME)})",
+                        "{{direction}} {{tier}} {{transport}}",
                     ),
                 ),
                 unit="Bps",
                 width=8,
+                description="receive into G1: KV pulled from prefill workers. Offload and "
+                "onboard between KV tiers will use the same metric with their tier and direction.",
+            ),
+            Panel(
+                "KV leases held",
+                (
+                    Query(
+                        f"sum by (instance) (strata_kv_leases{{{MODEL_NAME}}})",
+                        "{{instance}}",
+                    ),
+                ),
+                description="Prefill results whose KV blocks wait for a decode worker's pull "
+                "(on prefill workers).",
+            ),
+            Panel(
+                "KV leases ended by how",
+                (
+                    Query(
+                        f"sum by (how) ({rate('strata_kv_leases_released_total', MODEL_NAME)})",
+                        "{{how}}",
+                    ),
+                ),
+                unit="ops",
+                description="pulled: a decode worker took the blocks; released: freed early; "
+                "expired: no pull within the lease (worker --kv-lease, default 30 s), i.e. lost "
+                "decode requests or a lease too short (alert StrataKVLeasesExpiring).",
             ),
         ),
     )

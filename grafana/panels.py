@@ -2,7 +2,8 @@
 
 Owns the JSON shape Grafana expects (schema version 39); knows no metric names and does no I/O.
 Every panel and query uses the ``${datasource}`` variable, and every dashboard has a ``model``
-variable whose values come from a ``label_values(metric, label)`` query.
+variable whose values come from a ``label_values(metric, label)`` query. A ``Row`` heads the
+panels after it (Grafana's row panel, expanded).
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from typing import Any, Literal
 SCHEMA_VERSION = 39
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 GRID_WIDTH = 24
-PanelKind = Literal["timeseries", "stat", "bargauge"]
+PanelKind = Literal["timeseries", "stat", "bargauge", "table"]
+# (from value, colour) steps; the first step's value is None (minus infinity).
+Thresholds = tuple[tuple[float | None, str], ...]
 
 _LABEL_VALUES = re.compile(r"^label_values\((?P<metric>[^,]+),\s*(?P<label>\w+)\)$")
 
@@ -28,7 +31,21 @@ class Query:
 
 
 @dataclass(frozen=True)
+class CellColor:
+    """Table cells of ``column`` whose text is ``value``: a ``color`` background, ``text`` shown."""
+
+    column: str
+    value: str
+    color: str
+    text: str = ""
+
+
+@dataclass(frozen=True)
 class Panel:
+    """A panel. ``thresholds`` colour stat and bargauge values. A ``table`` shows one row per
+    series of an instant query, with the label ``columns`` in that order (the info-metric view);
+    ``cell_colors`` highlight values of those columns."""
+
     title: str
     queries: tuple[Query, ...]
     unit: str = "short"
@@ -37,6 +54,23 @@ class Panel:
     width: int = 12
     height: int = 8
     stack: bool = False
+    thresholds: Thresholds = ((None, "green"),)
+    columns: tuple[str, ...] = ()
+    cell_colors: tuple[CellColor, ...] = ()
+
+    def __post_init__(self) -> None:
+        if (self.kind == "table") != bool(self.columns):
+            raise ValueError(f"{self.title}: a table needs columns, and only a table has them")
+        unknown = {c.column for c in self.cell_colors} - set(self.columns)
+        if unknown:
+            raise ValueError(f"{self.title}: cell colours for columns it does not show: {unknown}")
+
+
+@dataclass(frozen=True)
+class Row:
+    """A full-width row header; the panels after it (up to the next row) belong to it."""
+
+    title: str
 
 
 @dataclass(frozen=True)
@@ -47,7 +81,7 @@ class Dashboard:
     title: str
     description: str
     model_values: str
-    panels: tuple[Panel, ...]
+    panels: tuple[Panel | Row, ...]
 
     @property
     def file_name(self) -> str:
@@ -65,9 +99,10 @@ def parse_label_values(query: str) -> tuple[str, str]:
 def dashboard_json(dashboard: Dashboard) -> dict[str, Any]:
     parse_label_values(dashboard.model_values)  # fail at generation, not in Grafana
     panels = [
+        _row_json(panel, panel_id, grid) if isinstance(panel, Row) else
         _panel_json(panel, panel_id, grid)
         for panel_id, (panel, grid) in enumerate(_layout(dashboard.panels), start=1)
-    ]
+    ]  # fmt: skip
     return {
         "uid": dashboard.uid,
         "title": dashboard.title,
@@ -87,20 +122,34 @@ def dashboard_json(dashboard: Dashboard) -> dict[str, Any]:
     }
 
 
-def _layout(panels: tuple[Panel, ...]) -> list[tuple[Panel, dict[str, int]]]:
-    """Left to right, wrapping at 24 columns; a row is as tall as its tallest panel."""
+def _layout(panels: tuple[Panel | Row, ...]) -> list[tuple[Panel | Row, dict[str, int]]]:
+    """Left to right, wrapping at 24 columns; a line is as tall as its tallest panel. A ``Row``
+    takes a line of its own, one unit high."""
     x = y = row_height = 0
-    placed = []
+    placed: list[tuple[Panel | Row, dict[str, int]]] = []
     for panel in panels:
-        if x + panel.width > GRID_WIDTH:
+        width, height = (GRID_WIDTH, 1) if isinstance(panel, Row) else (panel.width, panel.height)
+        if x + width > GRID_WIDTH:
             x, y, row_height = 0, y + row_height, 0
-        placed.append((panel, {"h": panel.height, "w": panel.width, "x": x, "y": y}))
-        x += panel.width
-        row_height = max(row_height, panel.height)
+        placed.append((panel, {"h": height, "w": width, "x": x, "y": y}))
+        x += width
+        row_height = max(row_height, height)
     return placed
 
 
+def _row_json(row: Row, panel_id: int, grid: dict[str, int]) -> dict[str, Any]:
+    return {
+        "id": panel_id,
+        "type": "row",
+        "title": row.title,
+        "collapsed": False,
+        "gridPos": grid,
+        "panels": [],
+    }
+
+
 def _panel_json(panel: Panel, panel_id: int, grid: dict[str, int]) -> dict[str, Any]:
+    table = panel.kind == "table"
     targets = [
         {
             "refId": chr(ord("A") + i),
@@ -108,21 +157,46 @@ def _panel_json(panel: Panel, panel_id: int, grid: dict[str, int]) -> dict[str, 
             "editorMode": "code",
             "expr": query.expr,
             "legendFormat": query.legend,
-            "range": True,
+            **({"format": "table", "instant": True, "range": False} if table else {"range": True}),
         }
         for i, query in enumerate(panel.queries)
     ]
-    return {
+    out = {
         "id": panel_id,
         "type": panel.kind,
         "title": panel.title,
         "description": panel.description,
         "datasource": DATASOURCE,
         "gridPos": grid,
-        "fieldConfig": {"defaults": _field_defaults(panel), "overrides": []},
+        "fieldConfig": {"defaults": _field_defaults(panel), "overrides": _overrides(panel)},
         "options": _options(panel.kind),
         "targets": targets,
     }
+    if table:
+        out["transformations"] = [
+            {"id": "filterFieldsByName", "options": {"include": {"names": list(panel.columns)}}},
+            {"id": "organize", "options": {
+                "indexByName": {name: i for i, name in enumerate(panel.columns)}}},
+        ]  # fmt: skip
+    return out
+
+
+def _overrides(panel: Panel) -> list[dict[str, Any]]:
+    """Per-column value mappings with a coloured cell background (``cell_colors``)."""
+    overrides = []
+    for column in dict.fromkeys(c.column for c in panel.cell_colors):
+        mapping = {
+            c.value: {"text": c.text or c.value, "color": c.color, "index": i}
+            for i, c in enumerate(c for c in panel.cell_colors if c.column == column)
+        }
+        overrides.append({
+            "matcher": {"id": "byName", "options": column},
+            "properties": [
+                {"id": "mappings", "value": [{"type": "value", "options": mapping}]},
+                {"id": "custom.cellOptions", "value": {"type": "color-background"}},
+            ],
+        })  # fmt: skip
+    return overrides
 
 
 def _field_defaults(panel: Panel) -> dict[str, Any]:
@@ -138,7 +212,10 @@ def _field_defaults(panel: Panel) -> dict[str, Any]:
         }
     else:
         defaults["color"] = {"mode": "thresholds"}
-        defaults["thresholds"] = {"mode": "absolute", "steps": [{"color": "green", "value": None}]}
+        steps = [{"color": color, "value": value} for value, color in panel.thresholds]
+        defaults["thresholds"] = {"mode": "absolute", "steps": steps}
+        if panel.kind == "table":
+            defaults["custom"] = {"align": "auto", "cellOptions": {"type": "auto"}}
     return defaults
 
 
@@ -149,6 +226,8 @@ def _options(kind: PanelKind) -> dict[str, Any]:
             "tooltip": {"mode": "multi", "sort": "desc"},
         }
     reduce = {"calcs": ["lastNotNull"], "fields": "", "values": False}
+    if kind == "table":
+        return {"showHeader": True, "cellHeight": "sm"}
     if kind == "stat":
         return {"reduceOptions": reduce, "colorMode": "value", "graphMode": "area",
                 "textMode": "auto", "orientation": "auto", "justifyMode": "auto"}  # fmt: skip

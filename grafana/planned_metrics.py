@@ -50,9 +50,4 @@ PLANNED_METRICS: dict[str, tuple[str, str, str]] = {
         "model",
         "Blocks looked up past the device tier (denominator of tier hits).",
     ),
-    "strata_kv_transfer_bytes_total": (
-        "counter",
-        "model, tier, direction",
-        "KV bytes moved; direction is offload|onboard (tier changes) or send|receive (NIXL).",
-    ),
 }

@@ -18,8 +18,10 @@ def rate(metric: str, selector: str = "") -> str:
     return f"rate({metric}{matchers}[{RATE}])"
 
 
-def quantiles(bucket: str, selector: str, by: str = "") -> tuple[Query, ...]:
-    """p50/p90/p99 of a histogram, optionally per ``by`` label."""
+def quantiles(
+    bucket: str, selector: str, by: str = "", qs: tuple[float, ...] = QUANTILES
+) -> tuple[Query, ...]:
+    """p50/p90/p99 (or ``qs``) of a histogram, optionally per ``by`` label."""
     group = f"{by}, le" if by else "le"
     prefix = f"{{{{{by}}}}} " if by else ""
     return tuple(
@@ -27,7 +29,7 @@ def quantiles(bucket: str, selector: str, by: str = "") -> tuple[Query, ...]:
             f"histogram_quantile({q}, sum by ({group}) ({rate(bucket, selector)}))",
             f"{prefix}p{round(q * 100)}",
         )
-        for q in QUANTILES
+        for q in qs
     )
 
 

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -35,6 +36,7 @@ class DashboardQuery:
     panel: str
     ref_id: str
     expr: str
+    row: str = ""  # the title of the row the panel is in ("" above the first row)
 
     @property
     def name(self) -> str:
@@ -46,12 +48,18 @@ def load_dashboards() -> list[dict]:
 
 
 def dashboard_queries() -> list[DashboardQuery]:
-    return [
-        DashboardQuery(d["title"], panel["title"], target["refId"], target["expr"])
-        for d in load_dashboards()
-        for panel in d["panels"]
-        for target in panel["targets"]
-    ]
+    queries = []
+    for d in load_dashboards():
+        row = ""
+        for panel in d["panels"]:
+            if panel["type"] == "row":
+                row = panel["title"]
+                continue
+            queries += [
+                DashboardQuery(d["title"], panel["title"], target["refId"], target["expr"], row)
+                for target in panel["targets"]
+            ]
+    return queries
 
 
 def load_rules() -> list[dict]:
@@ -96,14 +104,22 @@ def planned_metric(name: str) -> str | None:
     return None
 
 
-def exposed_metric_names() -> set[str]:
-    """Series names the workers' and frontend's registries expose (with the suffixes)."""
+def _registries() -> dict[str, Any]:
     from serving.frontend.metrics import FrontendMetrics
     from serving.worker.metrics import WorkerMetrics
     from workflows.metrics import WORKFLOW_REGISTRY
 
+    return {
+        "worker": WorkerMetrics("m").registry,
+        "frontend": FrontendMetrics("m").registry,
+        "workflow": WORKFLOW_REGISTRY,
+    }
+
+
+def exposed_metric_names() -> set[str]:
+    """Series names the workers' and frontend's registries expose (with the suffixes)."""
     names: set[str] = set()
-    for registry in (WorkerMetrics("m").registry, FrontendMetrics("m").registry, WORKFLOW_REGISTRY):
+    for registry in _registries().values():
         for family in registry.collect():
             if family.type == "counter":
                 names.add(f"{family.name}_total")
@@ -112,6 +128,16 @@ def exposed_metric_names() -> set[str]:
             else:
                 names.add(family.name)
     return names
+
+
+def exposed_series_labels(component: str) -> dict[str, set[str]]:
+    """Series name -> label names, for the series ``component``'s registry has at start-up
+    (``worker`` or ``frontend``; children that appear on first use are not there yet)."""
+    labels: dict[str, set[str]] = {}
+    for family in _registries()[component].collect():
+        for sample in family.samples:
+            labels.setdefault(sample.name, set()).update(sample.labels)
+    return labels
 
 
 def run_promtool(*args: str) -> subprocess.CompletedProcess[str]:

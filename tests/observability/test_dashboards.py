@@ -1,5 +1,6 @@
 """Dashboards: committed JSON equals the generator's output, carries what Grafana requires, every
-expression parses (promtool's PromQL parser) and selects metrics that exist or are planned;
+expression parses (promtool's PromQL parser), selects metrics that exist or are planned and
+filters them by the model label they carry; the disaggregation rows hold their panels;
 ConfigMaps, kustomization and provisioning files render."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import yaml
 
 from grafana.generate import render_files, stale_files
 from grafana.panels import parse_label_values
+from grafana.planned_metrics import PLANNED_METRICS
 from tests.observability.conftest import (
     DASHBOARD_DIR,
     MONITORING_DIR,
@@ -21,6 +23,7 @@ from tests.observability.conftest import (
     REPO_ROOT,
     dashboard_queries,
     exposed_metric_names,
+    exposed_series_labels,
     load_dashboards,
     metric_names,
     planned_metric,
@@ -64,6 +67,10 @@ def test_dashboard_has_what_grafana_requires(dashboard: dict) -> None:
     assert len(panel_ids) == len(set(panel_ids)), "panel ids must be unique"
     for panel in dashboard["panels"]:
         assert isinstance(panel["id"], int) and panel["title"] and panel["type"]
+        if panel["type"] == "row":  # an expanded row: its panels follow it at the top level
+            assert panel["gridPos"]["w"] == 24 and panel["gridPos"]["h"] == 1
+            assert panel["collapsed"] is False and panel["panels"] == []
+            continue
         assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
         grid = panel["gridPos"]
         assert set(grid) == {"h", "w", "x", "y"} and all(isinstance(v, int) for v in grid.values())
@@ -79,8 +86,94 @@ def test_dashboard_has_what_grafana_requires(dashboard: dict) -> None:
 
 
 def _has_model_label(expr: str) -> bool:
-    """Metrics that carry ``model``/``model_name`` (router metrics do not, yet)."""
-    return any(n.startswith(("strata_frontend_", "vllm:")) for n in metric_names(expr))
+    """Metrics that carry ``model``/``model_name`` (most router metrics do not, yet)."""
+    prefixes = (
+        "strata_frontend_",
+        "vllm:",
+        "strata_worker_",
+        "strata_kv_",
+        "strata_router_disagg_",
+    )
+    return any(n.startswith(prefixes) for n in metric_names(expr))
+
+
+def _model_matchers() -> dict[str, str]:
+    """Series name -> the ``$model`` matcher its selectors need: ``model_name`` on worker
+    series, ``model`` on frontend and router series and on planned metrics."""
+    matchers = {}
+    for component, label, matcher in (("worker", "model_name", 'model_name=~"$model"'),
+                                      ("frontend", "model", 'model=~"$model"')):  # fmt: skip
+        for name, labels in exposed_series_labels(component).items():
+            if label in labels:
+                matchers[name] = matcher
+    for name, (kind, labels, _) in PLANNED_METRICS.items():
+        if "model" in labels.split(", "):
+            suffixes = ("_bucket", "_count", "_sum") if kind == "histogram" else ("",)
+            matchers |= {name + suffix: 'model=~"$model"' for suffix in suffixes}
+    return matchers
+
+
+def test_model_matcher_fits_the_metric() -> None:
+    """Every selector of a model-labelled series filters by ``$model`` on the label that series
+    has (a ``model`` matcher on a worker's ``model_name`` series selects nothing)."""
+    matchers = _model_matchers()
+    wrong = []
+    for query in dashboard_queries():
+        for name in metric_names(query.expr) & set(matchers):
+            pattern = rf"(?<![\w:]){re.escape(name)}(?![\w:])(\{{[^}}]*\}})?"
+            for match in re.finditer(pattern, query.expr):
+                if matchers[name] not in (match.group(1) or ""):
+                    wrong.append(f"{query.name}: {name} needs {matchers[name]}")
+    assert wrong == []
+
+
+def _rows(dashboard: dict) -> dict[str, list[dict]]:
+    """Row title -> the panels under it ("" for those above the first row)."""
+    rows: dict[str, list[dict]] = {"": []}
+    current = ""
+    for panel in dashboard["panels"]:
+        if panel["type"] == "row":
+            current = panel["title"]
+            rows[current] = []
+        else:
+            rows[current].append(panel)
+    return rows
+
+
+def test_disaggregation_rows() -> None:
+    by_uid = {d["uid"]: d for d in DASHBOARDS}
+    router = _rows(by_uid["strata-router"])["Disaggregation"]
+    assert [p["title"] for p in router] == ["Prefill placement decisions", "Remote prefill latency"]
+    decisions, latency = router
+    assert "sum by (decision)" in decisions["targets"][0]["expr"]
+    assert [t["legendFormat"] for t in latency["targets"]] == ["p50", "p99"]
+    workers = {
+        p["title"]: p for p in _rows(by_uid["strata-workers"])["Disaggregation and KV transfer"]
+    }
+    assert list(workers) == [
+        "Workers by role and KV transport", "Workers by role", "Workers on TCP fallback",
+        "KV pulls by outcome", "KV pull time", "KV transfer bytes per second", "KV leases held",
+        "KV leases ended by how",
+    ]  # fmt: skip
+    # The workers table: one row per worker, fallback="true" on a red background.
+    table = workers["Workers by role and KV transport"]
+    assert table["type"] == "table" and table["targets"][0]["instant"] is True
+    columns = table["transformations"][0]["options"]["include"]["names"]
+    assert columns == ["instance", "role", "transport", "fallback"]
+    (override,) = table["fieldConfig"]["overrides"]
+    assert override["matcher"] == {"id": "byName", "options": "fallback"}
+    properties = {prop["id"]: prop["value"] for prop in override["properties"]}
+    assert properties["mappings"][0]["options"]["true"]["color"] == "red"
+    assert properties["custom.cellOptions"] == {"type": "color-background"}
+    # The fallback count turns red at one worker.
+    fallback = workers["Workers on TCP fallback"]
+    steps = fallback["fieldConfig"]["defaults"]["thresholds"]["steps"]
+    assert steps == [{"color": "green", "value": None}, {"color": "red", "value": 1}]
+    assert 'fallback="true"' in fallback["targets"][0]["expr"]
+    pull_time = workers["KV pull time"]["targets"]
+    assert [t["legendFormat"] for t in pull_time] == ["{{transport}} p50", "{{transport}} p99"]
+    transfer = workers["KV transfer bytes per second"]["targets"][0]["expr"]
+    assert "strata_kv_transfer_bytes_total" in transfer and "transport" in transfer
 
 
 @pytest.mark.parametrize("dashboard", DASHBOARDS, ids=IDS)

@@ -1,37 +1,24 @@
 """Acceptance: a real Prometheus scrapes a real ``strata serve`` stack (frontend + 2 mock workers)
 under load; then every dashboard query and every rule expression is evaluated through
 Prometheus' HTTP API. Each must be valid, and each dashboard query must return data, except
-queries on metrics of components this stack does not run (planned metrics): those are skipped
-by dashboard, panel and query name (``pytest -rs`` lists them)."""
+queries on metrics of components this stack does not run (planned metrics) and on what only a
+disaggregated stack records (``test_prometheus_disagg.py`` checks those): those are skipped by
+dashboard, panel and query name (``pytest -rs`` lists them)."""
 
 from __future__ import annotations
 
 import io
-import json
-import os
-import re
-import shutil
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
-import openai
 import pytest
-import yaml
 from rich.console import Console
 
 from grafana.panels import parse_label_values
 from tests.observability.conftest import (
-    REPO_ROOT,
-    RULES_FILE,
     DashboardQuery,
     dashboard_queries,
     load_dashboards,
@@ -40,159 +27,40 @@ from tests.observability.conftest import (
     planned_metric,
     substitute,
 )
+from tests.observability.prometheus_stack import (
+    NO_PROMETHEUS,
+    PROMETHEUS,
+    Stack,
+    drive_load,
+    start_prometheus,
+    start_serve,
+    stop,
+    wait_for_scrapes_and_rules,
+    wait_until_up,
+)
 from tests.worker.conftest import free_port
 
-PROMETHEUS = shutil.which("prometheus")
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        PROMETHEUS is None,
-        reason="prometheus not on PATH: apt-get install prometheus (.ci/run installs it in CI)",
-    ),
-]
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(PROMETHEUS is None, reason=NO_PROMETHEUS)]
 
 MODEL = "smollm2-135m-instruct"
 NUM_REQUESTS = 40
-DEADLINE_S = 90.0
 # Long enough to span the whole load: every rate() window sees it.
 RATE_INTERVAL = "2m"
 _NOT_RUNNING = {
     "strata_planner_": "the planner does not exist yet",
     "strata_kv_tier_": "KV tiers below the device do not exist yet",
-    "strata_kv_transfer_": "KV transfer does not exist yet",
 }
-
-
-@dataclass
-class Stack:
-    prometheus_url: str
-    frontend_url: str
-    worker_urls: list[str]
-
-    def query(self, expr: str) -> list[dict[str, Any]]:
-        """Instant query; raises with Prometheus' own error text on an invalid expression."""
-        response = httpx.get(f"{self.prometheus_url}/api/v1/query", params={"query": expr},
-                             timeout=10)  # fmt: skip
-        body = response.json()
-        if body.get("status") != "success":
-            raise AssertionError(f"Prometheus rejected {expr!r}: {body.get('error')}")
-        return body["data"]["result"]
-
-
-def _wait_until(what: str, condition: Any, deadline_s: float = DEADLINE_S) -> None:
-    """Poll ``condition`` (returns truthy when done) until ``deadline_s``; no fixed sleeps."""
-    deadline = time.monotonic() + deadline_s
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            if condition():
-                return
-        except (httpx.HTTPError, KeyError, ValueError, IndexError) as exc:
-            last_error = exc
-        time.sleep(0.2)
-    raise TimeoutError(f"{what} not within {deadline_s:.0f} s (last error: {last_error})")
-
-
-def _start_serve(model_dir: Path, tmp: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "workflows.cli", "serve", "--model", str(model_dir),
-         "--workers", "2", "--engine", "mock", "--port", str(port),
-         "--worker-arg=--speedup=20", "--log-level", "warning"],
-        cwd=tmp,  # worker logs go to tmp/.strata/logs
-        env=os.environ | {"PYTHONPATH": str(REPO_ROOT)},
-        stdout=(tmp / "serve.log").open("w"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        if proc.poll() is not None:
-            raise RuntimeError(f"strata serve exited:\n{(tmp / 'serve.log').read_text()[-3000:]}")
-        return httpx.get(f"{url}/health", timeout=2).status_code == 200
-
-    _wait_or_stop(proc, "strata serve healthy", healthy, deadline_s=180)
-    return proc, url
-
-
-def _start_prometheus(tmp: Path, targets: dict[str, list[str]]) -> tuple[subprocess.Popen, str]:
-    """Prometheus with a 1 s scrape and rule interval, file service discovery and our rules."""
-    (tmp / "targets").mkdir()
-    groups = [{"targets": hosts, "labels": {"component": name}} for name, hosts in targets.items()]
-    (tmp / "targets" / "strata.json").write_text(json.dumps(groups))
-    config = {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(RULES_FILE)],
-        "scrape_configs": [
-            {"job_name": "strata", "file_sd_configs": [{"files": [str(tmp / "targets/*.json")]}]}
-        ],
-    }
-    (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    proc = subprocess.Popen(
-        [str(PROMETHEUS), f"--config.file={tmp / 'prometheus.yml'}",
-         f"--storage.tsdb.path={tmp / 'data'}", f"--web.listen-address=127.0.0.1:{port}",
-         "--log.level=warn"],
-        stdout=(tmp / "prometheus.log").open("w"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    _wait_or_stop(
-        proc, "Prometheus ready", lambda: httpx.get(f"{url}/-/ready", timeout=2).is_success
-    )
-    return proc, url
-
-
-def _wait_or_stop(
-    proc: subprocess.Popen, what: str, condition: Any, deadline_s: float = DEADLINE_S
-) -> None:
-    """``_wait_until``; on failure, stop the process that did not come up."""
-    try:
-        _wait_until(what, condition, deadline_s)
-    except BaseException:
-        _stop(proc)
-        raise
-
-
-def _stop(proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
-    """SIGTERM (``strata serve`` then stops its workers), SIGKILL after ``timeout_s``."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def _drive_load(frontend_url: str) -> None:
-    """Chat and completions, streamed and not, sharing a prefix (prefix-cache hits), from 8
-    threads (both workers get traffic), plus one request for an unknown model (404)."""
-    client = openai.OpenAI(base_url=f"{frontend_url}/v1", api_key="x", max_retries=0)
-    with pytest.raises(openai.NotFoundError):
-        client.completions.create(model="no-such-model", prompt="x", max_tokens=2)
-    system = "You are a helpful assistant for the Strata observability test. " * 4
-
-    def one(i: int) -> None:
-        messages = [{"role": "system", "content": system}, {"role": "user", "content": f"Q{i}"}]
-        if i % 2:
-            stream = client.chat.completions.create(
-                model=MODEL,
-                messages=messages,
-                max_tokens=12,
-                stream=True,
-            )
-            assert sum(1 for _ in stream) > 0
-        else:
-            out = client.completions.create(model=MODEL, prompt=system + str(i), max_tokens=12)
-            assert out.usage is not None and out.usage.completion_tokens == 12
-
-    with ThreadPoolExecutor(8) as pool:
-        list(pool.map(one, range(NUM_REQUESTS)))
+# Series an aggregated stack never creates (histograms whose first sample creates them).
+_DISAGG_ONLY = {
+    "strata_frontend_remote_prefill_seconds": "only a disaggregated stack prefills on a prefill "
+    "worker (test_prometheus_disagg.py checks this panel with data)",
+}
 
 
 @pytest.fixture(scope="module")
 def stack(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("observability")
-    serve, frontend_url = _start_serve(smollm2_dir, tmp)
+    serve, frontend_url = start_serve(smollm2_dir, tmp, "--workers", "2")
     prometheus = None
     try:
         workers = httpx.get(f"{frontend_url}/admin/workers", timeout=10).json()["workers"]
@@ -201,20 +69,16 @@ def stack(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         workflow_url = _run_workflows_and_serve_their_metrics()
         hosts = {"frontend": [frontend_url], "worker": worker_urls, "workflow": [workflow_url]}
         hosts = {name: [u.removeprefix("http://") for u in urls] for name, urls in hosts.items()}
-        prometheus, prometheus_url = _start_prometheus(tmp, hosts)
+        prometheus, prometheus_url = start_prometheus(tmp, hosts)
         result = Stack(prometheus_url, frontend_url, worker_urls)
-        _wait_until("4 targets up", lambda: _num_up(result) == 4)
-        _drive_load(frontend_url)
-        load_end_s = time.time()
-        # Two scrapes of every target after the load, then one rule evaluation after those.
-        _wait_until("scrapes after the load",
-                    lambda: _oldest_scrape_s(result) > load_end_s + 2.0)  # fmt: skip
-        _wait_until("rules evaluated", lambda: _oldest_rule_evaluation_s(result) > load_end_s + 2.5)
+        wait_until_up(result, 4)
+        drive_load(frontend_url, MODEL, NUM_REQUESTS)
+        wait_for_scrapes_and_rules(result, after_s=time.time())
         yield result
     finally:
         if prometheus is not None:
-            _stop(prometheus)
-        _stop(serve)
+            stop(prometheus)
+        stop(serve)
 
 
 def _run_workflows_and_serve_their_metrics() -> str:
@@ -251,36 +115,15 @@ def _run_workflows_and_serve_their_metrics() -> str:
     return f"127.0.0.1:{port}"
 
 
-def _num_up(stack: Stack) -> int:
-    return sum(float(s["value"][1]) == 1 for s in stack.query('up{job="strata"}'))
-
-
-def _oldest_scrape_s(stack: Stack) -> float:
-    (sample,) = stack.query('min(timestamp(up{job="strata"}))')
-    return float(sample["value"][1])
-
-
-def _oldest_rule_evaluation_s(stack: Stack) -> float:
-    groups = httpx.get(f"{stack.prometheus_url}/api/v1/rules", timeout=10).json()["data"]["groups"]
-    assert groups, "Prometheus loaded no rule group"
-    return min(_rfc3339_s(g["lastEvaluation"]) for g in groups)
-
-
-def _rfc3339_s(text: str) -> float:
-    """Prometheus' RFC 3339 times carry nanoseconds; datetime takes microseconds."""
-    match = re.fullmatch(r"(.*?T\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-].*)", text)
-    assert match, text
-    seconds, fraction, zone = match.groups()
-    parsed = datetime.fromisoformat(seconds + ("+00:00" if zone == "Z" else zone))
-    return parsed.timestamp() + float(f"0.{fraction or 0}")
-
-
 def _not_running_reason(expr: str) -> str | None:
     for name in sorted(metric_names(expr)):
         planned = planned_metric(name)
         if planned is not None:
             reason = next(r for p, r in _NOT_RUNNING.items() if planned.startswith(p))
             return f"{planned}: {reason}"
+        base = next((b for b in _DISAGG_ONLY if name.startswith(b)), None)
+        if base is not None:
+            return f"{base}: {_DISAGG_ONLY[base]}"
     return None
 
 
