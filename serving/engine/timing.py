@@ -115,7 +115,10 @@ class MockModelRunner:
         prefill_tokens = 0
         has_decode = False
         for seq in scheduler_output.seqs:
-            if seq.num_tokens == 1 and seq.num_output_tokens > 0:
+            # One token after existing context costs what a decode token does: a decode, the
+            # last prompt token a disaggregated decode worker recomputes after its KV pull,
+            # or a 1-token tail of a chunked prefill.
+            if seq.num_tokens == 1 and (seq.num_output_tokens > 0 or seq.start_pos > 0):
                 has_decode = True
             else:
                 prefill_tokens += seq.num_tokens

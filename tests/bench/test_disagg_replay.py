@@ -124,7 +124,8 @@ def test_remote_and_local_prefill_both_happen_and_everything_drains(
 
 def test_one_remote_request_follows_the_timing_and_transfer_model() -> None:
     """TTFT = prefill step on the prefill engine + pull of n-1 tokens + the decode engine's
-    step that recomputes the last prompt token; the prefill engine's token is not counted."""
+    step that recomputes the last prompt token (priced as a decode step); the prefill engine's
+    token is not counted."""
     n = 300
     request = TraceRequest(0, 0.5, n, 3, tuple(range(n // BLOCK_SIZE)))
     config = make_config(kv_bandwidth_gbps=10.0)
@@ -132,7 +133,10 @@ def test_one_remote_request_follows_the_timing_and_transfer_model() -> None:
     assert_drained(sim, result, [request])
     profile = TimingProfile()
     pull_s = (n - 1) * KV_BYTES_PER_TOKEN / 10e9
-    expected = profile.prefill_ms(n) / 1e3 + pull_s + profile.prefill_ms(1) / 1e3
+    # The recompute is one token after n-1 of context: a decode-priced step, at the usage of
+    # the request's 19 blocks out of 256.
+    recompute_s = profile.decode_ms(-(-n // BLOCK_SIZE) / 256) / 1e3
+    expected = profile.prefill_ms(n) / 1e3 + pull_s + recompute_s
     assert result.ttft_s["p50"] == pytest.approx(expected)
     assert result.output_tokens == 3
     figures = result.to_dict()
