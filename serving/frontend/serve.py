@@ -111,6 +111,26 @@ class _LocalWorker:
         log.close()
 
 
+def worker_command(cfg: ServeConfig, index: int, role: str, port: int, kv_port: int) -> list[str]:
+    """The ``python -m serving.worker`` command line of local worker ``index``."""
+    role_args = [] if role == "both" else ["--role", role, "--kv-transport", cfg.kv_transport]
+    if cfg.worker_devices:
+        role_args += ["--device", cfg.worker_devices[index % len(cfg.worker_devices)]]
+    return [
+        sys.executable, "-m", "serving.worker",
+        "--model", str(cfg.model_dir),
+        "--engine", cfg.engine,
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--kv-events-port", str(kv_port),
+        "--served-model-name", cfg.model_name,
+        "--block-size", str(cfg.block_size),
+        "--log-level", "warning",
+        *role_args,
+        *cfg.worker_args,
+    ]  # fmt: skip
+
+
 class WorkerSupervisor:
     """Starts local worker processes, restarts crashed ones, stops them all."""
 
@@ -125,24 +145,7 @@ class WorkerSupervisor:
         cfg.log_dir.mkdir(parents=True, exist_ok=True)
         for i, role in enumerate(cfg.roles):
             port, kv_port = free_port(), free_port_pair()
-            role_args = (
-                [] if role == "both" else ["--role", role, "--kv-transport", cfg.kv_transport]
-            )
-            if cfg.worker_devices:
-                role_args += ["--device", cfg.worker_devices[i % len(cfg.worker_devices)]]
-            cmd = [
-                sys.executable, "-m", "serving.worker",
-                "--model", str(cfg.model_dir),
-                "--engine", cfg.engine,
-                "--host", "127.0.0.1",
-                "--port", str(port),
-                "--kv-events-port", str(kv_port),
-                "--served-model-name", cfg.model_name,
-                "--block-size", str(cfg.block_size),
-                "--log-level", "warning",
-                *role_args,
-                *cfg.worker_args,
-            ]  # fmt: skip
+            cmd = worker_command(cfg, i, role, port, kv_port)
             worker = _LocalWorker(i, role, port, kv_port, cmd, cfg.log_dir / f"worker-{i}.log")
             worker.start()
             self.workers.append(worker)
