@@ -161,9 +161,6 @@ class Scheduler:
             self.release_lease(request_id)
         return expired
 
-    def next_lease_expiry_s(self) -> float | None:
-        return min((h.lease.expires_at_s for h in self.leases.values()), default=None)
-
     # -- one step ----------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
@@ -360,7 +357,12 @@ class Scheduler:
         )
 
     def _lease(self, request: Request) -> dict:
-        """Keep a finished prefill request's blocks for a decode worker; its response params."""
+        """Keep a finished prefill request's blocks for a decode worker; its response params.
+
+        A second prefill under the same request id (a client reusing ``x-request-id``)
+        replaces the first lease, whose blocks are released rather than leaked.
+        """
+        self.release_lease(request.request_id)
         blocks = self.kv.detach(request)
         lease = KVLease(
             request_id=request.request_id,

@@ -286,3 +286,12 @@ def test_params_without_remote_prefill_are_plain_requests() -> None:
         }
     )
     assert flat is not None and flat.block_ids == (4, 5)
+
+
+def test_a_reused_request_id_replaces_its_lease_without_leaking() -> None:
+    p_sched, p_run = make_scheduler(num_blocks=16, block_size=BLOCK), FakeRunner(BLOCK)
+    prefill(p_sched, p_run, "same", list(range(10)))
+    prefill(p_sched, p_run, "same", list(range(50, 60)))
+    assert list(p_sched.leases) == ["same"]
+    assert p_sched.release_lease("same")
+    assert p_sched.kv.block_pool.num_free_blocks == 16
