@@ -454,7 +454,7 @@ async def _remote_prefill(
         if response.status_code != 200:
             raise _passthrough_error(response)  # the request itself is bad: tell the client
         params = response.json().get("kv_transfer_params")
-    except httpx.TransportError as exc:
+    except (httpx.TransportError, ValueError, AttributeError) as exc:  # unreachable, or no JSON
         state.pool.mark_failed(worker.worker_id, f"prefill failed: {exc!r}")
         return None
     finally:
