@@ -14,8 +14,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,20 +25,14 @@ from serving.engine.tokenizer import encode_prompt
 from serving.netutil import free_port, wait_healthy
 from tests.engine.test_hf_equality import CHAT_PROMPTS, COMPLETION_PROMPTS
 from tests.frontend.conftest import start_frontend
-from tests.worker.conftest import WorkerProcess, metric, scrape, start_worker_process
-
-
-def labelled(values: dict[str, float], name: str, **labels: str) -> float:
-    """Sum of the series of ``name`` carrying every given label value."""
-    wanted = [f'{k}="{v}"' for k, v in labels.items()]
-    return sum(
-        v
-        for key, v in values.items()
-        if key.startswith(name + "{") and all(w in key for w in wanted)
-    )
-
-
-pytestmark = pytest.mark.slow
+from tests.worker.conftest import (
+    WorkerProcess,
+    labelled,
+    metric,
+    scrape,
+    start_worker_process,
+    wait_until,
+)
 
 MODEL = "smollm2-135m-instruct"
 MAX_TOKENS = 24
@@ -170,7 +163,7 @@ def test_conditional_disaggregation_with_the_default_rule(
         indexer = frontend.state.router.indexer
         decode_id = next(w for w, v in frontend.state.pool.workers.items() if v.role == "decode")
         hashes = indexer.hash_request(encode_prompt(frontend.state.tokenizer, prompt))
-        _wait_until(
+        wait_until(
             lambda: indexer.find_matches(hashes).num_blocks(decode_id) >= len(hashes) - 1,
             "the decode worker's blocks of the first request in the router's index",
         )
@@ -184,19 +177,9 @@ def test_conditional_disaggregation_with_the_default_rule(
         frontend.stop()
 
 
-def _wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
-def _wait_for_no_leases(prefill_url: str, timeout_s: float = 30.0) -> None:
+def _wait_for_no_leases(prefill_url: str) -> None:
     """Release notifications are polled by the prefill engine thread: wait with a deadline."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not httpx.get(f"{prefill_url}/v1/kv/leases").json()["leases"]:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"leases still held: {httpx.get(f'{prefill_url}/v1/kv/leases').json()}")
+    wait_until(
+        lambda: not httpx.get(f"{prefill_url}/v1/kv/leases").json()["leases"],
+        "every lease to be released",
+    )

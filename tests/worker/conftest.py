@@ -7,7 +7,8 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,3 +116,20 @@ def scrape(url: str) -> dict[str, float]:
 def metric(values: dict[str, float], name: str) -> float:
     """Sum of every series of ``name`` (any labels)."""
     return sum(v for k, v in values.items() if k == name or k.startswith(name + "{"))
+
+
+def labelled(values: dict[str, float], name: str, **labels: str) -> float:
+    """Sum of the series of ``name`` carrying every given label value."""
+    wanted = [f'{k}="{v}"' for k, v in labels.items()]
+    return sum(
+        v for k, v in values.items() if k.startswith(name + "{") and all(w in k for w in wanted)
+    )
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
+    """Poll a condition with a deadline (for effects observed, not slept for)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)

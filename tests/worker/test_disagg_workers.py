@@ -10,14 +10,21 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
 from serving.router.disagg import prefill_request_params
-from tests.worker.conftest import WorkerProcess, metric, scrape, start_worker_process
+from tests.worker.conftest import (
+    WorkerProcess,
+    labelled,
+    metric,
+    scrape,
+    start_worker_process,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -26,22 +33,6 @@ PROMPT = (
     "In the mountains north of the old city, shepherds still move their flocks between summer "
     "and winter pastures, following routes their families have used for centuries. "
 ) * 3
-
-
-def labelled(values: dict[str, float], name: str, **labels: str) -> float:
-    wanted = [f'{k}="{v}"' for k, v in labels.items()]
-    return sum(
-        v for k, v in values.items() if k.startswith(name + "{") and all(w in k for w in wanted)
-    )
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
-    """Poll a condition with a deadline (lease release is observed, not slept for)."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def _worker(
