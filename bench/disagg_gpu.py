@@ -41,7 +41,8 @@ from typing import Any
 import httpx
 
 from bench.common import RESULTS_DIR, machine_info, print_table, write_json
-from bench.load import StreamResult, replay_online, stream_completion, summarize
+from bench.engine import LLAMA3_8B_SHAPE
+from bench.load import StreamResult, replay_online, summarize
 from bench.trace import PromptBuilder, TraceRequest
 from serving.netutil import free_port, wait_healthy
 
@@ -54,28 +55,9 @@ LLAMA3_8B_CONFIG: dict[str, Any] = {
     "architectures": ["LlamaForCausalLM"],
     "model_type": "llama",
     "torch_dtype": "bfloat16",
-    "vocab_size": 128_256,
-    "hidden_size": 4096,
-    "intermediate_size": 14_336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "max_position_embeddings": 16_384,
-    "rms_norm_eps": 1e-5,
-    "tie_word_embeddings": False,
-    "bos_token_id": 128_000,
-    "eos_token_id": 128_001,
-    "rope_theta": 500_000.0,
-    "rope_scaling": {
-        "rope_type": "llama3",
-        "factor": 8.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8192,
-    },
+    **LLAMA3_8B_SHAPE,
+    "max_position_embeddings": 16_384,  # the workers' context; the KV pool sets the rest
 }
-
-
 TINY_CONFIG = {  # --tiny: a CPU smoke test of the script itself
     **LLAMA3_8B_CONFIG, "vocab_size": 2048, "hidden_size": 128, "intermediate_size": 256,
     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -142,69 +124,39 @@ def _metric(text: str, name: str, **labels: str) -> float:
     return total
 
 
-async def _replay_with_deadline(
+async def _replay_with_progress(
     base_url: str,
     requests: Sequence[TraceRequest],
     prompts: PromptBuilder,
     args: argparse.Namespace,
     worker_urls: list[str],
 ) -> list[StreamResult]:
-    """The open-loop replay of ``bench.load``, but bounded: requests still running
-    ``--drain`` seconds after the last arrival are cancelled and reported as unfinished, and
-    every 10 s one line shows progress (so an overloaded layout still yields figures)."""
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
-    async with httpx.AsyncClient(
-        base_url=base_url + "/", timeout=httpx.Timeout(args.request_timeout, connect=30.0),
-        limits=limits,
-    ) as client:  # fmt: skip
-        model = (await client.get("models")).json()["data"][0]["id"]
+    """``bench.load.replay_online`` bounded by ``--drain``, with one line of the workers'
+    state every 10 s (so a slow layout shows where it stands)."""
+
+    async def progress() -> None:
         started = time.perf_counter()
-        tasks: dict[asyncio.Task[StreamResult], TraceRequest] = {}
-
-        async def progress() -> None:
-            async with httpx.AsyncClient(timeout=5) as probe:
-                while True:
-                    await asyncio.sleep(10)
-                    done = sum(1 for t in tasks if t.done())
-                    gen = []
-                    for u in worker_urls:
-                        text = (await probe.get(f"{u}/metrics")).text
-                        gen.append(
-                            f"gen {_metric(text, 'vllm:generation_tokens_total'):.0f} "
-                            f"run {_metric(text, 'vllm:num_requests_running'):.0f} "
-                            f"wait {_metric(text, 'vllm:num_requests_waiting'):.0f}"
-                        )
-                    elapsed = time.perf_counter() - started
-                    print(f"  t={elapsed:.0f}s sent {len(tasks)} done {done} | "
-                          + " | ".join(gen), flush=True)  # fmt: skip
-
-        monitor = asyncio.create_task(progress())
-        for request in requests:
-            delay = request.arrival_s - (time.perf_counter() - started)
-            if delay > 0:
-                await asyncio.sleep(delay)
-            prompt = prompts.prompt_token_ids(request)
-            task = asyncio.create_task(stream_completion(client, model, request, prompt, started))
-            tasks[task] = request
-        _, pending = await asyncio.wait(tasks, timeout=args.drain)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        monitor.cancel()
-        results = []
-        for task, request in tasks.items():
-            if task.cancelled():
-                results.append(
-                    StreamResult(
-                        request.index,
-                        request.arrival_s,
-                        request.input_length,
-                        error="unfinished at the deadline",
+        async with httpx.AsyncClient(timeout=5) as probe:
+            while True:
+                await asyncio.sleep(10)
+                states = []
+                for u in worker_urls:
+                    text = (await probe.get(f"{u}/metrics")).text
+                    states.append(
+                        f"gen {_metric(text, 'vllm:generation_tokens_total'):.0f} "
+                        f"run {_metric(text, 'vllm:num_requests_running'):.0f} "
+                        f"wait {_metric(text, 'vllm:num_requests_waiting'):.0f}"
                     )
-                )
-            else:
-                results.append(task.result())
-        return results
+                elapsed_s = time.perf_counter() - started
+                print(f"  t={elapsed_s:.0f}s | " + " | ".join(states), flush=True)
+
+    monitor = asyncio.create_task(progress())
+    try:
+        return await replay_online(
+            base_url, requests, prompts, timeout_s=args.request_timeout, drain_s=args.drain
+        )
+    finally:
+        monitor.cancel()
 
 
 def run_layout(
@@ -240,7 +192,7 @@ def run_layout(
         frontend_before = httpx.get(f"{url}/metrics").text
         started = time.perf_counter()
         results = asyncio.run(
-            _replay_with_deadline(f"{url}/v1", requests, prompts, args, [w["url"] for w in workers])
+            _replay_with_progress(f"{url}/v1", requests, prompts, args, [w["url"] for w in workers])
         )
         wall_s = time.perf_counter() - started
         print(f"[{layout}] replay done in {wall_s:.1f} s", flush=True)

@@ -128,10 +128,14 @@ async def replay_online(
     model: str | None = None,
     api_key: str | None = None,
     timeout_s: float = 600.0,
+    drain_s: float | None = None,
 ) -> list[StreamResult]:
     """Send every request at ``arrival_s / speedup`` (relative to the first); gather results.
 
     ``base_url`` ends in ``/v1``. Raises ``LoadError`` if the endpoint lists no model.
+    ``drain_s`` bounds the wait after the last request is sent: requests still running then
+    are cancelled and reported with the error "unfinished at the deadline", so an overloaded
+    endpoint still yields figures.
     """
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
@@ -156,7 +160,23 @@ async def replay_online(
             tasks.append(
                 asyncio.create_task(stream_completion(client, model, request, prompt, started))
             )
-        return list(await asyncio.gather(*tasks))
+        if drain_s is None:
+            return list(await asyncio.gather(*tasks))
+        _, pending = await asyncio.wait(tasks, timeout=drain_s)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        return [
+            task.result()
+            if not task.cancelled()
+            else StreamResult(
+                request.index,
+                request.arrival_s / speedup,
+                request.input_length,
+                error="unfinished at the deadline",
+            )
+            for task, request in zip(tasks, requests, strict=True)
+        ]
 
 
 def summarize(results: Sequence[StreamResult], label: str) -> dict[str, Any]:
