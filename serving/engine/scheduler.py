@@ -161,6 +161,10 @@ class Scheduler:
             self.release_lease(request_id)
         return expired
 
+    def next_lease_expiry_s(self) -> float | None:
+        """When the earliest lease runs out (an idle owner's next wake-up), None if none."""
+        return min((h.lease.expires_at_s for h in self.leases.values()), default=None)
+
     # -- one step ----------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
