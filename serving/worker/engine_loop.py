@@ -238,7 +238,16 @@ class AsyncEngine:
             op.future.set_result(self.core.renew_lease(op.request_id, op.lease_s))
 
     def _maintain_leases(self) -> None:
-        """Free leases whose blocks were pulled (notifications) or whose time ran out."""
+        """Free leases whose blocks were pulled (notifications) or whose time ran out.
+
+        Runs every loop iteration, so it does nothing without leases (a decode worker's case):
+        a release notification only matters while its lease exists.
+        """
+        if not self.core.scheduler.leases:
+            if self.leases_snapshot:
+                self.leases_snapshot = []
+                self.metrics.kv_leases.set(0)
+            return
         if self.connector is not None:
             for request_id in self.connector.poll_released():
                 if self.core.release_lease(request_id):
