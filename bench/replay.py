@@ -12,7 +12,9 @@ by ``speedup``, are routed by the real policy (``serving/router/policies.py``) a
 its ``WorkerLoad``; the ``kv`` policy's ``KVIndexer`` receives each engine's KV events when the
 step that produced them ends. Figures: prefix hit rate from the engines' ``num_cached_tokens``,
 the hit rate of one shared LRU cache of the same total capacity (the upper bound), TTFT, ITL,
-throughput and per-worker load imbalance. See ``docs/replay.md``.
+throughput and per-worker load imbalance. Prefill/decode pools (``prefill_workers``,
+``decode_workers``: remote prefill, KV pulls, leases) are ``bench/replay_disagg.py``'s. See
+``docs/replay.md``.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import statistics
 import sys
 import time
 from array import array
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +45,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # `python bench/replay.py` runs without the repo on the path
     sys.path.insert(0, str(REPO_ROOT))
 
+from bench.replay_disagg import DisaggFlow  # noqa: E402
 from bench.trace import (  # noqa: E402
     PromptBuilder,
     TraceRequest,
@@ -52,7 +55,7 @@ from bench.trace import (  # noqa: E402
 )
 from serving.engine.core import EngineCore  # noqa: E402
 from serving.engine.kv_transfer import DEFAULT_LEASE_S, KVPull  # noqa: E402
-from serving.engine.outputs import EngineCoreOutput, EngineStepResult  # noqa: E402
+from serving.engine.outputs import EngineStepResult  # noqa: E402
 from serving.engine.request import Request, SamplingParams  # noqa: E402
 from serving.engine.scheduler import SchedulerConfig  # noqa: E402
 from serving.engine.timing import MockModelRunner, TimingProfile  # noqa: E402
@@ -60,10 +63,6 @@ from serving.protocol.kv_events import KVCacheEvent  # noqa: E402
 from serving.router.disagg import (  # noqa: E402
     DEFAULT_MAX_LOCAL_PREFILL_FRACTION,
     DEFAULT_MAX_LOCAL_PREFILL_TOKENS,
-    DisaggConfig,
-    DisaggDecision,
-    decide,
-    prefill_request_params,
 )
 from serving.router.indexer import KVIndexer  # noqa: E402
 from serving.router.policies import (  # noqa: E402
@@ -71,6 +70,7 @@ from serving.router.policies import (  # noqa: E402
     KVCostConfig,
     PolicyName,
     RequestView,
+    RoutingPolicy,
     WorkerLoad,
     make_policy,
     route_request,
@@ -235,7 +235,6 @@ def _horner(coeffs: Sequence[float], x: float) -> float:
 # Same-time order: results land, then KV pulls, then arrivals, then steps and lease checks.
 _STEP_DONE, _PULL_DONE, _ARRIVAL, _WAKE, _LEASE_CHECK = 0, 1, 2, 3, 4
 _ROLE_BOTH, _ROLE_PREFILL, _ROLE_DECODE = "both", "prefill", "decode"
-_PREFILL_SUFFIX = "/prefill"  # engine request id of a request's remote prefill
 
 
 @dataclass(slots=True)
@@ -246,59 +245,6 @@ class _Live:
     first_token_s: float | None = None
     last_token_s: float = 0.0
     remote: bool = False  # prefilled by a prefill worker (its hit is counted there)
-
-
-@dataclass(slots=True)
-class _RemotePrefill:
-    """A request whose prompt a prefill worker is computing; the decode side waits for it."""
-
-    request_id: str
-    decode_worker: int
-    prompt: list[int]
-    max_tokens: int
-
-
-@dataclass
-class _DisaggStats:
-    """What a replay with prefill/decode pools counts besides the aggregated figures."""
-
-    decisions: Counter[str] = field(default_factory=Counter)
-    decision_of: dict[str, str] = field(default_factory=dict)  # by request id
-    pull_s: array = field(default_factory=lambda: array("d"))
-    pull_tokens: int = 0
-    pull_bytes: int = 0
-    pulls_failed: int = 0
-    leases_expired: int = 0
-    decode_hit_tokens: int = 0  # remote requests: prompt tokens the decode engine had cached
-
-    def record(self, request_id: str, decision: DisaggDecision) -> None:
-        previous = self.decision_of.get(request_id)
-        if previous is not None:
-            self.decisions[previous] -= 1
-        self.decisions[decision.value] += 1
-        self.decision_of[request_id] = decision.value
-
-    def to_dict(self, ttft_by_request: dict[str, float]) -> dict[str, Any]:
-        order = [d.value for d in DisaggDecision]
-        by_decision: dict[str, list[float]] = {}
-        for request_id, ttft in ttft_by_request.items():
-            by_decision.setdefault(self.decision_of[request_id], []).append(ttft)
-        return {
-            "disagg_decisions": {d: self.decisions[d] for d in order if self.decisions[d]},
-            "ttft_s_by_decision": {
-                d: _percentiles(by_decision[d], (50, 99)) for d in order if d in by_decision
-            },
-            "kv_transfer": {
-                "pulls": len(self.pull_s),
-                "tokens": self.pull_tokens,
-                "bytes": self.pull_bytes,
-                "time_s_total": float(sum(self.pull_s)),
-                "time_s": _percentiles(self.pull_s, (50, 99)),
-                "failed": self.pulls_failed,
-                "decode_side_hit_tokens": self.decode_hit_tokens,
-            },
-            "leases_expired": self.leases_expired,
-        }
 
 
 @dataclass
@@ -399,7 +345,9 @@ class OfflineReplay:
     ``prefill_workers`` (``p0``...: remote prefill only) and ``decode_workers`` (``d0``...).
     Requests are routed among the aggregated and decode engines; with prefill engines present,
     ``serving.router.disagg.decide`` sends long uncached prompts to one of them (chosen by the
-    same policy) and the decode engine pulls the KV over a link of ``kv_bandwidth_gbps``.
+    same policy) and the decode engine pulls the KV over a link of ``kv_bandwidth_gbps``. That
+    flow is ``bench.replay_disagg.DisaggFlow``'s; it calls back into ``admit``, ``reject``,
+    ``count_cached_tokens``, ``wake``, ``wake_if_stalled`` and ``schedule_pull_done``.
     """
 
     def __init__(
@@ -427,7 +375,7 @@ class OfflineReplay:
             + [f"d{i}" for i in range(config.decode_workers)]
         )
         num_engines = len(self.worker_ids)
-        self._index = {worker_id: i for i, worker_id in enumerate(self.worker_ids)}
+        self.worker_index = {worker_id: i for i, worker_id in enumerate(self.worker_ids)}
         # Routing targets: every engine that decodes. Prefill engines only serve remote prefill.
         roles = list(zip(self.worker_ids, self.roles, strict=True))
         self.decode_ids = [w for w, role in roles if role != _ROLE_PREFILL]
@@ -441,15 +389,9 @@ class OfflineReplay:
             for worker_id in self.worker_ids:
                 self.indexer.add_worker(worker_id)
         self.policy = self._make_policy()
-        # The same policy over the prefill engines, its own instance (round-robin counter,
-        # approx index, RNG): one shared round-robin counter would alternate decode and prefill
-        # turns and, with an even number of decode engines, skip half of them. Load and KV index
-        # are shared.
-        self.prefill_policy = self._make_policy() if self.prefill_ids else None
+        # Remote prefill, KV pulls and leases; the prefill engines get a policy of their own.
+        self._pd = DisaggFlow(self, self._make_policy() if self.prefill_ids else None)
         self._disagg = config.is_disaggregated
-        self._disagg_config = DisaggConfig(
-            config.max_local_prefill_tokens, config.max_local_prefill_fraction
-        )
         self._hash_prompts = policy_name in _PREFIX_POLICIES
         self._heap: list[tuple[float, int, int, int, Any]] = []
         self._seq = 0
@@ -458,7 +400,6 @@ class OfflineReplay:
         self._stalled = [False] * num_engines
         self._empty_steps = [0] * num_engines
         self._live: dict[str, _Live] = {}
-        self._remote: dict[str, _RemotePrefill] = {}  # by prefill engine request id
         # Measurements.
         self._ttft = array("d")
         self._itl = array("d")
@@ -477,7 +418,6 @@ class OfflineReplay:
         self._steps = 0
         self._first_arrival_s = math.inf
         self._last_token_s = 0.0
-        self._disagg_stats = _DisaggStats()
 
     def _make_engine(self, index: int, profile: TimingProfile | None) -> EngineCore:
         config = self.config
@@ -499,7 +439,7 @@ class OfflineReplay:
             clock=self._clock,
         )
 
-    def _make_policy(self) -> Any:
+    def _make_policy(self) -> RoutingPolicy:
         return make_policy(
             self.policy_name,
             self.load,
@@ -524,10 +464,10 @@ class OfflineReplay:
             self._push(r.arrival_s / self.config.speedup, _ARRIVAL, r)
         handlers: dict[int, Callable[[Any], None]] = {
             _STEP_DONE: self._on_step_done,
-            _PULL_DONE: self._on_pull_done,
+            _PULL_DONE: self._pd.on_pull_done,
             _ARRIVAL: self._on_arrival,
             _WAKE: self._start_step,
-            _LEASE_CHECK: self._on_lease_check,
+            _LEASE_CHECK: self._pd.expire_leases,
         }
         heap = self._heap
         while heap:
@@ -546,21 +486,13 @@ class OfflineReplay:
         hashes = self._hasher.hash_request(prompt) if self._hash_prompts else ()
         view = RequestView(request_id, len(prompt), hashes)
         decision = route_request(self.policy, self.load, view, self.decode_ids)
-        worker = self._index[decision.worker_id]
+        worker = self.worker_index[decision.worker_id]
         self._first_arrival_s = min(self._first_arrival_s, self.now)
         num_cached_blocks = decision.num_cached_blocks
-        if self._disagg:
-            # As the frontend decides (serving/frontend/app.py ``_maybe_remote_prefill``).
-            if self.prefill_ids:
-                cached = min(num_cached_blocks * self.config.block_size, len(prompt))
-                choice = decide(len(prompt), cached, len(self.prefill_ids), self._disagg_config)
-            else:
-                choice = DisaggDecision.AGGREGATED
-            self._disagg_stats.record(request_id, choice)
-            if choice.is_remote:
-                if self._start_remote_prefill(r, prompt, hashes, worker):
-                    return
-                self._disagg_stats.record(request_id, DisaggDecision.LOCAL_PREFILL_FAILED)
+        if self._disagg and self._pd.try_remote_prefill(
+            r, prompt, hashes, worker, num_cached_blocks
+        ):
+            return
         request = Request(
             request_id,
             prompt,
@@ -571,74 +503,69 @@ class OfflineReplay:
         try:
             self.engines[worker].add_request(request)
         except ValueError:
-            self.load.finish_request(request_id)
-            self._rejected += 1
+            self.reject(request_id)
             return
-        num_hit_cap = (len(prompt) - 1) // self.config.block_size
-        self._predicted_cached_tokens += (
-            min(num_cached_blocks, num_hit_cap) * self.config.block_size
-        )
-        self._live[request_id] = _Live(self.now)
-        self._prompt_tokens += len(prompt)
-        self._worker_prompt_tokens[worker] += len(prompt)
-        self._worker_requests[worker] += 1
-        self._wake(worker)
+        self.admit(request_id, len(prompt), num_cached_blocks, computed_on=worker, served_on=worker)
 
-    def _start_remote_prefill(
-        self, r: TraceRequest, prompt: list[int], hashes: Sequence[int], decode_worker: int
-    ) -> bool:
-        """Route the prompt to a prefill engine as a ``max_tokens=1`` request whose blocks it
-        leases. False when that engine refuses it (the decode engine then prefills)."""
-        assert self.prefill_policy is not None
-        request_id = str(r.index)
-        prefill_id = request_id + _PREFILL_SUFFIX
-        view = RequestView(prefill_id, len(prompt), hashes)
-        decision = route_request(self.prefill_policy, self.load, view, self.prefill_ids)
-        worker = self._index[decision.worker_id]
-        request = Request(
-            prefill_id,
-            prompt,
-            SamplingParams(max_tokens=1, ignore_eos=True),
-            eos_token_id=None,
-            arrival_time_s=self.now,
-            kv_transfer_params=prefill_request_params(),
-        )
-        try:
-            self.engines[worker].add_request(request)
-        except ValueError:
-            self.load.finish_request(prefill_id)
-            return False
-        num_hit_cap = (len(prompt) - 1) // self.config.block_size
-        self._predicted_cached_tokens += (
-            min(decision.num_cached_blocks, num_hit_cap) * self.config.block_size
-        )
-        self._remote[prefill_id] = _RemotePrefill(
-            request_id, decode_worker, prompt, r.output_length
-        )
-        self._live[request_id] = _Live(self.now, remote=True)
-        self._prompt_tokens += len(prompt)
-        self._worker_prompt_tokens[worker] += len(prompt)  # computed there
-        self._worker_requests[decode_worker] += 1  # served there
-        self._wake(worker)
-        return True
+    # -- bookkeeping (the P/D flow calls these too) --------------------------------------------
 
-    def _wake(self, worker: int) -> None:
+    def admit(
+        self,
+        request_id: str,
+        num_prompt_tokens: int,
+        num_cached_blocks: int,
+        computed_on: int,
+        served_on: int,
+        remote: bool = False,
+    ) -> None:
+        """An engine accepted the request: count it, its prompt where it is computed and the
+        request where its tokens are served, then step the computing engine."""
+        bs = self.config.block_size
+        num_hit_cap = (num_prompt_tokens - 1) // bs
+        self._predicted_cached_tokens += min(num_cached_blocks, num_hit_cap) * bs
+        self._live[request_id] = _Live(self.now, remote=remote)
+        self._prompt_tokens += num_prompt_tokens
+        self._worker_prompt_tokens[computed_on] += num_prompt_tokens
+        self._worker_requests[served_on] += 1
+        self.wake(computed_on)
+
+    def reject(self, request_id: str) -> None:
+        """No engine can take the request: it leaves the load and counts as rejected."""
+        self.load.finish_request(request_id)
+        self._live.pop(request_id, None)
+        self._rejected += 1
+
+    def count_cached_tokens(self, num_tokens: int) -> None:
+        """Prompt tokens the engine that computed a prompt had cached (the hit rate's)."""
+        self._cached_tokens += num_tokens
+
+    def schedule_pull_done(self, time_s: float, payload: tuple[int, int, KVPull]) -> None:
+        self._push(time_s, _PULL_DONE, payload)
+
+    def wake(self, worker: int) -> None:
         """Something changed for ``worker`` (a request, a landed pull, freed blocks): step it."""
         self._stalled[worker] = False
         if not self._busy[worker]:
             self._busy[worker] = True  # a wake-up is pending; later arrivals now join it
             self._push(self.now, _WAKE, worker)
 
+    def wake_if_stalled(self, worker: int) -> None:
+        """Blocks were freed: step ``worker`` if it idles waiting for them."""
+        if self._stalled[worker]:
+            self.wake(worker)
+
+    # -- steps ---------------------------------------------------------------------------------
+
     def _start_step(self, worker: int) -> None:
         engine = self.engines[worker]
         if self._disagg and engine.scheduler.leases:
-            self._expire_leases(worker)
+            self._pd.expire_leases(worker)
         result = engine.step()
         events = engine.take_kv_events()
         duration = result.step_duration_s or 0.0
         self._steps += 1
         if result.kv_pulls:
-            self._start_pulls(worker, result.kv_pulls)
+            self._pd.start_pulls(worker, result.kv_pulls)
         if duration == 0.0 and not result.outputs and not result.kv_pulls:
             sched = engine.scheduler
             if sched.waiting_for_kv or sched.leases:
@@ -665,7 +592,7 @@ class OfflineReplay:
         self._preemptions += result.stats.num_preemptions
         if self.roles[worker] == _ROLE_PREFILL:
             for out in result.outputs:
-                self._on_prefill_output(worker, out)
+                self._pd.on_prefill_output(worker, out)
         else:
             load = self.load
             for out in result.outputs:
@@ -677,7 +604,7 @@ class OfflineReplay:
                     self._ttft.append(ttft)
                     self._ttft_by_request[rid] = ttft
                     if live.remote:
-                        self._disagg_stats.decode_hit_tokens += out.num_cached_tokens
+                        self._pd.stats.decode_hit_tokens += out.num_cached_tokens
                     else:
                         self._cached_tokens += out.num_cached_tokens
                     load.mark_prefill_done(rid)
@@ -697,86 +624,6 @@ class OfflineReplay:
             self._start_step(worker)
         else:
             self._busy[worker] = False
-
-    # -- disaggregation ------------------------------------------------------------------------
-
-    def _on_prefill_output(self, worker: int, out: EngineCoreOutput) -> None:
-        """A prefill engine's (only) token: its blocks are leased; the decode side takes over.
-
-        The token is not the client's: the decode engine samples the first token again from
-        the last prompt position, which it recomputes.
-        """
-        remote = self._remote.pop(out.request_id)
-        self.load.finish_request(out.request_id)
-        self._cached_tokens += out.num_cached_tokens
-        params = out.kv_transfer_params
-        if not out.finished or not params or not params.get("do_remote_prefill"):
-            raise RuntimeError(f"prefill {out.request_id} returned no KV lease: {params}")
-        request = Request(
-            remote.request_id,
-            remote.prompt,
-            SamplingParams(max_tokens=remote.max_tokens, ignore_eos=True),
-            eos_token_id=None,
-            arrival_time_s=self._live[remote.request_id].arrival_s,
-            kv_transfer_params={**params, "remote_engine_id": self.worker_ids[worker]},
-        )
-        try:
-            self.engines[remote.decode_worker].add_request(request)
-        except ValueError:
-            self._release_lease(worker, out.request_id)
-            self.load.finish_request(remote.request_id)
-            del self._live[remote.request_id]
-            self._rejected += 1
-            return
-        self._wake(remote.decode_worker)
-
-    def _start_pulls(self, worker: int, pulls: Sequence[KVPull]) -> None:
-        """The decode engine planned pulls in the step starting now: each lands after
-        ``tokens * kv_bytes_per_token / bandwidth`` (links do not contend)."""
-        engine = self.engines[worker]
-        bytes_per_s = self.config.kv_bandwidth_gbps * 1e9
-        bytes_per_token = engine.executor.kv_bytes_per_token
-        stats = self._disagg_stats
-        for pull in pulls:
-            source = self._index[pull.source.engine_id]
-            held = self.engines[source].scheduler.leases.get(pull.source.request_id)
-            if held is None or held.lease.expires_at_s <= self.now:
-                # The lease ran out before the decode engine got to the request.
-                if held is not None:
-                    self._expire_leases(source)
-                engine.finish_kv_pull(pull.request_id, succeeded=False)
-                stats.pulls_failed += 1
-                continue
-            num_bytes = pull.num_tokens * bytes_per_token
-            seconds = num_bytes / bytes_per_s
-            stats.pull_tokens += pull.num_tokens
-            stats.pull_bytes += num_bytes
-            stats.pull_s.append(seconds)
-            self._push(self.now + seconds, _PULL_DONE, (worker, source, pull))
-
-    def _on_pull_done(self, payload: tuple[int, int, KVPull]) -> None:
-        worker, source, pull = payload
-        landed = self._release_lease(source, pull.source.request_id)
-        if not landed:  # the lease expired during the copy: the blocks may be overwritten
-            self._disagg_stats.pulls_failed += 1
-        self.engines[worker].finish_kv_pull(pull.request_id, succeeded=landed)
-        self._wake(worker)
-
-    def _release_lease(self, worker: int, request_id: str) -> bool:
-        released = self.engines[worker].release_lease(request_id)
-        if released and self.engines[worker].has_unfinished_requests():
-            self._wake(worker)
-        return released
-
-    def _expire_leases(self, worker: int) -> None:
-        expired = self.engines[worker].expire_leases()
-        if expired:
-            self._disagg_stats.leases_expired += len(expired)
-            if self._stalled[worker]:
-                self._wake(worker)
-
-    def _on_lease_check(self, worker: int) -> None:
-        self._expire_leases(worker)
 
     # -- results -------------------------------------------------------------------------------
 
@@ -805,18 +652,10 @@ class OfflineReplay:
                 "busy_s": list(self._worker_busy_s),
             },
             sim_wall_s=wall_s,
-            extra=self._disagg_figures() if self._disagg else {},
+            extra=self._pd.figures(self._ttft_by_request, _percentiles) if self._disagg else {},
             request_ttft_s=self._ttft_by_request,
             itl_samples_s=self._itl,
         )
-
-    def _disagg_figures(self) -> dict[str, Any]:
-        """Where prompts were computed, what the KV pulls cost, and what was left at the end."""
-        return {
-            "workers": {"ids": list(self.worker_ids), "roles": list(self.roles)},
-            **self._disagg_stats.to_dict(self._ttft_by_request),
-            "leases_outstanding_at_end": sum(len(e.scheduler.leases) for e in self.engines),
-        }
 
 
 # -- one command -----------------------------------------------------------------------------------
