@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.common import RESULTS_DIR, machine_info, print_table, write_json
 from bench.engine import LLAMA3_8B_SHAPE
@@ -114,14 +115,13 @@ def mixed_workload(
 
 
 def _metric(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples of ``name`` carrying every given label value."""
-    wanted = [f'{k}="{v}"' for k, v in labels.items()]
-    total = 0.0
-    for line in text.splitlines():
-        key, _, value = line.rpartition(" ")
-        if (key == name or key.startswith(name + "{")) and all(w in key for w in wanted):
-            total += float(value)
-    return total
+    """Sum of the samples of ``name`` carrying every given label value (Prometheus text)."""
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
 
 
 async def _replay_with_progress(

@@ -149,34 +149,51 @@ async def replay_online(
             model = model or await first_model(client)
         except httpx.HTTPError as exc:
             raise LoadError(f"cannot list models at {base_url}: {exc}") from exc
-        t0 = requests[0].arrival_s if requests else 0.0
-        started = time.perf_counter()
-        tasks: list[asyncio.Task[StreamResult]] = []
-        for request in requests:
-            delay = (request.arrival_s - t0) / speedup - (time.perf_counter() - started)
-            if delay > 0:
-                await asyncio.sleep(delay)
-            prompt = prompts.prompt_token_ids(request)
-            tasks.append(
-                asyncio.create_task(stream_completion(client, model, request, prompt, started))
-            )
-        if drain_s is None:
-            return list(await asyncio.gather(*tasks))
-        _, pending = await asyncio.wait(tasks, timeout=drain_s)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        return [
-            task.result()
-            if not task.cancelled()
-            else StreamResult(
-                request.index,
-                request.arrival_s / speedup,
-                request.input_length,
-                error="unfinished at the deadline",
-            )
-            for task, request in zip(tasks, requests, strict=True)
-        ]
+        return await send_open_loop(
+            client, model, requests, prompts, speedup, time.perf_counter(), drain_s=drain_s
+        )
+
+
+async def send_open_loop(
+    client: httpx.AsyncClient,
+    model: str,
+    requests: Sequence[TraceRequest],
+    prompts: PromptBuilder,
+    speedup: float,
+    started: float,
+    *,
+    drain_s: float | None = None,
+) -> list[StreamResult]:
+    """Each request at ``(arrival - first arrival) / speedup`` seconds after ``started``,
+    whatever the backlog; with ``drain_s``, requests still running that long after the last
+    one was sent are cancelled and reported as unfinished."""
+    t0 = requests[0].arrival_s if requests else 0.0
+    tasks: list[asyncio.Task[StreamResult]] = []
+    for request in requests:
+        delay = (request.arrival_s - t0) / speedup - (time.perf_counter() - started)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        prompt = prompts.prompt_token_ids(request)
+        tasks.append(
+            asyncio.create_task(stream_completion(client, model, request, prompt, started))
+        )
+    if drain_s is None:
+        return list(await asyncio.gather(*tasks))
+    _, pending = await asyncio.wait(tasks, timeout=drain_s)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    return [
+        task.result()
+        if not task.cancelled()
+        else StreamResult(
+            request.index,
+            (request.arrival_s - t0) / speedup,
+            request.input_length,
+            error="unfinished at the deadline",
+        )
+        for task, request in zip(tasks, requests, strict=True)
+    ]
 
 
 def summarize(results: Sequence[StreamResult], label: str) -> dict[str, Any]:

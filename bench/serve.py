@@ -33,7 +33,14 @@ from typing import Any, Self
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from bench.load import LoadError, StreamResult, first_model, stream_completion, summarize
+from bench.load import (
+    LoadError,
+    StreamResult,
+    first_model,
+    send_open_loop,
+    stream_completion,
+    summarize,
+)
 from bench.serve_probe import WorkerSample, list_workers, root_url, sample_workers
 from bench.trace import MOONCAKE_BLOCK_SIZE, PromptBuilder, TraceRequest, load_mooncake
 
@@ -87,28 +94,6 @@ def make_requests(config: ServeBenchConfig) -> list[TraceRequest]:
         TraceRequest(i, 0.0, config.prompt_tokens, config.output_tokens, ())
         for i in range(config.num_requests)
     ]
-
-
-async def send_open_loop(
-    client: httpx.AsyncClient,
-    model: str,
-    requests: Sequence[TraceRequest],
-    prompts: PromptBuilder,
-    speedup: float,
-    started: float,
-) -> list[StreamResult]:
-    """Each request at ``(arrival - first arrival) / speedup`` seconds after ``started``."""
-    t0 = requests[0].arrival_s
-    tasks: list[asyncio.Task[StreamResult]] = []
-    for request in requests:
-        delay = (request.arrival_s - t0) / speedup - (time.perf_counter() - started)
-        if delay > 0:
-            await asyncio.sleep(delay)
-        prompt = prompts.prompt_token_ids(request)
-        tasks.append(
-            asyncio.create_task(stream_completion(client, model, request, prompt, started))
-        )
-    return list(await asyncio.gather(*tasks))
 
 
 async def send_closed_loop(
