@@ -2,8 +2,10 @@
 
 From ``grafana.dashboards``: ``grafana/dashboards/<uid>.json`` (Grafana file provisioning) and
 ``platform/monitoring/dashboards/<uid>.yaml`` (ConfigMaps for kube-prometheus-stack's Grafana
-sidecar). From ``platform/monitoring/rules/strata-rules.yaml`` (the hand-written Prometheus rule
-file): ``platform/monitoring/prometheusrule.yaml`` (the same groups as a PrometheusRule).
+sidecar) and ``platform/helm/strata/files/dashboards/<uid>.json`` (the chart's copies). From
+``platform/monitoring/rules/strata-rules.yaml`` (the hand-written Prometheus rule file):
+``platform/monitoring/prometheusrule.yaml`` (the same groups as a PrometheusRule) and the
+chart's copy under ``platform/helm/strata/files/rules/``.
 ``--check`` writes nothing and exits 1 when a committed file differs from what it would write.
 """
 
@@ -24,6 +26,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD_DIR = Path("grafana/dashboards")
 MONITORING_DIR = Path("platform/monitoring")
 RULES_FILE = MONITORING_DIR / "rules" / "strata-rules.yaml"
+# The Helm chart carries its own copies (a chart reads only files inside its directory).
+CHART_FILES_DIR = Path("platform/helm/strata/files")
 PROMETHEUS_RULE_FILE = MONITORING_DIR / "prometheusrule.yaml"
 NAMESPACE = "monitoring"
 # kube-prometheus-stack's default ruleSelector matches its Helm release name.
@@ -90,7 +94,9 @@ def render_files(root: Path = REPO_ROOT) -> dict[Path, str]:
             config_map(dashboard)
         )
         resources.append(str(cm_path.relative_to(MONITORING_DIR)))
+        files[CHART_FILES_DIR / "dashboards" / dashboard.file_name] = dashboard_text(dashboard)
     rules = yaml.safe_load((root / RULES_FILE).read_text())
+    files[CHART_FILES_DIR / "rules" / RULES_FILE.name] = (root / RULES_FILE).read_text()
     files[PROMETHEUS_RULE_FILE] = _GENERATED.format(source=RULES_FILE) + to_yaml(
         prometheus_rule(rules)
     )

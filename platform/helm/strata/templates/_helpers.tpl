@@ -1,0 +1,70 @@
+{{/* Names, labels and the pieces every pod shares. */}}
+
+{{- define "strata.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "strata.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{/* Labels on every object, besides its selector labels (strata.selector). */}}
+{{- define "strata.labels" -}}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: strata
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+strata.dev/model: {{ .Values.model.name | quote }}
+{{- end -}}
+
+{{/* Selector labels: (dict "ctx" $ "component" "worker" "role" "decode" "pool" "p"); all optional but ctx. */}}
+{{- define "strata.selector" -}}
+app.kubernetes.io/name: strata
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+{{- if .component }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+{{- if .role }}
+strata.dev/role: {{ .role }}
+{{- end }}
+{{- if .pool }}
+strata.dev/worker-pool: {{ .pool }}
+{{- end }}
+{{- end -}}
+
+{{- define "strata.workerName" -}}
+{{- printf "%s-worker-%s" (include "strata.fullname" .ctx) .pool | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Container hardening shared by every container. */}}
+{{- define "strata.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+capabilities:
+  drop: [ALL]
+{{- end -}}
+
+{{- define "strata.probes" -}}
+startupProbe:
+  httpGet: {path: /health, port: http}
+  periodSeconds: 5
+  failureThreshold: {{ .startupFailures }}
+readinessProbe:
+  httpGet: {path: /health, port: http}
+  periodSeconds: 5
+  failureThreshold: 2
+livenessProbe:
+  httpGet: {path: /health, port: http}
+  periodSeconds: 10
+  failureThreshold: 6
+{{- end -}}
+
+{{/* The EFA interfaces one worker of a pool requests: gpus * efaPerGpu of its family. */}}
+{{- define "strata.workerEfa" -}}
+{{- $family := index .ctx.Values.gpuFamilies .family -}}
+{{- mul .gpus $family.efaPerGpu -}}
+{{- end -}}
