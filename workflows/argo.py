@@ -25,6 +25,7 @@ from hera.exceptions import HeraException
 from hera.workflows import (
     DAG,
     Container,
+    Env,
     ExistingVolume,
     Parameter,
     Resources,
@@ -196,6 +197,16 @@ def make_step_template(spec: WorkflowSpec, step: StepSpec) -> Container:
     if step.retries > 0:
         retry = RetryStrategy(limit=step.retries, retry_policy="Always", backoff=RETRY_BACKOFF)
     gpu = step.needs_gpu
+    # The deploy step's Kubernetes target reads these (workflows/steps/deploy.py): it deploys
+    # into the workflow's namespace, with the workflow's image and model-cache PVC.
+    env = [
+        Env(name="STRATA_K8S_NAMESPACE", value="{{workflow.namespace}}"),
+        Env(name="STRATA_IMAGE", value="{{workflow.parameters.image}}"),
+    ]
+    if "model-cache-pvc" in {p.name for p in workflow_params(spec)}:
+        env.append(
+            Env(name="STRATA_MODEL_CACHE_PVC", value="{{workflow.parameters.model-cache-pvc}}")
+        )
     return Container(
         name=step.name,
         image="{{workflow.parameters.image}}",
@@ -215,6 +226,7 @@ def make_step_template(spec: WorkflowSpec, step: StepSpec) -> Container:
         inputs=[Parameter(name="params"), Parameter(name="inputs", value="{}")],
         outputs=outputs,
         volumes=volumes,
+        env=env,
         retry_strategy=retry,
         service_account_name="{{workflow.parameters.service-account}}",
         labels={**LABELS, "app.kubernetes.io/component": step.name},
@@ -225,9 +237,20 @@ def make_step_template(spec: WorkflowSpec, step: StepSpec) -> Container:
     )
 
 
-def build_workflow_template(spec: WorkflowSpec) -> WorkflowTemplate:
-    """One WorkflowTemplate: a container template per step and a DAG with the spec's edges."""
+def build_workflow_template(
+    spec: WorkflowSpec, defaults: Mapping[str, str] | None = None
+) -> WorkflowTemplate:
+    """One WorkflowTemplate: a container template per step and a DAG with the spec's edges.
+
+    ``defaults`` replaces parameter defaults by Argo name (a cluster's image, PVC, service
+    account, MLflow URL: ``platform/argo/``); a name the workflow lacks is ignored, so one
+    mapping serves both workflows.
+    """
     spec.order()  # raises on a step that depends on a later one
+    unknown = set(defaults or {}) - {p.name for p in ARGO_PARAMS}
+    if unknown:
+        raise ValueError(f"unknown workflow parameters {sorted(unknown)}; known: "
+                         f"{[p.name for p in ARGO_PARAMS]}")  # fmt: skip
     step_templates = {step.name: make_step_template(spec, step) for step in spec.steps}
     params_json = params_json_template(spec)
     tasks = [
@@ -246,27 +269,28 @@ def build_workflow_template(spec: WorkflowSpec) -> WorkflowTemplate:
         name=spec.name,
         labels=dict(LABELS),
         entrypoint=ENTRYPOINT,
-        arguments=[workflow_parameter(p) for p in workflow_params(spec)],
+        arguments=[workflow_parameter(p, defaults) for p in workflow_params(spec)],
         workflow_metadata=WorkflowMetadata(labels=dict(LABELS)),
         templates=[*step_templates.values(), DAG(name=ENTRYPOINT, tasks=tasks)],
     )
 
 
-def workflow_parameter(param: ArgoParam) -> Parameter:
-    if param.default is None:  # required: no value at all (Hera renders value=None as "null")
+def workflow_parameter(param: ArgoParam, defaults: Mapping[str, str] | None = None) -> Parameter:
+    default = (defaults or {}).get(param.name, param.default)
+    if default is None:  # required: no value at all (Hera renders value=None as "null")
         return Parameter(name=param.name, description=param.description)
-    return Parameter(name=param.name, value=param.default, description=param.description)
+    return Parameter(name=param.name, value=default, description=param.description)
 
 
-def build_templates() -> list[WorkflowTemplate]:
-    return [build_workflow_template(make_spec()) for make_spec in WORKFLOWS.values()]
+def build_templates(defaults: Mapping[str, str] | None = None) -> list[WorkflowTemplate]:
+    return [build_workflow_template(make_spec(), defaults) for make_spec in WORKFLOWS.values()]
 
 
-def render_templates(out_dir: Path) -> list[Path]:
+def render_templates(out_dir: Path, defaults: Mapping[str, str] | None = None) -> list[Path]:
     """Write ``<name>.yaml`` for every WorkflowTemplate into ``out_dir``; returns the paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for template in build_templates():
+    for template in build_templates(defaults):
         path = out_dir / f"{template.name}.yaml"
         path.write_text(template.to_yaml())
         paths.append(path)
