@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from workflows import bench_cli, local_cli, model_import
+from workflows import bench_cli, local_cli, model_import, platform_cli
 
 app = typer.Typer(
     name="strata",
@@ -15,6 +15,9 @@ app = typer.Typer(
 app.add_typer(model_import.app, name="model")
 app.add_typer(local_cli.app, name="local", help="Local S3, MLflow and Prometheus on loopback.")
 app.add_typer(bench_cli.app, name="bench", help="Benchmarks: trace replay.")
+app.add_typer(
+    platform_cli.app, name="platform", help="Render the Kubernetes side of an environment."
+)
 
 
 def _register_serving_commands() -> None:
