@@ -50,7 +50,8 @@ from hera.workflows.models import (
     WorkflowSpec as ArgoWorkflowSpec,
 )
 
-from workflows.pipeline import WORKFLOWS, PublishParams, StepSpec, WorkflowSpec
+from workflows.pipeline import WORKFLOW_STATUS, WORKFLOWS, PublishParams, StepSpec, WorkflowSpec
+from workflows.step_cli import PERMANENT_FAILURE_EXIT_CODE
 
 DEFAULT_IMAGE = "ghcr.io/strata-llm/strata:latest"
 OUTPUTS_DIR = "/tmp/outputs"
@@ -61,6 +62,12 @@ ENTRYPOINT = "pipeline"
 LABELS = {"app.kubernetes.io/part-of": "strata"}
 # Backoff between retries of a step: 10 s, 20 s, 40 s, ... at most 5 minutes in all.
 RETRY_BACKOFF = Backoff(duration="10s", factor=2, max_duration="5m")
+# Retry what another attempt may cure: not a step that exited with strata step's "permanent
+# failure" status (a refused gate, a failed check); always a pod that errored before its exit.
+RETRY_EXPRESSION = (
+    f'lastRetry.status == "Error" || asInt(lastRetry.exitCode) != {PERMANENT_FAILURE_EXIT_CODE}'
+)
+EXIT_TEMPLATE = "exit-handler"  # the onExit DAG: one task running the spec's exit step
 # PublishParams fields that are fixed in a cluster rather than chosen per run.
 CLUSTER_FIELDS = {"cache_dir": MODEL_CACHE_MOUNT, "deploy_target": "kubernetes"}
 
@@ -154,6 +161,7 @@ def params_json_template(spec: WorkflowSpec) -> str:
     means None (``step_cli`` maps it back).
     """
     fields: dict[str, str] = {k: json.dumps(v) for k, v in CLUSTER_FIELDS.items()}
+    fields["run_id"] = '"{{workflow.uid}}"'  # register is idempotent per run; `argo retry` keeps it
     for param in workflow_params(spec):
         if param.field is not None:
             ref = f"{{{{workflow.parameters.{param.name}}}}}"
@@ -162,9 +170,12 @@ def params_json_template(spec: WorkflowSpec) -> str:
 
 
 def inputs_json_template(step: StepSpec) -> str:
-    """The step's keyword inputs as JSON built from upstream tasks' output parameters."""
+    """The step's keyword inputs as JSON built from upstream tasks' output parameters (and,
+    for the exit handler, the workflow's status: a string, so quoted)."""
     parts = [
-        f'"{kwarg}": {{{{tasks.{src}.outputs.parameters.{key}}}}}'
+        f'"{kwarg}": "{{{{workflow.status}}}}"'
+        if (src, key) == WORKFLOW_STATUS
+        else f'"{kwarg}": {{{{tasks.{src}.outputs.parameters.{key}}}}}'
         for kwarg, (src, key) in sorted(step.inputs.items())
     ]
     return "{" + ", ".join(parts) + "}"
@@ -195,7 +206,12 @@ def make_step_template(spec: WorkflowSpec, step: StepSpec) -> Container:
         ]
     retry = None
     if step.retries > 0:
-        retry = RetryStrategy(limit=step.retries, retry_policy="Always", backoff=RETRY_BACKOFF)
+        retry = RetryStrategy(
+            limit=step.retries,
+            retry_policy="Always",
+            backoff=RETRY_BACKOFF,
+            expression=RETRY_EXPRESSION,
+        )
     gpu = step.needs_gpu
     # The deploy step's Kubernetes target reads these (workflows/steps/deploy.py): it deploys
     # into the workflow's namespace, with the workflow's image and model-cache PVC.
@@ -265,13 +281,26 @@ def build_workflow_template(
         )
         for step in spec.steps
     ]
+    templates = [*step_templates.values(), DAG(name=ENTRYPOINT, tasks=tasks)]
+    if spec.on_exit is not None:  # Argo's onExit: runs after the DAG whatever its outcome
+        exit_step = make_step_template(spec, spec.on_exit)
+        exit_task = Task(
+            name=spec.on_exit.name,
+            template=exit_step,
+            arguments=[
+                Parameter(name="params", value=params_json),
+                Parameter(name="inputs", value=inputs_json_template(spec.on_exit)),
+            ],
+        )
+        templates += [exit_step, DAG(name=EXIT_TEMPLATE, tasks=[exit_task])]
     return WorkflowTemplate(
         name=spec.name,
         labels=dict(LABELS),
         entrypoint=ENTRYPOINT,
+        on_exit=EXIT_TEMPLATE if spec.on_exit is not None else None,
         arguments=[workflow_parameter(p, defaults) for p in workflow_params(spec)],
         workflow_metadata=WorkflowMetadata(labels=dict(LABELS)),
-        templates=[*step_templates.values(), DAG(name=ENTRYPOINT, tasks=tasks)],
+        templates=templates,
     )
 
 

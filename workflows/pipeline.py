@@ -43,6 +43,9 @@ class PublishParams:
     bench_max_tokens: int = 32
     # Rollback only.
     version: str | None = None
+    # The publish run: Argo's workflow uid, or the local runner's run id. Registering is
+    # idempotent per run, and the exit handler finds the run's deployment by it.
+    run_id: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -61,6 +64,9 @@ class PublishParams:
 
 
 StepFn = Callable[..., dict[str, Any]]
+EXIT_HANDLER = "cleanup"  # the publish workflow's exit handler step
+# The exit handler's one input: the run's phase (Argo's {{workflow.status}}), not a step output.
+WORKFLOW_STATUS = ("workflow", "status")
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +86,9 @@ class StepSpec:
 class WorkflowSpec:
     name: str  # the Argo WorkflowTemplate name
     steps: tuple[StepSpec, ...]
+    # Runs once after every run, whatever its outcome (Argo's onExit), as
+    # ``fn(params, status=<the run's phase>)``: Succeeded, Failed or Error.
+    on_exit: StepSpec | None = None
 
     def step(self, name: str) -> StepSpec:
         for spec in self.steps:
@@ -153,7 +162,14 @@ def _publish_spec() -> WorkflowSpec:
                     "benchmark_passed": ("benchmark", "passed"),
                     "endpoint": ("deploy", "endpoint"),
                 },
+                retries=2,
             ),
+        ),
+        on_exit=StepSpec(
+            EXIT_HANDLER,
+            s.cleanup_step,
+            inputs={"status": (WORKFLOW_STATUS[0], WORKFLOW_STATUS[1])},
+            retries=2,
         ),
     )
 

@@ -57,6 +57,14 @@ def publish(
     local: Annotated[
         bool, typer.Option("--local", help="Run the steps in-process, in DAG order.")
     ] = False,
+    resume: Annotated[
+        str | None,
+        _option(
+            "--resume",
+            "With --local: continue the failed run RUN_ID with its parameters; steps that "
+            "succeeded are not run again (as `argo retry` does in a cluster).",
+        ),
+    ] = None,
     argo_server: Annotated[
         str | None,
         _option(
@@ -147,6 +155,11 @@ def publish(
         _fail("--local and --argo-server are two runners for one run: pick one")
     if render is not None:
         _render(render)
+    if resume is not None:
+        if not local or source or name:
+            _fail("--resume RUN_ID goes with --local alone (the run keeps its parameters)")
+        _resume_local(resume)
+        return
     if not (local or argo_server):
         return
     if not source or not name:
@@ -176,13 +189,29 @@ def _render(out_dir: Path) -> None:
         typer.echo(f"wrote {path}")
 
 
-def _run_local(params: PublishParams) -> None:
-    from workflows.local_runner import run_workflow
+def _run_local(params: PublishParams, resume: bool = False) -> None:
+    from workflows.local_runner import DEFAULT_STATE_DIR, WorkflowFailed, run_workflow
 
     try:
-        run_workflow(publish_workflow(), params)
+        run_workflow(publish_workflow(), params, state_dir=DEFAULT_STATE_DIR, resume=resume)
+    except WorkflowFailed as exc:
+        _fail(
+            f"publish of {params.name} failed: {exc}\n"
+            f"resume it with: strata publish --local --resume {exc.result.run_id}",
+            exc,
+        )
     except Exception as exc:  # the runner names the failed step; show it without a traceback
         _fail(f"publish of {params.name} failed: {exc}", exc)
+
+
+def _resume_local(run_id: str) -> None:
+    from workflows.local_runner import DEFAULT_STATE_DIR, load_params
+
+    try:
+        params = load_params(DEFAULT_STATE_DIR, run_id)
+    except ValueError as exc:
+        _fail(str(exc), exc)
+    _run_local(params, resume=True)
 
 
 def _submit(

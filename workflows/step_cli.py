@@ -18,6 +18,9 @@ import typer
 from workflows.pipeline import WORKFLOWS, PublishParams, StepSpec
 
 RESULT_FILE = "result.json"
+# Exit status of a failure another attempt cannot cure (a refused gate, a failed check); the
+# Argo templates retry only the others (exit status 1).
+PERMANENT_FAILURE_EXIT_CODE = 3
 
 
 class StepError(RuntimeError):
@@ -32,7 +35,8 @@ def find_step(name: str, workflow: str | None = None) -> StepSpec:
     found: list[tuple[str, StepSpec]] = []
     for wf_name in names:
         spec = WORKFLOWS[wf_name]()
-        found += [(wf_name, step) for step in spec.steps if step.name == name]
+        steps = [*spec.steps, *([spec.on_exit] if spec.on_exit else [])]
+        found += [(wf_name, step) for step in steps if step.name == name]
     if not found:
         where = workflow or " or ".join(names)
         raise StepError(f"no step named {name!r} in {where}")
@@ -136,11 +140,16 @@ def step(
         typer.echo(f"step {name}: started", err=True)
         result = run_step(spec, params, inputs)
         write_outputs(result, outputs_dir)
-    except Exception as exc:  # every failure ends as exit code 1 with the cause named
+    except Exception as exc:  # every failure ends as exit code 1 or 3 with the cause named
+        from workflows.steps.lifecycle import is_retryable
+
         elapsed_s = time.monotonic() - start
+        retryable = is_retryable(exc) and not isinstance(exc, StepError)
         typer.echo(
-            f"step {name}: failed after {elapsed_s:.1f}s: {type(exc).__name__}: {exc}", err=True
+            f"step {name}: failed after {elapsed_s:.1f}s: {type(exc).__name__}: {exc}"
+            + ("" if retryable else " (not retryable)"),
+            err=True,
         )
-        raise typer.Exit(1) from exc
+        raise typer.Exit(1 if retryable else PERMANENT_FAILURE_EXIT_CODE) from exc
     typer.echo(json.dumps(result, indent=2, sort_keys=True))
     typer.echo(f"step {name}: succeeded in {time.monotonic() - start:.1f}s", err=True)

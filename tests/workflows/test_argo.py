@@ -39,6 +39,8 @@ SCHEMA = (
 DEFS = "io.argoproj.workflow.v1alpha1."
 TASK_REF = re.compile(r"\{\{tasks\.([\w-]+)\.outputs\.parameters\.([\w-]+)\}\}")
 WORKFLOW_REF = re.compile(r"\{\{workflow\.parameters\.([\w-]+)\}\}")
+WORKFLOW_VAR = re.compile(r"\{\{workflow\.(uid|status)\}\}")
+WORKFLOW_UID = "5d0c1a7e-8e0f-4c1b-9a55-2f1e3b8c9d10"
 INPUT_REF = re.compile(r"\{\{inputs\.parameters\.([\w-]+)\}\}")
 # Hera's WorkflowsService serialises requests with pydantic's deprecated ``.json()``.
 pytestmark = pytest.mark.filterwarnings("ignore:The `json` method is deprecated")
@@ -184,6 +186,32 @@ def test_retries_match_the_spec(rendered: dict[str, dict[str, Any]], name: str) 
             assert retry["limit"] == step.retries
             assert retry["retryPolicy"] == "Always"
             assert retry["backoff"] == {"duration": "10s", "factor": 2, "maxDuration": "5m"}
+            # A step that exits "permanent failure" (a refused gate) is not retried.
+            assert retry["expression"] == (
+                'lastRetry.status == "Error" || asInt(lastRetry.exitCode) != 3'
+            )
+
+
+def test_publish_has_an_exit_handler_that_gets_the_run_status(
+    rendered: dict[str, dict[str, Any]],
+) -> None:
+    publish, rollback = rendered["publish-model"], rendered["rollback-model"]
+    assert "onExit" not in rollback["spec"]
+    templates = templates_by_name(publish)
+    handler = templates[publish["spec"]["onExit"]]
+    (task,) = handler["dag"]["tasks"]
+    assert task["template"] == "cleanup"
+    assert templates["cleanup"]["container"]["args"][:4] == [
+        "step", "cleanup", "--workflow", "publish-model",
+    ]  # fmt: skip
+    assert json.loads(task_argument(task, "inputs").replace("{{workflow.status}}", "Failed")) == {
+        "status": "Failed"
+    }
+    params = task_argument(task, "params")
+    assert params == task_argument(dag_tasks(publish)["deploy"], "params")
+    assert '"run_id": "{{workflow.uid}}"' in params
+    assert templates["cleanup"]["retryStrategy"]["limit"] == 2
+    assert "cleanup" not in dag_tasks(publish)  # not part of the DAG: it runs after it
 
 
 @pytest.mark.parametrize("name", ["publish-model", "rollback-model"])
@@ -290,7 +318,8 @@ def step_app() -> typer.Typer:
 def emulate_argo_run(
     document: dict[str, Any], arguments: dict[str, str], work_dir: Path
 ) -> dict[str, Any]:
-    """Run the DAG the way the controller wires it: parameters in, output files back.
+    """Run the DAG the way the controller wires it: parameters in, output files back, then
+    the ``onExit`` handler with ``{{workflow.status}}``.
 
     Returns each task's exit code and output parameters. A task runs once its dependencies
     succeed; ``strata step`` is invoked with the container's args after Argo's substitutions.
@@ -302,12 +331,27 @@ def emulate_argo_run(
     templates = templates_by_name(document)
     outputs: dict[tuple[str, str], str] = {}
     results: dict[str, Any] = {}
-    for name, task in dag_tasks(document).items():
+    workflow_vars = {"uid": WORKFLOW_UID}
+    tasks = list(dag_tasks(document).items())
+    if "onExit" in document["spec"]:
+        (exit_task,) = templates[document["spec"]["onExit"]]["dag"]["tasks"]
+        tasks.append((exit_task["name"], exit_task))
+    for name, task in tasks:
         if any(results.get(dep, {}).get("exit_code") != 0 for dep in task.get("dependencies", [])):
             continue  # Argo skips a task whose dependency failed
+        if name == tasks[-1][0] and "onExit" in document["spec"]:
+            ran_all = len(results) == len(tasks) - 1
+            ok = ran_all and all(r["exit_code"] == 0 for r in results.values())
+            workflow_vars["status"] = "Succeeded" if ok else "Failed"
         task_args = {
             p["name"]: substitute(
-                substitute(p["value"], WORKFLOW_REF, workflow_params), TASK_REF, outputs
+                substitute(
+                    substitute(p["value"], WORKFLOW_REF, workflow_params),
+                    WORKFLOW_VAR,
+                    workflow_vars,
+                ),
+                TASK_REF,
+                outputs,
             )
             for p in task["arguments"]["parameters"]
         }
@@ -353,6 +397,7 @@ class FakeSteps:
             "benchmark": {"passed": True, "violations": [], "ttft_p95_ms": 12.5},
             "promote": {"production": "3", "previous": "2"},
             "rollback": {"production": "2", "previous": "3"},
+            "cleanup": {"removed": [], "reason": "promoted", "undone": []},
         }  # fmt: skip
         for name, result in fakes.items():
             monkeypatch.setattr(lifecycle, f"{name}_step", record(name, result))
@@ -369,8 +414,9 @@ def test_emulated_argo_run_calls_every_step_with_typed_inputs(
         tmp_path,
     )
     assert {n: r["exit_code"] for n, r in results.items()} == dict.fromkeys(
-        [s.name for s in publish_workflow().steps], 0
+        [*(s.name for s in publish_workflow().steps), "cleanup"], 0
     )
+    assert fakes.calls["cleanup"]["status"] == "Succeeded"
     params = fakes.calls["stage"]["params"]
     assert params == PublishParams(
         name="m",
@@ -381,6 +427,7 @@ def test_emulated_argo_run_calls_every_step_with_typed_inputs(
         s3_endpoint_url=None,
         frontend_url=None,
         slo_ttft_p95_ms=250,
+        run_id=WORKFLOW_UID,
     )
     assert all(call["params"] == params for call in fakes.calls.values())
     assert {k: v for k, v in fakes.calls["register"].items() if k != "params"} == {
@@ -399,13 +446,17 @@ def test_emulated_argo_run_calls_every_step_with_typed_inputs(
 def test_emulated_argo_run_stops_at_a_failed_gate(
     rendered: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    FakeSteps(evaluate_passed=False).install(monkeypatch)
+    fakes = FakeSteps(evaluate_passed=False)
+    fakes.install(monkeypatch)
     results = emulate_argo_run(
         rendered["publish-model"], {"source": "s3://models/m/", "name": "m"}, tmp_path
     )
-    assert results["promote"]["exit_code"] == 1
+    assert results["promote"]["exit_code"] == step_cli.PERMANENT_FAILURE_EXIT_CODE
     assert "not promoted: evaluate failed" in results["promote"]["output"]
     assert not (tmp_path / "promote" / "result.json").exists()
+    # The exit handler still runs, told the run failed: it removes the candidate.
+    assert results["cleanup"]["exit_code"] == 0
+    assert fakes.calls["cleanup"]["status"] == "Failed"
 
 
 def test_emulated_rollback_run(
@@ -438,10 +489,14 @@ def fake_workflow(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     def explode(params: PublishParams) -> dict[str, Any]:
         raise lifecycle.StepFailed("checksum mismatch in model.safetensors")
 
+    def flaky(params: PublishParams) -> dict[str, Any]:
+        raise ConnectionError("S3 hiccup")
+
     spec = WorkflowSpec(
         name="fake",
         steps=(
             StepSpec("source", explode),
+            StepSpec("flaky", flaky),
             StepSpec("produce", produce, depends=("source",), inputs={"size": ("source", "n")}),
         ),
     )
@@ -470,24 +525,33 @@ def test_step_writes_one_json_file_per_output(
     assert files == {"path": '"/cache/x"', "ok": "true", "size": "42", "tags": '["a"]'}
 
 
+PERMANENT = step_cli.PERMANENT_FAILURE_EXIT_CODE
+
+
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("args", "message", "exit_code"),
     [
-        (["source"], "StepFailed: checksum mismatch in model.safetensors"),
-        (["nope"], "no step named 'nope'"),
-        (["source", "--workflow", "other"], "unknown workflow 'other'"),
-        (["produce", "--inputs", "{}"], "missing ['size']"),
-        (["produce", "--inputs", "{bad"], "--inputs is not valid JSON"),
+        (["source"], "StepFailed: checksum mismatch in model.safetensors", PERMANENT),
+        (["nope"], "no step named 'nope'", PERMANENT),
+        (["source", "--workflow", "other"], "unknown workflow 'other'", PERMANENT),
+        (["produce", "--inputs", "{}"], "missing ['size']", PERMANENT),
+        (["produce", "--inputs", "{bad"], "--inputs is not valid JSON", PERMANENT),
+        (["flaky"], "ConnectionError: S3 hiccup", 1),
     ],
 )
-def test_step_failures_exit_1_with_the_cause(
-    fake_workflow: list[dict[str, Any]], tmp_path: Path, args: list[str], message: str
+def test_step_failures_exit_with_the_cause_and_whether_to_retry(
+    fake_workflow: list[dict[str, Any]],
+    tmp_path: Path,
+    args: list[str],
+    message: str,
+    exit_code: int,
 ) -> None:
+    """Exit status 1: another attempt may succeed (Argo retries it); 3: it cannot."""
     params = PublishParams(name="m").to_json()
     result = CliRunner().invoke(
         step_app(), [*args, "--params", params, "--outputs-dir", str(tmp_path / "out")]
     )
-    assert result.exit_code == 1
+    assert result.exit_code == exit_code
     assert message in result.output
     assert not (tmp_path / "out" / "result.json").exists()
 
@@ -497,7 +561,7 @@ def test_step_rejects_unknown_params(fake_workflow: list[dict[str, Any]], tmp_pa
         step_app(),
         ["source", "--params", '{"name": "m", "colour": "red"}', "--outputs-dir", str(tmp_path)],
     )
-    assert result.exit_code == 1
+    assert result.exit_code == PERMANENT
     assert "unknown publish parameter(s): colour" in result.output
 
 

@@ -103,3 +103,97 @@ def test_params_round_trip_and_reject_unknown_fields() -> None:
     assert PublishParams.from_json(params.to_json()) == params
     with pytest.raises(ValueError, match="unknown publish parameter"):
         PublishParams.from_json('{"name": "m", "sorce": "s3://typo/"}')
+
+
+def test_exit_handler_runs_last_with_the_run_phase() -> None:
+    seen: list[str] = []
+
+    def ok(params: PublishParams) -> dict:
+        return {}
+
+    def boom(params: PublishParams) -> dict:
+        raise StepFailed("gate refused")
+
+    def on_exit(params: PublishParams, status: str) -> dict:
+        seen.append(status)
+        return {"removed": []}
+
+    exit_spec = StepSpec("cleanup", on_exit, inputs={"status": ("workflow", "status")})
+    good = WorkflowSpec("w", (StepSpec("a", ok),), on_exit=exit_spec)
+    bad = WorkflowSpec("w", (StepSpec("a", boom), StepSpec("b", ok, depends=("a",))),
+                       on_exit=exit_spec)  # fmt: skip
+    assert run_workflow(good, PARAMS, console=quiet()).exit.phase == "Succeeded"
+    result = run_workflow(bad, PARAMS, console=quiet(), raise_on_failure=False)
+    assert seen == ["Succeeded", "Failed"]
+    assert [result.steps["b"].phase, result.exit.phase] == ["Omitted", "Succeeded"]
+
+
+def test_a_failing_exit_handler_fails_the_run() -> None:
+    def ok(params: PublishParams) -> dict:
+        return {}
+
+    def on_exit(params: PublishParams, status: str) -> dict:
+        raise OSError("cannot reach the cluster")
+
+    spec = WorkflowSpec("w", (StepSpec("a", ok),),
+                        on_exit=StepSpec("cleanup", on_exit, retries=1))  # fmt: skip
+    with pytest.raises(WorkflowFailed, match="cleanup: OSError"):
+        run_workflow(spec, PARAMS, console=quiet(), retry_backoff_s=0)
+
+
+def test_registry_outages_are_retried_refusals_are_not() -> None:
+    from workflows.steps.registry import RegistryError, RegistryUnavailable
+
+    attempts = {"outage": 0, "refused": 0}
+
+    def outage(params: PublishParams) -> dict:
+        attempts["outage"] += 1
+        if attempts["outage"] < 3:
+            raise RegistryUnavailable("registering: connection refused")
+        return {}
+
+    def refused(params: PublishParams) -> dict:
+        attempts["refused"] += 1
+        raise RegistryError("version 3 is not promoted: eval_passed=false")
+
+    spec = WorkflowSpec("w", (StepSpec("outage", outage, retries=3),
+                              StepSpec("refused", refused, retries=3)))  # fmt: skip
+    run_workflow(spec, PARAMS, console=quiet(), retry_backoff_s=0, raise_on_failure=False)
+    assert attempts == {"outage": 3, "refused": 1}
+
+
+def test_resume_reuses_what_succeeded_except_what_the_exit_handler_undid(tmp_path) -> None:
+    calls: list[str] = []
+    broken = {"evaluate": True}
+
+    def step(name: str):  # type: ignore[no-untyped-def]
+        def fn(params: PublishParams, **inputs: object) -> dict:
+            calls.append(name)
+            if broken.get(name):
+                raise ConnectionError("candidate unreachable")
+            return {"out": name}
+
+        return fn
+
+    def on_exit(params: PublishParams, status: str) -> dict:
+        calls.append(f"exit:{status}")
+        return {"undone": ["deploy"] if status != "Succeeded" else []}
+
+    spec = WorkflowSpec("w", (
+        StepSpec("stage", step("stage")),
+        StepSpec("deploy", step("deploy"), depends=("stage",)),
+        StepSpec("evaluate", step("evaluate"), depends=("deploy",)),
+    ), on_exit=StepSpec("cleanup", on_exit))  # fmt: skip
+    first = run_workflow(spec, PARAMS, console=quiet(), state_dir=tmp_path, raise_on_failure=False)
+    assert first.phase == "Failed" and first.run_id.startswith("local-")
+    assert (tmp_path / f"{first.run_id}.json").is_file()
+    broken["evaluate"] = False
+    from workflows.local_runner import load_params
+
+    params = load_params(tmp_path, first.run_id)
+    assert params.run_id == first.run_id and params.name == "m"
+    second = run_workflow(spec, params, console=quiet(), state_dir=tmp_path, resume=True)
+    assert second.succeeded and second.run_id == first.run_id
+    assert calls == ["stage", "deploy", "evaluate", "exit:Failed",
+                     "deploy", "evaluate", "exit:Succeeded"]  # fmt: skip
+    assert [second.steps[s].reused for s in ("stage", "deploy", "evaluate")] == [True, False, False]

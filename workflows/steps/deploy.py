@@ -94,6 +94,7 @@ def deploy_candidate(
                 "pids": [proc.pid],
                 "version": version,
                 "staged_dir": str(staged_dir),
+                "run_id": params.run_id,
             }
         )
     )
@@ -155,6 +156,35 @@ def stop_deployment(deployment: Deployment, timeout_s: float = 60.0) -> None:
         if _alive(pid):
             _signal(pid, signal.SIGKILL)
     (deployment.directory / "deployment.json").unlink(missing_ok=True)
+
+
+def remove_run_deployments(params: PublishParams, *, root: Path = DEPLOYMENTS_DIR) -> list[str]:
+    """Stop (locally) or delete (Kubernetes) every deployment publish run ``params.run_id``
+    started; returns their names. Nothing without a run id."""
+    if not params.run_id:
+        return []
+    if params.deploy_target == "kubernetes":
+        from workflows.steps import k8s_deploy
+
+        return k8s_deploy.delete_for_run(
+            params.run_id,
+            os.environ.get("STRATA_K8S_NAMESPACE", "strata"),
+            k8s_deploy.make_api_client(),
+        )
+    removed = []
+    for deployment in list_deployments(root):
+        if _run_of(deployment) == params.run_id:
+            stop_deployment(deployment)
+            removed.append(deployment.name)
+    return removed
+
+
+def _run_of(deployment: Deployment) -> str:
+    try:
+        doc = json.loads((deployment.directory / "deployment.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    return str(doc.get("run_id") or "")
 
 
 def switch_production(

@@ -38,6 +38,7 @@ TERMINATION_GRACE_S = DRAIN_TIMEOUT_S + 30
 RUN_AS_UID = 1000
 WORKER_APP = "strata-worker"
 LABEL_MODEL, LABEL_VERSION = "strata.ai/model", "strata.ai/version"
+LABEL_PUBLISH_RUN = "strata.ai/publish-run"  # the publish run that deployed it (exit handler)
 CLUSTER_DOMAIN = "svc.cluster.local"
 
 
@@ -98,6 +99,8 @@ def render_worker_manifests(
         LABEL_MODEL: _label_value(params.name),
         LABEL_VERSION: _label_value(version),
     }
+    if params.run_id:
+        labels[LABEL_PUBLISH_RUN] = _label_value(params.run_id)
     selector = {k: labels[k] for k in ("app.kubernetes.io/name", LABEL_MODEL, LABEL_VERSION)}
 
     def metadata() -> dict[str, Any]:  # fresh dicts per object: callers may mutate them
@@ -313,6 +316,24 @@ def delete_deployment(name: str, namespace: str, api_client: Any) -> None:
                 raise DeployError(f"deleting {kind} {namespace}/{name}: {exc.status} "
                                   f"{exc.reason}") from exc  # fmt: skip
         logger.info("deleted %s %s/%s", kind, namespace, name)
+
+
+def delete_for_run(run_id: str, namespace: str, api_client: Any) -> list[str]:
+    """Delete the worker Deployments (and Services) labelled with publish run ``run_id``;
+    returns their names."""
+    from kubernetes import client
+
+    selector = f"{LABEL_PUBLISH_RUN}={_label_value(run_id)}"
+    try:
+        found = client.AppsV1Api(api_client).list_namespaced_deployment(
+            namespace, label_selector=selector
+        )
+    except client.ApiException as exc:
+        raise DeployError(f"listing Deployments {selector} in {namespace}: {exc.status}") from exc
+    names = [d.metadata.name for d in found.items]
+    for name in names:
+        delete_deployment(name, namespace, api_client)
+    return names
 
 
 def delete_for_endpoint(endpoint: str, api_client: Any) -> list[str]:

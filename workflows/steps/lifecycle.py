@@ -16,6 +16,22 @@ from workflows.pipeline import PublishParams
 class StepFailed(RuntimeError):
     """A gate or check failed; the message says which and by how much."""
 
+    retryable = False
+
+
+# Errors that fail the same way on every attempt (checks on data that does not change).
+_PERMANENT_ERRORS = {"VerifyError", "ManifestError", "StepFailed"}
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Whether another attempt of the step may succeed: an error's own ``retryable`` says so
+    (``RegistryUnavailable`` yes, a refused gate no); a failed check of the data does not;
+    anything else (S3 errors, timeouts, a dead connection) may."""
+    flag = getattr(exc, "retryable", None)
+    if flag is not None:
+        return bool(flag)
+    return not ({t.__name__ for t in type(exc).__mro__} & _PERMANENT_ERRORS)
+
 
 def stage_step(params: PublishParams) -> dict[str, Any]:
     from workflows.steps.stage import stage
@@ -78,6 +94,7 @@ def register_step(params: PublishParams, staged_dir: str, manifest_digest: str) 
         staged_dir=staged_dir,
         manifest_digest=manifest_digest,
         engine_config=engine_config,
+        publish_run=params.run_id,
     )
     return {"version": registered.version, "run_id": registered.run_id}
 
@@ -141,10 +158,44 @@ def promote_step(
         raise StepFailed(
             f"version {version} of {params.name} not promoted: {' and '.join(failed)} failed"
         )
-    moved = registry.promote(params.mlflow_tracking_uri, params.name, version)
+    uri = params.mlflow_tracking_uri
+    before = registry.get_aliases(uri, params.name)
+    moved = registry.promote(uri, params.name, version)
     if params.frontend_url:
-        deploy.switch_production(params.frontend_url, endpoint, params.name)
+        try:
+            deploy.switch_production(params.frontend_url, endpoint, params.name)
+        except Exception:
+            # Traffic did not move: neither does the registry (a retry promotes again).
+            registry.restore_aliases(uri, params.name, before)
+            raise
     return {"production": moved.production, "previous": moved.previous}
+
+
+def cleanup_step(params: PublishParams, status: str) -> dict[str, Any]:
+    """Exit handler: remove the candidate's deployment unless this run promoted it.
+
+    A run that did not succeed did not promote (promotion is its last step, and a promotion
+    whose traffic switch fails restores the aliases). The registry is asked as well when it
+    answers: a version it names as production is never removed.
+    """
+    from workflows.steps import deploy, registry
+
+    if status == "Succeeded":
+        return {"removed": [], "reason": "promoted"}
+    try:
+        version = registry.find_run_version(params.mlflow_tracking_uri, params.name, params.run_id)
+        aliases = registry.get_aliases(params.mlflow_tracking_uri, params.name) if version else {}
+    except registry.RegistryUnavailable:
+        version, aliases = None, {}  # the run's status decides alone
+    if version is not None and aliases.get(registry.PRODUCTION) == version:
+        return {"removed": [], "reason": f"version {version} is production"}
+    removed = deploy.remove_run_deployments(params)
+    return {
+        "removed": removed,
+        "reason": f"run {status.lower()}: candidate not promoted",
+        # A resumed run deploys again: the earlier deploy's outputs are stale.
+        "undone": ["deploy"],
+    }
 
 
 def rollback_step(params: PublishParams) -> dict[str, Any]:

@@ -28,7 +28,11 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+from mlflow.protos.databricks_pb2 import (
+    RESOURCE_ALREADY_EXISTS,
+    RESOURCE_DOES_NOT_EXIST,
+    ErrorCode,
+)
 
 CANDIDATE = "candidate"
 PRODUCTION = "production"
@@ -38,9 +42,20 @@ PROMOTION_GATES = ("eval_passed", "benchmark_passed")
 EXPERIMENT_PREFIX = "strata-publish/"
 
 
+PUBLISH_RUN_TAG = "strata.publish_run"  # the publish run (Argo workflow uid) that made a version
+
+
 class RegistryError(Exception):
     """A registry read or write failed, or a gate refused; the message names the model,
-    version or alias."""
+    version or alias. Not worth retrying: the same call fails the same way."""
+
+    retryable = False
+
+
+class RegistryUnavailable(RegistryError):
+    """The tracking server could not be reached or answered 5xx: retrying may succeed."""
+
+    retryable = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,14 +97,18 @@ def register_version(
     staged_dir: str,
     manifest_digest: str,
     engine_config: dict[str, Any],
+    publish_run: str = "",
 ) -> RegisteredVersion:
     """Create the registered model if missing, a publish run holding the parameters, and a new
     version pointing at ``source_uri`` with alias ``candidate``.
 
-    Not idempotent: every call makes a new version, even for a manifest digest already
-    registered (a retried register step may leave an extra, unaliased version behind; it is
-    harmless and shows in ``strata models``). The run ends FINISHED here; the evaluate and
-    benchmark steps still log metrics to it later.
+    Idempotent per ``publish_run`` (the workflow run's id): a retry after a crash, a lost
+    response or a tracking server restart finds the version that run already made (by its
+    ``strata.publish_run`` tag) and finishes it instead of making another. The version is created
+    in one request carrying every tag, after its run is complete, so a version is never
+    half-registered; duplicates of one publish run (a POST the client retried after the server
+    had committed it) are deleted, keeping the lowest. Without ``publish_run`` every call makes
+    a new version.
     """
     client = make_client(tracking_uri)
     engine_json = json.dumps(engine_config, sort_keys=True)
@@ -99,27 +118,83 @@ def register_version(
         "staged_dir": staged_dir,
         "engine_config": engine_json,
     }
+    if publish_run:
+        tags[PUBLISH_RUN_TAG] = publish_run
     with _errors(f"registering a version of model {name!r} from {source_uri}"):
         _ensure_registered_model(client, name)
+        existing = _versions_of_run(client, name, publish_run)
+        if existing:
+            version, run_id = str(existing[0].version), existing[0].run_id
+        else:
+            run_id = _publish_run(client, name, manifest_digest, publish_run, tags, engine_config)
+            created = client.create_model_version(
+                name,
+                source_uri,
+                run_id=run_id,
+                tags=tags,
+                description=f"Published from {source_uri} (manifest sha256 {manifest_digest}).",
+            )
+            version = str(created.version)
+            client.set_tag(run_id, "strata.model_version", version)
+        _drop_duplicates(client, name, publish_run, keep=version)
+        client.set_registered_model_alias(name, CANDIDATE, version)
+    return RegisteredVersion(version=version, run_id=run_id)
+
+
+def find_run_version(tracking_uri: str, name: str, publish_run: str) -> str | None:
+    """The version publish run ``publish_run`` registered, if any."""
+    with _errors(f"looking up the version publish run {publish_run} made of model {name!r}"):
+        found = _versions_of_run(make_client(tracking_uri), name, publish_run)
+    return str(found[0].version) if found else None
+
+
+def _versions_of_run(client: MlflowClient, name: str, publish_run: str) -> list[ModelVersion]:
+    """Versions of ``name`` tagged with ``publish_run``, lowest first."""
+    if not publish_run:
+        return []
+    query = f"name='{_quote(name)}' and tags.`{PUBLISH_RUN_TAG}` = '{_quote(publish_run)}'"
+    try:
+        found = list(_pages(client.search_model_versions, filter_string=query))
+    except MlflowException as exc:
+        if exc.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            return []
+        raise
+    return sorted(found, key=lambda mv: int(mv.version))
+
+
+def _publish_run(
+    client: MlflowClient,
+    name: str,
+    manifest_digest: str,
+    publish_run: str,
+    tags: dict[str, str],
+    engine_config: dict[str, Any],
+) -> str:
+    """The FINISHED MLflow run holding the publish parameters (reused on a retry)."""
+    experiment_id = _ensure_experiment(client, EXPERIMENT_PREFIX + name)
+    run_id = None
+    if publish_run:
+        query = f"tags.`{PUBLISH_RUN_TAG}` = '{_quote(publish_run)}'"
+        runs = client.search_runs([experiment_id], filter_string=query, max_results=1)
+        run_id = runs[0].info.run_id if runs else None
+    if run_id is None:
+        run_tags = {"strata.model_name": name} | (
+            {PUBLISH_RUN_TAG: publish_run} if publish_run else {}
+        )
         run = client.create_run(
-            _ensure_experiment(client, EXPERIMENT_PREFIX + name),
-            run_name=f"publish-{manifest_digest[:12]}",
-            tags={"strata.model_name": name},
+            experiment_id, run_name=f"publish-{manifest_digest[:12]}", tags=run_tags
         )
         run_id = run.info.run_id
-        params = tags | {f"engine_config.{k}": _param_value(v) for k, v in engine_config.items()}
-        client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
-        created = client.create_model_version(
-            name,
-            source_uri,
-            run_id=run_id,
-            tags=tags,
-            description=f"Published from {source_uri} (manifest sha256 {manifest_digest}).",
-        )
-        client.set_tag(run_id, "strata.model_version", created.version)
-        client.set_terminated(run_id, "FINISHED")
-        client.set_registered_model_alias(name, CANDIDATE, created.version)
-    return RegisteredVersion(version=str(created.version), run_id=run_id)
+    params = tags | {f"engine_config.{k}": _param_value(v) for k, v in engine_config.items()}
+    client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def _drop_duplicates(client: MlflowClient, name: str, publish_run: str, keep: str) -> None:
+    for mv in _versions_of_run(client, name, publish_run):
+        if str(mv.version) != keep and not mv.aliases:
+            client.delete_model_version(name, str(mv.version))
 
 
 def get_version(tracking_uri: str, name: str, version: str) -> VersionInfo:
@@ -184,6 +259,27 @@ def promote(tracking_uri: str, name: str, version: str, *, force: bool = False) 
         if aliases.get(CANDIDATE) == version:
             client.delete_registered_model_alias(name, CANDIDATE)
     return AliasMove(production=version, previous=aliases.get(PREVIOUS))
+
+
+def get_aliases(tracking_uri: str, name: str) -> dict[str, str]:
+    """Alias -> version of model ``name``."""
+    with _errors(f"reading the aliases of model {name!r}"):
+        aliases = make_client(tracking_uri).get_registered_model(name).aliases
+    return {alias: str(version) for alias, version in aliases.items()}
+
+
+def restore_aliases(tracking_uri: str, name: str, aliases: dict[str, str]) -> None:
+    """Put ``candidate``, ``production`` and ``previous`` back where ``aliases`` (an earlier
+    ``get_aliases``) had them; production first, so it never points at nothing it did not."""
+    client = make_client(tracking_uri)
+    with _errors(f"restoring the aliases of model {name!r}"):
+        current = client.get_registered_model(name).aliases
+        for alias in (PRODUCTION, PREVIOUS, CANDIDATE):
+            wanted = aliases.get(alias)
+            if wanted is not None and str(current.get(alias)) != wanted:
+                client.set_registered_model_alias(name, alias, wanted)
+            elif wanted is None and alias in current:
+                client.delete_registered_model_alias(name, alias)
 
 
 def rollback(tracking_uri: str, name: str) -> AliasMove:
@@ -318,8 +414,12 @@ def _now_ms() -> int:
 
 @contextlib.contextmanager
 def _errors(doing: str) -> Iterator[None]:
-    """Re-raise ``MlflowException`` as ``RegistryError`` prefixed with what was being done."""
+    """Re-raise ``MlflowException`` as ``RegistryError`` prefixed with what was being done:
+    ``RegistryUnavailable`` when the server was unreachable or answered 5xx (the MLflow client
+    reports a connection failure as INTERNAL_ERROR, 500)."""
     try:
         yield
     except MlflowException as exc:
+        if exc.get_http_status_code() >= 500:
+            raise RegistryUnavailable(f"{doing}: {exc.message}") from exc
         raise RegistryError(f"{doing}: {exc.message}") from exc
