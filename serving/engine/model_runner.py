@@ -1,18 +1,24 @@
 """Runs the scheduler's steps on a real model: one flattened forward pass per step.
 
-KV cache: one tensor ``[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]``;
-layer ``i`` uses the view ``kv_cache[i]`` (see ``layers/attention.py`` for the slot layout).
+KV cache: ``KVPool`` (``kv_pool.py``), one block-major tensor ``[num_blocks, num_layers, 2,
+block_size, num_kv_heads, head_dim]``; layer ``i`` attends through the view ``kv_pool.layers[i]``.
+On CUDA the layers run as Triton kernels and decode-only steps replay CUDA graphs
+(``cuda_graph.py``); on CPU everything is the PyTorch reference path.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from serving.engine.layers.attention import SeqSpan, make_attn_metadata
+from serving.engine.cuda_graph import DecodeGraphs, graph_batch_sizes
+from serving.engine.kv_pool import KVPool
+from serving.engine.layers.attention import AttentionBackend, SeqSpan, make_attn_metadata
+from serving.engine.layers.ops import Ops, TorchOps, TritonOps
 from serving.engine.layers.sampler import sample
 from serving.engine.models.llama import LlamaForCausalLM
 from serving.engine.models.loader import ModelArchConfig, iter_weights, load_arch_config
@@ -22,6 +28,7 @@ from serving.engine.scheduler_output import (
     SchedulerOutput,
     TokenLogprobs,
 )
+from serving.transfer.layout import BlockLayout
 
 logger = logging.getLogger(__name__)
 
@@ -30,9 +37,13 @@ _DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
 
 
 class ModelRunner:
-    """Owns the weights, the paged KV cache and each request's seeded sampler generator.
+    """Owns the weights, the paged KV cache, the decode CUDA graphs and each request's seeded
+    sampler generator.
 
     Never decides what runs: block ids, positions and tokens come from the scheduler.
+    ``kernels``: ``auto`` (Triton on CUDA, PyTorch on CPU), ``torch`` or ``triton``.
+    ``enforce_eager`` (vLLM's name): no CUDA graphs; decode steps run the same padded shapes
+    eagerly.
     """
 
     def __init__(
@@ -47,11 +58,17 @@ class ModelRunner:
         gpu_memory_utilization: float = 0.9,
         max_num_batched_tokens: int = 2048,
         load_format: str = "auto",
+        max_num_seqs: int = 64,
+        max_model_len: int | None = None,
+        kernels: str = "auto",
+        enforce_eager: bool = False,
     ) -> None:
         self.device = torch.device(device)
         self.arch: ModelArchConfig = load_arch_config(Path(model_dir))
         self.dtype = resolve_dtype(dtype, self.device, self.arch)
         self.block_size = block_size
+        self.ops: Ops = resolve_kernels(kernels, self.device)
+        self.attn_backend: AttentionBackend = "triton" if self.ops is TritonOps else "torch"
         self.model = load_model(
             Path(model_dir), self.arch, self.dtype, self.device, load_format=load_format
         )
@@ -67,15 +84,34 @@ class ModelRunner:
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         self.num_blocks = num_blocks
-        self.kv_cache = self._make_kv_cache(num_blocks)
-        self.kv_caches: list[torch.Tensor] = list(self.kv_cache.unbind(0))
+        self.kv_pool = self._make_kv_pool(num_blocks)
+        self.kv_cache = self.kv_pool.tensor  # the one tensor transports register
+        self.kv_caches: list[torch.Tensor] = self.kv_pool.layers
         self._generators: dict[str, torch.Generator] = {}
         self._global_generator = torch.Generator(device=self.device)
         self._global_generator.seed()
+        self.graphs: DecodeGraphs | None = None
+        if self.ops is TritonOps:
+            max_len = min(max_model_len or arch.max_model_len, arch.max_model_len)
+            self.graphs = DecodeGraphs(
+                self.model,
+                self.kv_caches,
+                self.ops,
+                batch_sizes=graph_batch_sizes(max_num_seqs),
+                max_blocks_per_seq=min(num_blocks, -(-max_len // block_size)),
+                block_size=block_size,
+                use_graphs=self.device.type == "cuda" and not enforce_eager,
+            )
+            self.graphs.capture()
 
     @property
     def bytes_per_block(self) -> int:
         return self.kv_bytes_per_token * self.block_size
+
+    @property
+    def kv_layout(self) -> BlockLayout:
+        """Block id -> byte run in ``kv_cache`` (one contiguous run per block)."""
+        return self.kv_pool.layout
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
@@ -91,8 +127,8 @@ class ModelRunner:
             return ModelRunnerOutput(sampled_token_ids={})
         # Decodes (one new token) first: the attention metadata batches them as one group.
         seqs = [s for s in scheduler_output.seqs if s.num_tokens == 1]
+        num_decodes = len(seqs)
         seqs += [s for s in scheduler_output.seqs if s.num_tokens != 1]
-        hidden = self._forward(seqs)
         sample_rows: list[int] = []
         sample_seqs: list[ScheduledSeq] = []
         offset = 0
@@ -101,10 +137,19 @@ class ModelRunner:
             if seq.sample:
                 sample_rows.append(offset - 1)
                 sample_seqs.append(seq)
+        graphs = self.graphs
+        if graphs is not None and num_decodes == len(seqs) and graphs.padded_size(num_decodes):
+            logits = graphs.run(seqs)
+            if len(sample_rows) != num_decodes:
+                logits = logits[torch.tensor(sample_rows, device=self.device)]
+        else:
+            hidden = self._forward(seqs)
+            if not sample_seqs:
+                return ModelRunnerOutput(sampled_token_ids={})
+            rows = torch.tensor(sample_rows, device=self.device)
+            logits = self.model.compute_logits(hidden.index_select(0, rows))
         if not sample_seqs:
             return ModelRunnerOutput(sampled_token_ids={})
-        rows = torch.tensor(sample_rows, device=self.device)
-        logits = self.model.compute_logits(hidden.index_select(0, rows))
         params = [s.sampling_params for s in sample_seqs]
         generators = [self._generator_for(s) for s in sample_seqs]
         token_ids, logprobs = sample(logits, params, generators)
@@ -114,27 +159,24 @@ class ModelRunner:
         )
 
     def read_kv_blocks(self, block_ids: Sequence[int]) -> torch.Tensor:
-        """Copy of whole blocks: ``[layers, 2, len(block_ids), block_size, kv_heads, head_dim]``.
+        """Copy of whole blocks: ``[len(block_ids), layers, 2, block_size, kv_heads, head_dim]``.
 
         The result is contiguous and independent of the cache.
         """
-        index = torch.tensor(list(block_ids), dtype=torch.int64, device=self.device)
-        return self.kv_cache.index_select(2, index)
+        return self.kv_pool.read_blocks(block_ids)
 
     def write_kv_blocks(self, block_ids: Sequence[int], data: torch.Tensor) -> None:
         """Overwrite whole blocks with ``data`` shaped as ``read_kv_blocks`` returns."""
-        expected = (*self.kv_cache.shape[:2], len(block_ids), *self.kv_cache.shape[3:])
-        if tuple(data.shape) != expected:
-            raise ValueError(f"KV data has shape {tuple(data.shape)}, expected {expected}")
-        index = torch.tensor(list(block_ids), dtype=torch.int64, device=self.device)
-        self.kv_cache.index_copy_(2, index, data.to(device=self.device, dtype=self.dtype))
+        self.kv_pool.write_blocks(block_ids, data)
 
     def _forward(self, seqs: Sequence[ScheduledSeq]) -> torch.Tensor:
         spans = [SeqSpan(s.start_pos, s.num_tokens, s.block_ids) for s in seqs]
-        meta, positions = make_attn_metadata(spans, self.block_size, self.num_blocks, self.device)
+        meta, positions = make_attn_metadata(
+            spans, self.block_size, self.num_blocks, self.device, self.attn_backend
+        )
         token_ids = [t for s in seqs for t in s.token_ids]
         input_ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
-        return self.model(input_ids, positions, meta, self.kv_caches)
+        return self.model(input_ids, positions, meta, self.kv_caches, self.ops)
 
     def _generator_for(self, seq: ScheduledSeq) -> torch.Generator:
         seed = seq.sampling_params.seed
@@ -147,10 +189,17 @@ class ModelRunner:
             self._generators[seq.req_id] = generator
         return generator
 
-    def _make_kv_cache(self, num_blocks: int) -> torch.Tensor:
+    def _make_kv_pool(self, num_blocks: int) -> KVPool:
         arch = self.arch
-        shape = (arch.num_layers, 2, num_blocks, self.block_size, arch.num_kv_heads, arch.head_dim)
-        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+        return KVPool(
+            num_blocks=num_blocks,
+            num_layers=arch.num_layers,
+            block_size=self.block_size,
+            num_kv_heads=arch.num_kv_heads,
+            head_dim=arch.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+        )
 
     def _decide_num_blocks(
         self, kv_cache_bytes: int | None, gpu_memory_utilization: float, max_batched_tokens: int
@@ -173,15 +222,17 @@ class ModelRunner:
         """Bytes left for the KV cache after weights and a warm-up forward's activation peak."""
         num_tokens = min(max_batched_tokens, self.arch.max_model_len)
         num_blocks = -(-num_tokens // self.block_size)
-        scratch = self._make_kv_cache(num_blocks)
+        scratch = self._make_kv_pool(num_blocks)
         torch.cuda.reset_peak_memory_stats(self.device)
         seq = SeqSpan(0, num_tokens, range(num_blocks))
-        meta, positions = make_attn_metadata([seq], self.block_size, num_blocks, self.device)
+        meta, positions = make_attn_metadata(
+            [seq], self.block_size, num_blocks, self.device, self.attn_backend
+        )
         input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
-        hidden = self.model(input_ids, positions, meta, list(scratch.unbind(0)))
+        hidden = self.model(input_ids, positions, meta, scratch.layers, self.ops)
         self.model.compute_logits(hidden[-1:])
         torch.cuda.synchronize(self.device)
-        peak_bytes = torch.cuda.max_memory_allocated(self.device) - scratch.nbytes
+        peak_bytes = torch.cuda.max_memory_allocated(self.device) - scratch.tensor.nbytes
         del scratch, hidden
         torch.cuda.empty_cache()
         free_bytes, total_bytes = torch.cuda.mem_get_info(self.device)
@@ -195,6 +246,17 @@ class ModelRunner:
             budget,
         )
         return max(0, budget)
+
+
+def resolve_kernels(kernels: str, device: torch.device) -> Ops:
+    """``auto``: Triton kernels on CUDA, the PyTorch reference elsewhere."""
+    if kernels not in ("auto", "torch", "triton"):
+        raise ValueError(f"kernels must be auto, torch or triton, got {kernels!r}")
+    if kernels == "torch" or (kernels == "auto" and device.type != "cuda"):
+        return TorchOps
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("the Triton kernels need a CUDA device (or TRITON_INTERPRET=1)")
+    return TritonOps
 
 
 def resolve_dtype(dtype: str, device: torch.device, arch: ModelArchConfig) -> torch.dtype:

@@ -1,14 +1,17 @@
 """Where KV blocks live in a pool's bytes, and which byte runs one transfer moves; pure, no I/O.
 
-The engine's cache ``[num_layers, 2, num_blocks, block_size, kv_heads, head_dim]`` is, byte-wise,
-``num_layers * 2`` regions (one per layer and K/V) of ``num_blocks`` equal blocks::
+A pool is, byte-wise, ``num_regions`` regions of ``num_blocks`` equal runs::
 
-    region 0 (layer 0, K)   | b0 | b1 | ... | b{N-1} |
-    region 1 (layer 0, V)   | b0 | b1 | ... | b{N-1} |
+    region 0   | b0 | b1 | ... | b{N-1} |
+    region 1   | b0 | b1 | ... | b{N-1} |
     ...
     offset(region r, block b) = r * region_stride_bytes + b * block_bytes
 
-so one block of a request is ``num_regions`` runs of ``block_bytes`` bytes, one in each region.
+so one block id stands for ``num_regions`` runs of ``block_bytes`` bytes, one in each region.
+The engine's cache ``[num_blocks, num_layers, 2, block_size, kv_heads, head_dim]`` is
+block-major: one region, a block is one run of all its layers' K and V
+(``BlockLayout.block_major``). A layer-major cache ``[num_layers, 2, num_blocks, ...]`` has
+``num_layers * 2`` regions (``BlockLayout.for_kv_cache``); both sides of a transfer must agree.
 """
 
 from __future__ import annotations
@@ -37,8 +40,18 @@ class BlockLayout:
             raise ValueError(f"regions overlap: stride {self.region_stride_bytes} < blocks: {self}")
 
     @classmethod
+    def block_major(cls, num_blocks: int, block_bytes: int) -> BlockLayout:
+        """A pool of ``num_blocks`` contiguous blocks of ``block_bytes`` (the engine's cache)."""
+        return cls(
+            num_regions=1,
+            num_blocks=num_blocks,
+            block_bytes=block_bytes,
+            region_stride_bytes=num_blocks * block_bytes,
+        )
+
+    @classmethod
     def for_kv_cache(cls, shape: Sequence[int], elem_bytes: int) -> BlockLayout:
-        """The layout of an engine cache of ``shape`` (blocks on axis 2), ``elem_bytes`` each."""
+        """A layer-major cache of ``shape`` (``[layers, 2, num_blocks, ...]``, blocks on axis 2)."""
         if len(shape) < 3:
             raise ValueError(f"KV cache shape needs [layers, 2, num_blocks, ...], got {shape}")
         num_blocks = int(shape[2])

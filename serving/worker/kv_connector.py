@@ -167,10 +167,14 @@ def make_connector(
     modelled_bytes_per_token: int | None = None,
     modelled_bandwidth_bytes_per_s: float | None = None,
 ) -> KVConnector:
-    """A connector over ``kv_cache`` (the engine's pool), or a stand-in pool for the mock."""
+    """A connector over ``kv_cache`` (the engine's pool), or a stand-in pool for the mock.
+
+    Pools are block-major (blocks on axis 0, each block one contiguous run), as the engine's
+    ``KVPool`` is.
+    """
     if kv_cache is None:  # the mock engine: real protocol, tiny bytes, modelled time
-        kv_cache = torch.zeros((1, 1, num_blocks, _MOCK_BLOCK_BYTES), dtype=torch.uint8)
-    layout = BlockLayout.for_kv_cache(kv_cache.shape, kv_cache.element_size())
+        kv_cache = torch.zeros((num_blocks, _MOCK_BLOCK_BYTES), dtype=torch.uint8)
+    layout = BlockLayout.block_major(kv_cache.shape[0], kv_cache[0].nbytes)
     name = f"strata-{uuid.uuid4().hex[:12]}"
     transport = make_transport(kind, name=name, host=host, port=port)
     try:

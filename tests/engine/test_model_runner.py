@@ -186,16 +186,34 @@ def test_attn_metadata_slots_rows_and_masks() -> None:
     # slot = block_ids[pos // 4] * 4 + pos % 4
     assert meta.slot_mapping.tolist() == [9, 14, 15, 0, 1, 2]
     assert meta.num_decode_tokens == 1
-    assert meta.decode_kv_rows is not None and meta.decode_kv_rows.tolist() == [7, 2, 17, 12]
+    assert meta.decode_block_ids is not None and meta.decode_block_ids.tolist() == [[7, 2]]
     assert meta.decode_mask is not None
     assert meta.decode_mask.tolist() == [[[[True] * 6 + [False] * 2]]]
     (chunk,) = meta.prefills
     assert (chunk.token_start, chunk.num_tokens, chunk.start_pos) == (1, 5, 2)
-    assert chunk.kv_rows is not None and chunk.kv_rows.tolist() == [3, 0, 13, 10]
+    assert chunk.block_ids is not None and chunk.block_ids.tolist() == [3, 0]
     assert chunk.mask is not None
     assert chunk.mask.tolist() == [[j <= 2 + i for j in range(7)] for i in range(5)]
+    assert meta.paged is None
     with pytest.raises(ValueError, match="must precede"):
         make_attn_metadata(spans[::-1], 4, 10, torch.device("cpu"))
+
+
+def test_attn_metadata_for_the_paged_kernel() -> None:
+    """Triton backend: decodes and chunks with cached context go to the kernel, no masks."""
+    spans = [SeqSpan(5, 1, [7, 2, 9]), SeqSpan(2, 5, [3, 0, 6]), SeqSpan(0, 3, [4])]
+    meta, positions = make_attn_metadata(spans, 4, 10, torch.device("cpu"), backend="triton")
+    assert positions.tolist() == [5, 2, 3, 4, 5, 6, 0, 1, 2]
+    assert meta.slot_mapping.tolist() == [9, 14, 15, 0, 1, 2, 16, 17, 18]
+    assert meta.decode_mask is None and all(c.mask is None for c in meta.prefills)
+    paged = meta.paged
+    assert paged is not None
+    assert paged.block_tables.tolist() == [[7, 2], [3, 0]]
+    assert paged.seq_lens.tolist() == [6, 7]
+    assert paged.query_start.tolist() == [0, 1]
+    assert paged.query_lens.tolist() == [1, 5]
+    assert paged.max_query_len == 5
+    assert [c.start_pos for c in meta.prefills] == [2, 0]
 
 
 @pytest.mark.parametrize("device", _DEVICES)
@@ -264,7 +282,7 @@ def test_kv_blocks_round_trip_and_resume_elsewhere(tiny: Path) -> None:
     _drive(runner, [req], 1)
     num_used = -(-req.num_computed // BLOCK_SIZE)
     data = runner.read_kv_blocks(src[:num_used])
-    assert data.shape == (2, 2, num_used, BLOCK_SIZE, 2, runner.arch.head_dim)
+    assert data.shape == (num_used, 2, 2, BLOCK_SIZE, 2, runner.arch.head_dim)
     assert data.is_contiguous()
     runner.write_kv_blocks(dst[:num_used], data)
     assert torch.equal(runner.read_kv_blocks(dst[:num_used]), data)
@@ -367,9 +385,9 @@ def test_runner_sizes_cache_and_resolves_dtype(tiny: Path) -> None:
     assert runner.kv_bytes_per_token == 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * 4
     assert runner.num_blocks == (1 << 20) // (runner.kv_bytes_per_token * 8)
     assert runner.kv_cache.shape == (
+        runner.num_blocks,
         arch.num_layers,
         2,
-        runner.num_blocks,
         8,
         arch.num_kv_heads,
         arch.head_dim,

@@ -1,22 +1,33 @@
-"""Paged attention over a block-structured KV cache, in plain PyTorch (SDPA).
+"""Paged attention over the block-major KV pool: metadata, the PyTorch reference, the dispatch.
 
-KV cache of one layer: ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` (index 0 = K,
-1 = V). Token position ``p`` of a sequence lives in block ``block_ids[p // block_size]`` at
-offset ``p % block_size``; its flat slot is ``block * block_size + offset``. Seen as rows of
-``block_size * num_kv_heads * head_dim`` values, block ``b``'s K is row ``b`` and its V is row
-``num_blocks + b``: attention gathers whole blocks with one ``index_select`` over those rows.
+KV of one layer (a strided view of ``KVPool.tensor``): ``[num_blocks, 2, block_size,
+num_kv_heads, head_dim]`` (index 0 = K, 1 = V). Token position ``p`` of a sequence lives in
+block ``block_ids[p // block_size]`` at offset ``p % block_size``; its flat slot is
+``block * block_size + offset``.
 
 The step's tokens are flattened as ``[decode tokens (one per seq) | prefill chunk 0 | ...]``.
-Owns the per-step index tensors (``AttentionMetadata``) and the attention math; no weights.
+Two backends share one ``AttentionMetadata`` built once per step:
+
+* ``torch`` (CPU, and the reference everywhere): decodes in one SDPA call over each sequence's
+  gathered blocks, padded and masked; each prefill chunk in its own SDPA call, causal, and over
+  its gathered cached context with an explicit mask when it has one;
+* ``triton`` (CUDA): decodes and chunks with cached context in one launch of a kernel that reads
+  the blocks in place through the block table (``triton_kernels.paged_attention``), no gather,
+  no mask; fresh prefill chunks (no cached context) in SDPA's causal flash kernel.
+
+Owns the per-step index tensors and the attention math; no weights.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+
+AttentionBackend = Literal["torch", "triton"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,94 +43,150 @@ class SeqSpan:
 class PrefillChunk:
     """A run of ``num_tokens`` > 1 new tokens of one sequence, at ``token_start`` in the batch.
 
-    With cached context (``start_pos > 0``), ``kv_rows`` lists the K rows then the V rows of the
-    blocks covering positions ``[0, start_pos + num_tokens)``, and ``mask[i, j]`` is
-    ``j <= start_pos + i``.
+    Torch backend with cached context (``start_pos > 0``): ``block_ids`` are the blocks covering
+    positions ``[0, start_pos + num_tokens)`` and ``mask[i, j]`` is ``j <= start_pos + i``.
     """
 
     token_start: int
     num_tokens: int
     start_pos: int
-    kv_rows: torch.Tensor | None = None
+    block_ids: torch.Tensor | None = None
     mask: torch.Tensor | None = None
+
+
+@dataclass(slots=True)
+class PagedBatch:
+    """Sequences the Triton kernel attends in place (int32 tensors on the device).
+
+    Sequence ``s`` has ``query_lens[s]`` new tokens at rows ``query_start[s]...`` of the step,
+    and attends the first ``seq_lens[s]`` positions (cached context + its new tokens) through
+    ``block_tables[s]``. A row with ``seq_lens == 0`` (CUDA-graph padding) produces zeros.
+    """
+
+    block_tables: torch.Tensor  # [S, max_blocks]
+    seq_lens: torch.Tensor  # [S]
+    query_start: torch.Tensor  # [S]
+    query_lens: torch.Tensor  # [S]
+    max_query_len: int
 
 
 @dataclass(slots=True)
 class AttentionMetadata:
     """Index tensors for one step, built once and shared by every layer."""
 
-    slot_mapping: torch.Tensor  # [T] int64: flat cache slot of each new token
+    slot_mapping: torch.Tensor  # [T] int64: flat cache slot of each new token (-1: skip)
     num_decode_tokens: int  # the first num_decode_tokens tokens are single-token decodes
-    # [2 * B * max_blocks] int64: K rows then V rows of each decode's blocks, padded with block 0
-    decode_kv_rows: torch.Tensor | None
-    decode_mask: torch.Tensor | None  # [B, 1, 1, max_blocks * block_size] bool, True = attend
     prefills: list[PrefillChunk]
+    backend: AttentionBackend = "torch"
+    # torch backend: each decode's blocks [B, max_blocks] int64 (padded with block 0) and mask
+    decode_block_ids: torch.Tensor | None = None
+    decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_blocks * block_size], True = attend
+    # triton backend: decodes and chunks with cached context
+    paged: PagedBatch | None = None
 
 
 def make_attn_metadata(
-    spans: Sequence[SeqSpan], block_size: int, num_blocks: int, device: torch.device
+    spans: Sequence[SeqSpan],
+    block_size: int,
+    num_blocks: int,
+    device: torch.device,
+    backend: AttentionBackend = "torch",
 ) -> tuple[AttentionMetadata, torch.Tensor]:
     """Build ``(metadata, positions[T])``. Spans with one token must come first (decodes)."""
     slots: list[int] = []
     positions: list[int] = []
-    decode_tables: list[list[int]] = []
-    decode_lens: list[int] = []
+    tables: list[list[int]] = []  # torch: decodes; triton: every paged sequence
+    paged_rows: list[tuple[int, int, int]] = []  # (query_start, query_len, seq_len)
     prefills: list[PrefillChunk] = []
+    num_decodes = 0
     for span in spans:
         start, end = span.start_pos, span.start_pos + span.num_tokens
         num_used = -(-end // block_size)
-        if len(span.block_ids) < num_used:
-            raise ValueError(
-                f"{len(span.block_ids)} blocks of {block_size} cannot hold positions up to {end}"
-            )
-        if max(span.block_ids[:num_used]) >= num_blocks or min(span.block_ids[:num_used]) < 0:
-            raise ValueError(f"block ids {list(span.block_ids)} outside [0, {num_blocks})")
+        used = list(span.block_ids[:num_used])
+        _check_blocks(span, used, num_used, end, block_size, num_blocks)
+        token_start = len(slots)
         if span.num_tokens == 1:
             if prefills:
                 raise ValueError("decode spans (one token) must precede prefill spans")
-            decode_tables.append(list(span.block_ids[:num_used]))
-            decode_lens.append(end)
+            num_decodes += 1
         else:
-            chunk = PrefillChunk(len(slots), span.num_tokens, start)
-            if start > 0:
-                chunk.kv_rows = _kv_rows([list(span.block_ids[:num_used])], num_blocks, device)
+            chunk = PrefillChunk(token_start, span.num_tokens, start)
+            if start > 0 and backend == "torch":
+                chunk.block_ids = torch.tensor(used, dtype=torch.int64, device=device)
                 query_pos = torch.arange(start, end, device=device)
                 chunk.mask = torch.arange(end, device=device)[None, :] <= query_pos[:, None]
             prefills.append(chunk)
+        if backend == "triton" and (span.num_tokens == 1 or start > 0):
+            tables.append(used)
+            paged_rows.append((token_start, span.num_tokens, end))
+        elif backend == "torch" and span.num_tokens == 1:
+            tables.append(used)
+            paged_rows.append((token_start, 1, end))
         for idx in range(start // block_size, num_used):
             lo, hi = max(start, idx * block_size), min(end, (idx + 1) * block_size)
             base = (span.block_ids[idx] - idx) * block_size
             slots.extend(range(base + lo, base + hi))
         positions.extend(range(start, end))
-    decode_kv_rows = decode_mask = None
-    if decode_tables:
-        max_blocks = max(len(t) for t in decode_tables)
-        padded = [t + [0] * (max_blocks - len(t)) for t in decode_tables]
-        decode_kv_rows = _kv_rows(padded, num_blocks, device)
-        lens = torch.tensor(decode_lens, dtype=torch.int64, device=device)
-        arange = torch.arange(max_blocks * block_size, device=device)
-        decode_mask = (arange[None, :] < lens[:, None])[:, None, None, :]
     meta = AttentionMetadata(
         slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-        num_decode_tokens=len(decode_tables),
-        decode_kv_rows=decode_kv_rows,
-        decode_mask=decode_mask,
+        num_decode_tokens=num_decodes,
         prefills=prefills,
+        backend=backend,
     )
+    if tables and backend == "torch":
+        meta.decode_block_ids, meta.decode_mask = _decode_tables(
+            tables, [r[2] for r in paged_rows], block_size, device
+        )
+    elif tables:
+        meta.paged = _paged_batch(tables, paged_rows, device)
     return meta, torch.tensor(positions, dtype=torch.int64, device=device)
 
 
-def _kv_rows(tables: list[list[int]], num_blocks: int, device: torch.device) -> torch.Tensor:
-    """K rows (the block ids), then V rows (``num_blocks`` + block ids), flattened."""
-    k_rows = [b for table in tables for b in table]
-    return torch.tensor(k_rows + [num_blocks + b for b in k_rows], device=device)
+def _check_blocks(
+    span: SeqSpan, used: list[int], num_used: int, end: int, block_size: int, num_blocks: int
+) -> None:
+    if len(span.block_ids) < num_used:
+        raise ValueError(
+            f"{len(span.block_ids)} blocks of {block_size} cannot hold positions up to {end}"
+        )
+    if max(used) >= num_blocks or min(used) < 0:
+        raise ValueError(f"block ids {list(span.block_ids)} outside [0, {num_blocks})")
 
 
-def _gather_blocks(kv_cache: torch.Tensor, kv_rows: torch.Tensor, num_seqs: int) -> torch.Tensor:
-    """Blocks' K and V as ``[2, num_seqs, tokens, num_kv_heads, head_dim]`` (a copy)."""
-    num_blocks, _, num_kv_heads, head_dim = kv_cache.shape[1:]
-    rows = kv_cache.view(2 * num_blocks, -1).index_select(0, kv_rows)
-    return rows.view(2, num_seqs, -1, num_kv_heads, head_dim)
+def _decode_tables(
+    tables: list[list[int]], lens: list[int], block_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    max_blocks = max(len(t) for t in tables)
+    padded = [t + [0] * (max_blocks - len(t)) for t in tables]
+    block_ids = torch.tensor(padded, dtype=torch.int64, device=device)
+    arange = torch.arange(max_blocks * block_size, device=device)
+    lens_t = torch.tensor(lens, dtype=torch.int64, device=device)
+    return block_ids, (arange[None, :] < lens_t[:, None])[:, None, None, :]
+
+
+def _paged_batch(
+    tables: list[list[int]], rows: list[tuple[int, int, int]], device: torch.device
+) -> PagedBatch:
+    max_blocks = max(len(t) for t in tables)
+    padded = [t + [0] * (max_blocks - len(t)) for t in tables]
+    columns = list(zip(*rows, strict=True))
+    ints = torch.tensor([*columns[0], *columns[1], *columns[2]], dtype=torch.int32)
+    ints = ints.to(device, non_blocking=True).view(3, -1)
+    return PagedBatch(
+        block_tables=torch.tensor(padded, dtype=torch.int32).to(device, non_blocking=True),
+        seq_lens=ints[2],
+        query_start=ints[0],
+        query_lens=ints[1],
+        max_query_len=max(columns[1]),
+    )
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor) -> None:
+    """Store the new ``k``/``v`` ``[T, Hkv, D]`` at their flat slots (the reference path)."""
+    block_size = kv_cache.shape[2]
+    blocks, offsets = slots // block_size, slots % block_size
+    kv_cache[:, 0].index_put_((blocks, offsets), k)
+    kv_cache[:, 1].index_put_((blocks, offsets), v)
 
 
 def paged_attention(
@@ -130,15 +197,14 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    """Write the new ``k``/``v`` ``[T, Hkv, D]`` into ``kv_cache``, attend, return ``[T, Hq, D]``.
+    """Attend ``q [T, Hq, D]`` (new ``k``/``v`` already in ``kv_cache``); return ``[T, Hq, D]``.
 
-    NOTE: decodes run as one batched SDPA call over each sequence's gathered blocks (padding
-    masked); prefill chunks run one SDPA call each, causal, offset by their cached context.
+    NOTE: torch backend: decodes run as one batched SDPA call over each sequence's gathered
+    blocks (padding masked), prefill chunks one SDPA call each, causal, offset by their cached
+    context. Triton backend: one kernel launch for every sequence with cached context.
     """
-    num_slots = kv_cache.shape[1] * kv_cache.shape[2]
-    flat = kv_cache.view(2, num_slots, kv_cache.shape[3], kv_cache.shape[4])
-    flat[0].index_copy_(0, meta.slot_mapping, k)
-    flat[1].index_copy_(0, meta.slot_mapping, v)
+    if meta.backend == "triton":
+        return _triton_attention(q, k, v, kv_cache, meta, scale)
     outputs: list[torch.Tensor] = []
     num_decode = meta.num_decode_tokens
     if num_decode:
@@ -149,17 +215,63 @@ def paged_attention(
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
+def _triton_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    from serving.engine.layers import triton_kernels
+
+    out = torch.empty_like(q)
+    if meta.paged is not None:
+        triton_kernels.paged_attention(q, kv_cache, out, meta.paged, scale)
+    for chunk in meta.prefills:
+        if chunk.start_pos == 0:
+            span = slice(chunk.token_start, chunk.token_start + chunk.num_tokens)
+            out[span] = causal_attention(q[span], k[span], v[span], scale)
+    return out
+
+
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Causal self-attention of one fresh sequence ``[n, H, D]`` (SDPA; flash on CUDA)."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None],
+        k.transpose(0, 1)[None],
+        v.transpose(0, 1)[None],
+        is_causal=True,
+        scale=scale,
+        enable_gqa=True,
+    )
+    return out[0].transpose(0, 1)
+
+
+def _gather(
+    kv_cache: torch.Tensor, block_ids: torch.Tensor, num_seqs: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of the blocks, each ``[num_seqs, num_kv_heads, tokens, head_dim]`` (copies)."""
+    ids = block_ids.reshape(-1)
+    num_kv_heads, head_dim = kv_cache.shape[3:]
+    k = kv_cache[:, 0].index_select(0, ids).view(num_seqs, -1, num_kv_heads, head_dim)
+    v = kv_cache[:, 1].index_select(0, ids).view(num_seqs, -1, num_kv_heads, head_dim)
+    return k.transpose(1, 2), v.transpose(1, 2)
+
+
 def _decode_attention(
     q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
     """One query per sequence; the query heads sharing a KV head act as that head's queries."""
-    assert meta.decode_kv_rows is not None
+    assert meta.decode_block_ids is not None
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = kv_cache.shape[3]
-    kv = _gather_blocks(kv_cache, meta.decode_kv_rows, num_seqs).transpose(2, 3)
+    key, value = _gather(kv_cache, meta.decode_block_ids, num_seqs)
     grouped_q = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
     out = F.scaled_dot_product_attention(
-        grouped_q, kv[0], kv[1], attn_mask=meta.decode_mask, scale=scale
+        grouped_q, key, value, attn_mask=meta.decode_mask, scale=scale
     )
     return out.reshape(num_seqs, num_heads, head_dim)
 
@@ -172,16 +284,16 @@ def _prefill_attention(
     chunk: PrefillChunk,
     scale: float,
 ) -> torch.Tensor:
-    query = q.transpose(0, 1)[None]
-    if chunk.kv_rows is None:
-        key, value = k.transpose(0, 1)[None], v.transpose(0, 1)[None]
-        out = F.scaled_dot_product_attention(
-            query, key, value, is_causal=True, scale=scale, enable_gqa=True
-        )
-    else:
-        seq_len = chunk.start_pos + chunk.num_tokens
-        kv = _gather_blocks(kv_cache, chunk.kv_rows, 1)[:, :, :seq_len].transpose(2, 3)
-        out = F.scaled_dot_product_attention(
-            query, kv[0], kv[1], attn_mask=chunk.mask, scale=scale, enable_gqa=True
-        )
+    if chunk.block_ids is None:
+        return causal_attention(q, k, v, scale)
+    seq_len = chunk.start_pos + chunk.num_tokens
+    key, value = _gather(kv_cache, chunk.block_ids, 1)
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None],
+        key[:, :, :seq_len],
+        value[:, :, :seq_len],
+        attn_mask=chunk.mask,
+        scale=scale,
+        enable_gqa=True,
+    )
     return out[0].transpose(0, 1)

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from serving.engine.layers.ops import Ops, TorchOps
+
 
 class SwiGLUMLP(nn.Module):
     """``gate_up_proj`` holds the gate rows, then the up rows (``shard_sizes``)."""
@@ -16,7 +18,6 @@ class SwiGLUMLP(nn.Module):
         self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ops: Ops = TorchOps) -> torch.Tensor:
         gate_up = F.linear(x, self.gate_up_proj.weight, self.gate_up_proj.bias)
-        gate, up = gate_up.chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_proj.weight, self.down_proj.bias)
+        return F.linear(ops.silu_and_mul(gate_up), self.down_proj.weight, self.down_proj.bias)

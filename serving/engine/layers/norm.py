@@ -6,8 +6,17 @@ import torch
 from torch import nn
 
 
-class RMSNorm(nn.Module):
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``weight * normalize(x.float()).to(x.dtype)``; the statistics are always float32."""
+    input_dtype = x.dtype
+    x = x.to(torch.float32)
+    variance = x.pow(2).mean(-1, keepdim=True)
+    x = x * torch.rsqrt(variance + eps)
+    return weight * x.to(input_dtype)
+
+
+class RMSNorm(nn.Module):
+    """Holds the weight; ``forward`` is ``rms_norm`` (the fused paths take ``weight``)."""
 
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
@@ -15,8 +24,4 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        input_dtype = x.dtype
-        x = x.to(torch.float32)
-        variance = x.pow(2).mean(-1, keepdim=True)
-        x = x * torch.rsqrt(variance + self.eps)
-        return self.weight * x.to(input_dtype)
+        return rms_norm(x, self.weight, self.eps)

@@ -17,7 +17,8 @@ from torch import nn
 from serving.engine.layers.attention import AttentionMetadata, paged_attention
 from serving.engine.layers.mlp import SwiGLUMLP
 from serving.engine.layers.norm import RMSNorm
-from serving.engine.layers.rotary import RotaryEmbedding, apply_rotary
+from serving.engine.layers.ops import Ops, TorchOps
+from serving.engine.layers.rotary import RotaryEmbedding
 from serving.engine.models.loader import ModelArchConfig
 
 # Fused module -> the checkpoint modules whose rows it stacks, in order.
@@ -46,14 +47,13 @@ class LlamaAttention(nn.Module):
         sin: torch.Tensor,
         kv_cache: torch.Tensor,
         attn_metadata: AttentionMetadata,
+        ops: Ops = TorchOps,
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
         qkv = F.linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
-        qkv = qkv.view(num_tokens, -1, self.head_dim)
-        num_qk_heads = self.num_heads + self.num_kv_heads
-        # q and k heads rotate together: elementwise, so identical to rotating each alone.
-        qk = apply_rotary(qkv[:, :num_qk_heads], cos, sin)
-        q, k, v = qk[:, : self.num_heads], qk[:, self.num_heads :], qkv[:, num_qk_heads:]
+        q, k, v = ops.rotary_and_cache(
+            qkv, cos, sin, kv_cache, attn_metadata.slot_mapping, self.num_heads, self.num_kv_heads
+        )
         out = paged_attention(q, k, v, kv_cache, attn_metadata, self.scale)
         return F.linear(out.reshape(num_tokens, -1), self.o_proj.weight, self.o_proj.bias)
 
@@ -69,15 +69,21 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self,
         hidden: torch.Tensor,
+        residual: torch.Tensor | None,
         cos: torch.Tensor,
         sin: torch.Tensor,
         kv_cache: torch.Tensor,
         attn_metadata: AttentionMetadata,
-    ) -> torch.Tensor:
+        ops: Ops = TorchOps,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(hidden, residual)`` in, ``(mlp output, residual)`` out: the next step adds them
+        (fused with the next norm). The first layer gets ``residual=None``."""
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        normed, residual = ops.add_rms_norm(hidden, residual, norm1.weight, norm1.eps)
         # Direct .forward calls skip nn.Module.__call__ (hooks) on the per-token hot path.
-        normed = self.input_layernorm.forward(hidden)
-        hidden = hidden + self.self_attn.forward(normed, cos, sin, kv_cache, attn_metadata)
-        return hidden + self.mlp.forward(self.post_attention_layernorm.forward(hidden))
+        attn = self.self_attn.forward(normed, cos, sin, kv_cache, attn_metadata, ops)
+        normed, residual = ops.add_rms_norm(attn, residual, norm2.weight, norm2.eps)
+        return self.mlp.forward(normed, ops), residual
 
 
 class LlamaModel(nn.Module):
@@ -89,7 +95,7 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """``forward(input_ids[T], positions[T], attn_metadata, kv_caches) -> hidden[T, H]``;
+    """``forward(input_ids[T], positions[T], attn_metadata, kv_caches, ops) -> hidden[T, H]``;
     ``compute_logits(hidden[n, H]) -> [n, vocab]`` float32.
 
     With tied embeddings there is no ``lm_head``: logits use ``embed_tokens.weight``.
@@ -110,12 +116,17 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,
         attn_metadata: AttentionMetadata,
         kv_caches: Sequence[torch.Tensor],
+        ops: Ops = TorchOps,
     ) -> torch.Tensor:
         hidden = F.embedding(input_ids, self.model.embed_tokens.weight)
         cos, sin = self.rotary_emb(positions, hidden.dtype)
+        residual: torch.Tensor | None = None
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
-            hidden = layer.forward(hidden, cos, sin, kv_cache, attn_metadata)
-        return self.model.norm(hidden)
+            hidden, residual = layer.forward(
+                hidden, residual, cos, sin, kv_cache, attn_metadata, ops
+            )
+        norm = self.model.norm
+        return ops.add_rms_norm(hidden, residual, norm.weight, norm.eps)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         head = self.lm_head if self.lm_head is not None else self.model.embed_tokens
