@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from serving.engine.config import EngineConfig
 from serving.worker.config import WorkerConfig
+from serving.worker.efa import SYSFS_INFINIBAND
 
 
 def worker(
@@ -78,6 +79,17 @@ def worker(
         float, typer.Option(help="Mock engine: modelled KV transfer bandwidth (GB/s).")
     ] = 25.0,
     drain_timeout: Annotated[float, typer.Option(help="Seconds to drain on SIGTERM.")] = 30.0,
+    efa: Annotated[
+        str,
+        typer.Option(
+            envvar="STRATA_EFA",
+            help="EFA check at start: off | required (no EFA device: exit with the reason) | "
+            "fallback (no EFA device: run on TCP, report efa=fallback in strata_worker_info).",
+        ),
+    ] = "off",
+    efa_sysfs_dir: Annotated[
+        Path, typer.Option(envvar="STRATA_EFA_SYSFS_DIR", help="Where RDMA devices are listed.")
+    ] = SYSFS_INFINIBAND,
     log_level: Annotated[str, typer.Option()] = "info",
 ) -> None:
     """Run one inference worker: OpenAI HTTP API, KV events over ZMQ, Prometheus metrics."""
@@ -117,6 +129,8 @@ def worker(
             kv_transfer_host=kv_transfer_host,
             kv_transfer_port=kv_transfer_port,
             mock_kv_bandwidth_gbps=mock_kv_bandwidth_gbps,
+            efa=efa,
+            efa_sysfs_dir=efa_sysfs_dir,
         )
     except ValidationError as exc:
         raise typer.BadParameter(_describe(exc)) from None

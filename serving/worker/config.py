@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from serving.engine.config import EngineConfig
+from serving.worker.efa import SYSFS_INFINIBAND, EFAMode
 
 WorkerRole = Literal["prefill", "decode", "both"]
 KVTransportKind = Literal["auto", "nixl", "tcp", "none"]
@@ -35,6 +37,9 @@ class WorkerConfig(BaseModel):
     kv_transfer_port: int = Field(default=0, ge=0, le=65535)
     # Mock engine only: the link speed its modelled KV transfers take.
     mock_kv_bandwidth_gbps: float = Field(default=25.0, gt=0)
+    # EFA at start (serving/worker/efa.py): off | required | fallback.
+    efa: EFAMode = "off"
+    efa_sysfs_dir: Path = SYSFS_INFINIBAND
 
     @property
     def resolved_kv_transport(self) -> KVTransportKind:

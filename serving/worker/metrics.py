@@ -44,6 +44,7 @@ class WorkerMetrics:
         role: str = "both",
         transport: str = "none",
         transport_fallback: bool = False,
+        efa: str = "off",
     ) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
@@ -123,14 +124,16 @@ class WorkerMetrics:
         self.transport = transport
         Gauge(
             "strata_worker_info",
-            "Constant 1: this worker's role and KV transport (fallback=true: NIXL was unusable).",
-            (*_LABELS, "role", "transport", "fallback"),
+            "Constant 1: this worker's role and KV transport (fallback=true: NIXL was unusable; "
+            "efa: off | ok | fallback, the EFA check at start).",
+            (*_LABELS, "role", "transport", "fallback", "efa"),
             registry=r,
         ).labels(
             **self.labels,
             role=role,
             transport=transport,
             fallback=str(transport_fallback).lower(),
+            efa=efa,
         ).set(1)
         # One name for every KV byte movement: tier changes (offload/onboard, later) and
         # worker-to-worker pulls (direction "receive" into the device tier G1).

@@ -10,6 +10,7 @@ from serving.engine.factory import LoadedEngine, build_engine
 from serving.engine.output_processor import OutputProcessor
 from serving.worker.app import WorkerState, create_app
 from serving.worker.config import WorkerConfig
+from serving.worker.efa import check_efa
 from serving.worker.engine_loop import AsyncEngine
 from serving.worker.kv_connector import KVConnector, make_connector
 from serving.worker.kv_events import NullEventPublisher, ZmqEventPublisher
@@ -20,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 def build_state(config: WorkerConfig, loaded: LoadedEngine | None = None) -> WorkerState:
     """Everything but the HTTP server; tests call this with a prebuilt engine."""
+    efa = check_efa(config.efa, config.efa_sysfs_dir)  # before minutes of weight loading
     loaded = loaded or build_engine(config.engine, config.model_names[0])
     publisher: ZmqEventPublisher | NullEventPublisher
     extra: dict[str, object] = {"engine": config.engine.engine}
@@ -46,6 +48,7 @@ def build_state(config: WorkerConfig, loaded: LoadedEngine | None = None) -> Wor
     extra["role"] = config.role
     extra["kv_transport"] = connector.transport.metadata() if connector else None
     extra["kv_transport_fallback"] = connector.is_fallback if connector else False
+    extra["efa"] = efa.state
     tokenizer = loaded.tokenizer
     processor = OutputProcessor(tokenizer.backend_tokenizer if tokenizer is not None else None)
     metrics = WorkerMetrics(
@@ -54,6 +57,7 @@ def build_state(config: WorkerConfig, loaded: LoadedEngine | None = None) -> Wor
         role=config.role,
         transport=connector.kind if connector else "none",
         transport_fallback=connector.is_fallback if connector else False,
+        efa=efa.state,
     )
     engine = AsyncEngine(loaded.core, processor, metrics, publisher, connector)
     return WorkerState(
