@@ -27,9 +27,10 @@ import httpx
 import uvicorn
 
 from serving.engine.factory import load_tokenizer
-from serving.frontend.app import FrontendSettings, FrontendState, create_frontend_app
+from serving.frontend.app import create_frontend_app
 from serving.frontend.metrics import FrontendMetrics
 from serving.frontend.router import Router
+from serving.frontend.state import FrontendSettings, FrontendState
 from serving.frontend.workers import WorkerSpec
 from serving.netutil import free_port, free_port_pair, wait_healthy
 from serving.router.disagg import (

@@ -91,6 +91,50 @@ class Worker:
 EventSink = Callable[[str, KVEventBatch], None]
 
 
+@dataclass(frozen=True, slots=True)
+class WorkerProbe:
+    """What a worker told us about itself when it was probed."""
+
+    model_name: str
+    role: str
+    kv_events_endpoint: str | None
+    replay_endpoint: str | None
+
+
+async def probe_worker(http: httpx.AsyncClient, spec: WorkerSpec, block_size: int) -> WorkerProbe:
+    """Ask a worker for its model (``/v1/models``), role, block size and KV-event endpoints
+    (a Strata worker's ``/health``); the spec's values win over the worker's.
+
+    Raises ``WorkerRegistrationError`` for an unreachable worker or one that does not fit.
+    """
+    try:
+        models = (await http.get(f"{spec.url}/v1/models", timeout=10)).json()
+        model_name = models["data"][0]["id"]
+    except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
+        raise WorkerRegistrationError(f"worker {spec.url}: /v1/models failed: {exc}") from exc
+    kv_endpoint, replay_endpoint = spec.kv_events_endpoint, spec.replay_endpoint
+    try:
+        health = (await http.get(f"{spec.url}/health", timeout=10)).json()
+    except (httpx.HTTPError, ValueError):
+        health = {}  # vLLM's /health has an empty body
+    if not isinstance(health, dict):
+        health = {}
+    worker_block_size = health.get("block_size")
+    if worker_block_size is not None and worker_block_size != block_size:
+        raise WorkerRegistrationError(
+            f"worker {spec.url} uses KV block size {worker_block_size}, the router {block_size}"
+        )
+    host = urlsplit(spec.url).hostname or "127.0.0.1"
+    if kv_endpoint is None and health.get("kv_events_port"):
+        kv_endpoint = f"tcp://{host}:{health['kv_events_port']}"
+    if replay_endpoint is None and health.get("kv_events_replay_port"):
+        replay_endpoint = f"tcp://{host}:{health['kv_events_replay_port']}"
+    role = spec.role or health.get("role") or "both"
+    if role not in ROLES:
+        raise WorkerRegistrationError(f"worker {spec.url} reports unknown role {role!r}")
+    return WorkerProbe(model_name, role, kv_endpoint, replay_endpoint)
+
+
 class WorkerPool:
     """Registered workers by id; owns their subscriber threads. Used from the event loop."""
 
@@ -132,36 +176,18 @@ class WorkerPool:
         for worker in self.workers.values():
             if worker.url == spec.url:
                 return worker
-        try:
-            models = (await self.http.get(f"{spec.url}/v1/models", timeout=10)).json()
-            model_name = models["data"][0]["id"]
-        except (httpx.HTTPError, ValueError, KeyError, IndexError) as exc:
-            raise WorkerRegistrationError(f"worker {spec.url}: /v1/models failed: {exc}") from exc
-        kv_endpoint, replay_endpoint = spec.kv_events_endpoint, spec.replay_endpoint
-        try:
-            health = (await self.http.get(f"{spec.url}/health", timeout=10)).json()
-        except (httpx.HTTPError, ValueError):
-            health = {}  # vLLM's /health has an empty body
-        if not isinstance(health, dict):
-            health = {}
-        block_size = health.get("block_size")
-        if block_size is not None and block_size != self.block_size:
-            raise WorkerRegistrationError(
-                f"worker {spec.url} uses KV block size {block_size}, the router {self.block_size}"
-            )
-        host = urlsplit(spec.url).hostname or "127.0.0.1"
-        if kv_endpoint is None and health.get("kv_events_port"):
-            kv_endpoint = f"tcp://{host}:{health['kv_events_port']}"
-        if replay_endpoint is None and health.get("kv_events_replay_port"):
-            replay_endpoint = f"tcp://{host}:{health['kv_events_replay_port']}"
+        probe = await probe_worker(self.http, spec, self.block_size)
+        return self.add(spec, probe)
+
+    def add(self, spec: WorkerSpec, probe: WorkerProbe) -> Worker:
+        """Add a probed worker and subscribe to its KV events (call from the event loop)."""
+        self._loop = asyncio.get_running_loop()
         worker_id = spec.worker_id or f"worker-{self._next_index}"
         self._next_index += 1
         if worker_id in self.workers:
             raise WorkerRegistrationError(f"worker id {worker_id!r} is already registered")
-        role = spec.role or health.get("role") or "both"
-        if role not in ROLES:
-            raise WorkerRegistrationError(f"worker {spec.url} reports unknown role {role!r}")
-        worker = Worker(worker_id, spec.url, model_name, kv_endpoint, replay_endpoint, role)
+        worker = Worker(worker_id, spec.url, probe.model_name, probe.kv_events_endpoint,
+                        probe.replay_endpoint, probe.role)  # fmt: skip
         self.workers[worker_id] = worker
         self.on_added(worker)
         self._subscribe(worker)
@@ -169,9 +195,9 @@ class WorkerPool:
             "worker %s added: %s (model %s, role %s, KV events %s)",
             worker_id,
             spec.url,
-            model_name,
-            role,
-            kv_endpoint or "none",
+            probe.model_name,
+            probe.role,
+            probe.kv_events_endpoint or "none",
         )
         return worker
 

@@ -1,0 +1,105 @@
+"""Disaggregated serving: the remote prefill before a decode worker streams the output.
+
+The rule (``serving.router.disagg.decide``) says whether a prompt is prefilled on a prefill
+worker; if so, vLLM's prefill request (``max_tokens=1``, ``do_remote_decode``) goes to the
+lowest-cost prefill worker and its response's ``kv_transfer_params`` are passed verbatim to the
+decode worker, which pulls the blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import httpx
+
+from serving.frontend.job import Job, worker_payload
+from serving.frontend.state import FrontendState
+from serving.frontend.worker_errors import passthrough_error
+from serving.router.disagg import DisaggDecision, decide, prefill_request_params
+
+logger = logging.getLogger(__name__)
+
+
+async def maybe_remote_prefill(
+    state: FrontendState, job: Job, num_cached_blocks: int
+) -> dict[str, Any] | None:
+    """Prefill on a prefill worker when the rule says so; the decode worker's kv params.
+
+    Returns None to prefill on the decode worker: the uncached part is short, no prefill worker
+    is healthy, the prefill worker failed (marked unhealthy, never fatal), or the request is
+    resumed after a migration (the lease was consumed) or carries the client's own params.
+    """
+    assert state.pool is not None and state.http is not None
+    metrics = state.metrics
+    prefill_ids = state.pool.prefill_ids()
+    if job.num_migrations or job.output_ids or job.body.kv_transfer_params is not None:
+        return None
+    if not prefill_ids and not any(w.role == "prefill" for w in state.pool.workers.values()):
+        metrics.disagg_decisions.labels(model=metrics.model, decision="aggregated").inc()
+        return None
+    num_prompt = len(job.prompt_ids)
+    cached = min(num_cached_blocks * state.router.block_size, num_prompt)
+    decision = decide(num_prompt, cached, len(prefill_ids), state.settings.disagg)
+    if decision.is_remote:
+        params = await remote_prefill(state, job, prefill_ids)
+        if params is None:
+            decision = DisaggDecision.LOCAL_PREFILL_FAILED
+    else:
+        params = None
+    metrics.disagg_decisions.labels(model=metrics.model, decision=decision.value).inc()
+    return params
+
+
+async def remote_prefill(
+    state: FrontendState, job: Job, prefill_ids: list[str]
+) -> dict[str, Any] | None:
+    """vLLM's prefill request (max_tokens=1, do_remote_decode) to the lowest-cost prefill
+    worker; its response's ``kv_transfer_params``, or None on any failure."""
+    assert state.pool is not None and state.http is not None
+    routing_id = f"{job.request_id}#prefill"
+    decision = state.router.route(routing_id, job.prompt_ids, prefill_ids, prefill=True)
+    worker = state.pool.workers[decision.worker_id]
+    worker.num_requests += 1
+    payload = {
+        **worker_payload(job, worker),
+        "max_tokens": 1,
+        "stream": False,
+        # The sampled token is thrown away; what matters is that the request ends length-capped
+        # (the only state in which the blocks are leased), so no EOS or stop may end it first.
+        "ignore_eos": True,
+        "stop": [],
+        "stop_token_ids": [],
+        "kv_transfer_params": prefill_request_params(),
+    }
+    payload.pop("stream_options", None)
+    started_s = time.monotonic()
+    try:
+        response = await state.http.post(
+            f"{worker.url}/v1/completions",
+            json=payload,
+            headers={"x-request-id": f"{job.request_id}-prefill"},
+        )
+        if response.status_code >= 500:
+            state.pool.mark_failed(worker.worker_id, f"prefill HTTP {response.status_code}")
+            return None
+        if response.status_code != 200:
+            raise passthrough_error(response)  # the request itself is bad: tell the client
+        params = response.json().get("kv_transfer_params")
+    except (httpx.TransportError, ValueError, AttributeError) as exc:  # unreachable, or no JSON
+        state.pool.mark_failed(worker.worker_id, f"prefill failed: {exc!r}")
+        return None
+    finally:
+        state.router.finish(routing_id)
+    state.metrics.remote_prefill_seconds.labels(model=state.metrics.model).observe(
+        time.monotonic() - started_s
+    )
+    if not isinstance(params, dict) or not params.get("do_remote_prefill"):
+        logger.warning(
+            "prefill worker %s returned no kv_transfer_params (no KV transport?): "
+            "prefilling on the decode worker",
+            worker.worker_id,
+        )
+        return None
+    return params

@@ -1,0 +1,67 @@
+"""The client side of a request: one JSON body, or an SSE stream whose headers wait for the
+first piece (so an error before any token keeps its HTTP status)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from serving.frontend import openai_format as fmt
+from serving.frontend.job import Job
+from serving.frontend.state import FrontendState
+from serving.frontend.streaming import client_pieces
+from serving.protocol.openai import APIError, now_s
+
+
+async def respond(state: FrontendState, job: Job, *, chat: bool) -> Response:
+    metrics = state.metrics
+    metrics.active_requests.labels(model=metrics.model).inc()
+    endpoint = "/v1/chat/completions" if chat else "/v1/completions"
+    pieces = client_pieces(state, job)
+    if not job.body.stream:
+        try:
+            texts: list[str] = []
+            logprobs: list[dict[str, Any]] = []
+            async for choice in pieces:
+                texts.append(choice.get("text") or "")
+                if choice.get("logprobs"):
+                    logprobs.append(choice["logprobs"])
+        finally:
+            metrics.active_requests.labels(model=metrics.model).dec()
+        metrics.requests.labels(model=metrics.model, endpoint=endpoint, status="200").inc()
+        return JSONResponse(fmt.full_response(job, "".join(texts), logprobs, chat))
+
+    # Streaming: wait for the first piece before sending headers, so errors keep their status.
+    try:
+        first = await anext(pieces)
+    except StopAsyncIteration:
+        first = None
+    except BaseException:
+        metrics.active_requests.labels(model=metrics.model).dec()
+        raise
+
+    async def body() -> AsyncIterator[str]:
+        created = now_s()
+        status = "200"
+        try:
+            if chat:
+                yield fmt.sse(fmt.chat_chunk(job, created, {"role": "assistant", "content": ""},
+                                             None))  # fmt: skip
+            if first is not None:
+                yield fmt.sse(fmt.stream_chunk(job, created, first, chat))
+            async for choice in pieces:
+                yield fmt.sse(fmt.stream_chunk(job, created, choice, chat))
+            options = job.body.stream_options
+            if options is not None and options.include_usage:
+                yield fmt.sse(fmt.usage_chunk(job, created, chat))
+        except APIError as exc:
+            status = str(exc.status_code)
+            yield fmt.sse(exc.to_dict())
+        finally:
+            metrics.active_requests.labels(model=metrics.model).dec()
+            metrics.requests.labels(model=metrics.model, endpoint=endpoint, status=status).inc()
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream")

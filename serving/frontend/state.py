@@ -1,0 +1,49 @@
+"""The frontend's settings (parsed once at start-up) and its per-process state."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from serving.frontend.metrics import FrontendMetrics
+from serving.frontend.router import Router
+from serving.frontend.workers import WorkerPool, WorkerSpec
+from serving.router.disagg import DisaggConfig
+
+
+@dataclass(slots=True)
+class FrontendSettings:
+    served_model_names: list[str]
+    max_model_len: int
+    vocab_size: int
+    api_key: str | None = None
+    migration_limit: int = 3
+    health_interval_s: float = 2.0
+    max_health_failures: int = 3
+    # A worker that served requests but sent no KV event for this long triggers a warning.
+    kv_events_grace_s: float = 5.0
+    # Prometheus file service discovery: this frontend and its workers, kept current.
+    prometheus_targets_file: Path | None = None
+    self_address: str | None = None  # host:port of this frontend, for the targets file
+    # Conditional disaggregation (used when prefill workers are registered).
+    disagg: DisaggConfig = field(default_factory=DisaggConfig)
+
+
+@dataclass(slots=True)
+class FrontendState:
+    """Everything one frontend process holds; the app's routes and background tasks share it."""
+
+    settings: FrontendSettings
+    tokenizer: Any
+    router: Router
+    metrics: FrontendMetrics
+    pool: WorkerPool | None = None
+    http: httpx.AsyncClient | None = None
+    initial_workers: list[WorkerSpec] = field(default_factory=list)
+    # More registries to expose on /metrics (e.g. the workflow runner's, in `strata demo`).
+    extra_registries: list[Any] = field(default_factory=list)
+    background: list[asyncio.Task] = field(default_factory=list)

@@ -1,0 +1,167 @@
+"""The data path: a request's token stream from workers to the client, across migrations.
+
+``client_pieces`` (latency metrics) <- ``segments`` (routing and migration) <-
+``stream_from_worker`` (one worker's token-id SSE stream). If a worker dies or its stream
+breaks, the request is re-sent to another worker with the tokens produced so far appended to
+the prompt, and the client's stream goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+from serving.frontend.job import Job, unsent_text, worker_payload
+from serving.frontend.prefill import maybe_remote_prefill
+from serving.frontend.state import FrontendState
+from serving.frontend.worker_errors import WorkerFailed, passthrough_error
+from serving.frontend.workers import Worker
+from serving.protocol.openai import APIError
+from serving.router.policies import NoWorkersError
+
+logger = logging.getLogger(__name__)
+
+
+async def client_pieces(state: FrontendState, job: Job) -> AsyncIterator[dict[str, Any]]:
+    """Worker choices with latency metrics recorded as they reach the client."""
+    metrics = state.metrics
+    model = metrics.model
+    try:
+        async for choice in segments(state, job):
+            num_tokens = len(choice.get("token_ids") or [])
+            if num_tokens:
+                now = time.monotonic()
+                if job.last_token_s is None:
+                    metrics.ttft.labels(model=model).observe(now - job.arrival_s)
+                else:
+                    metrics.itl.labels(model=model).observe(now - job.last_token_s)
+                job.last_token_s = now
+                metrics.output_tokens.labels(model=model).inc(num_tokens)
+            yield choice
+    finally:
+        metrics.prompt_tokens.labels(model=model).inc(len(job.prompt_ids))
+        metrics.cached_prompt_tokens.labels(model=model).inc(job.num_cached_tokens or 0)
+        metrics.e2e.labels(model=model).observe(time.monotonic() - job.arrival_s)
+
+
+async def segments(state: FrontendState, job: Job) -> AsyncIterator[dict[str, Any]]:
+    """Worker completion chunks for the whole request, across migrations."""
+    assert state.pool is not None and state.http is not None
+    tried: set[str] = set()
+    router = state.router
+    while True:
+        candidates = [w for w in state.pool.decode_ids() if w not in tried]
+        if not candidates:
+            candidates = state.pool.decode_ids()  # every worker failed once: try again
+        routing_id = f"{job.request_id}#{job.num_migrations}"
+        try:
+            decision = router.route(routing_id, job.prompt_ids + job.output_ids, candidates,
+                                    job.session_id)  # fmt: skip
+        except NoWorkersError:
+            raise APIError(
+                "no healthy worker is available", status_code=503, type="ServiceUnavailableError"
+            ) from None
+        worker = state.pool.workers[decision.worker_id]
+        tried.add(worker.worker_id)
+        worker.num_requests += 1
+        if worker.first_request_s is None:
+            worker.first_request_s = time.monotonic()
+        resumed_text = unsent_text(state.tokenizer, job) if job.num_migrations else ""
+        try:
+            kv_params = await maybe_remote_prefill(state, job, decision.num_cached_blocks)
+            async for chunk in stream_from_worker(state, job, worker, routing_id, kv_params):
+                if resumed_text:
+                    chunk = {**chunk, "text": resumed_text + (chunk.get("text") or "")}
+                    resumed_text = ""
+                job.sent_text += chunk.get("text") or ""
+                yield chunk
+            router.finish(routing_id)
+            return
+        except WorkerFailed as exc:
+            router.finish(routing_id)
+            state.pool.mark_failed(worker.worker_id, str(exc))
+            if job.num_migrations >= state.settings.migration_limit:
+                raise APIError(
+                    f"worker failed and the migration limit ({state.settings.migration_limit}) "
+                    f"was reached: {exc}",
+                    status_code=503,
+                    type="ServiceUnavailableError",
+                ) from None
+            job.num_migrations += 1
+            state.metrics.migrations.labels(model=state.metrics.model).inc()
+            logger.warning(
+                "request %s: worker %s failed after %d tokens (%s); migrating",
+                job.request_id,
+                worker.worker_id,
+                len(job.output_ids),
+                exc,
+            )
+        except BaseException:
+            router.finish(routing_id)
+            raise
+
+
+async def stream_from_worker(
+    state: FrontendState,
+    job: Job,
+    worker: Worker,
+    routing_id: str,
+    kv_params: dict[str, Any] | None = None,
+) -> AsyncIterator[dict[str, Any]]:
+    """One worker's token-id stream as choices; keeps ``job`` and the router's load current.
+
+    Raises ``WorkerFailed`` (migrate) on a broken connection, a 5xx or a stream that ends
+    without a finish reason; ``APIError`` for a 4xx (the request itself is bad).
+    """
+    assert state.http is not None
+    payload = worker_payload(job, worker)
+    if kv_params is not None:
+        payload["kv_transfer_params"] = kv_params
+    first = True
+    try:
+        async with state.http.stream(
+            "POST", f"{worker.url}/v1/completions", json=payload
+        ) as response:
+            if response.status_code >= 500:
+                raise WorkerFailed(f"HTTP {response.status_code}")
+            if response.status_code != 200:
+                await response.aread()
+                raise passthrough_error(response)
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data == "[DONE]":
+                    if job.finish_reason is None:
+                        raise WorkerFailed("stream ended without a finish reason")
+                    return
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    raise WorkerFailed(f"worker error: {chunk['error'].get('message')}")
+                usage = chunk.get("usage")
+                if usage and job.num_cached_tokens is None:
+                    details = usage.get("prompt_tokens_details") or {}
+                    job.num_cached_tokens = details.get("cached_tokens") or 0
+                if not chunk.get("choices"):
+                    continue
+                choice = chunk["choices"][0]
+                token_ids = choice.get("token_ids") or []
+                if token_ids:
+                    if first:
+                        state.router.first_token(routing_id)
+                        first = False
+                    state.router.tokens(routing_id, len(token_ids))
+                    job.output_ids.extend(token_ids)
+                if choice.get("finish_reason") is not None:
+                    job.finish_reason = choice["finish_reason"]
+                    job.stop_reason = choice.get("stop_reason")
+                yield choice
+            if job.finish_reason is None:
+                raise WorkerFailed("connection closed mid-stream")
+    except httpx.TransportError as exc:
+        raise WorkerFailed(f"{type(exc).__name__}: {exc}") from exc

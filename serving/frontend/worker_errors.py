@@ -1,0 +1,27 @@
+"""How a worker's failures look to the frontend: migrate (``WorkerFailed``) or tell the client
+(a 4xx passed through as ``APIError``)."""
+
+from __future__ import annotations
+
+import httpx
+
+from serving.protocol.openai import APIError
+
+
+class WorkerFailed(Exception):
+    """The worker's connection broke or it answered 5xx: migrate."""
+
+
+def passthrough_error(response: httpx.Response) -> APIError:
+    """A worker's 4xx answer as the client's error (the request itself is bad)."""
+    try:
+        error = response.json()["error"]
+        return APIError(
+            error.get("message", "worker rejected the request"),
+            status_code=response.status_code,
+            type=error.get("type", "invalid_request_error"),
+            param=error.get("param"),
+            code=error.get("code"),
+        )
+    except (ValueError, KeyError, TypeError):
+        return APIError(response.text[:500], status_code=response.status_code)
