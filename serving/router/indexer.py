@@ -20,6 +20,7 @@ from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+import msgspec
 import xxhash
 
 from serving.protocol.block_hash import HASH_SEED, salt_for
@@ -41,6 +42,7 @@ DEFAULT_SHARED_MEDIA = frozenset({"S3"})
 _U32_TYPECODE = next(code for code in ("I", "L") if array(code).itemsize == 4)
 _pack_chain = struct.Struct("<QQ").pack
 _xxh3 = xxhash.xxh3_64_intdigest
+_encode_keys = msgspec.msgpack.Encoder().encode
 
 
 class InvalidKVEvent(ValueError):
@@ -69,6 +71,21 @@ def hash_token_ids(
         prev = _xxh3(_pack_chain(prev, local), HASH_SEED)
         hashes.append(prev)
     return hashes
+
+
+def mix_extra_keys(parent_hash: int, keys: Sequence[object]) -> int:
+    """The chain value a block with extra hash keys continues from (see the module docstring)."""
+    return _xxh3(_pack_chain(parent_hash, _xxh3(_encode_keys(list(keys)), HASH_SEED)), HASH_SEED)
+
+
+def _salting_keys(event: BlockStored) -> list[list[object] | None] | None:
+    """Per block, the extra keys beyond the LoRA name (which salts the root); None if none."""
+    extra = event.extra_keys
+    if not extra or not isinstance(extra, list):
+        return None
+    skip = 1 if event.lora_name else 0
+    keys = [list(k[skip:]) if k and len(k) > skip else None for k in extra]
+    return keys if any(keys) else None
 
 
 @dataclass(frozen=True)
@@ -126,10 +143,12 @@ class KVIndexer:
         block_size: int,
         medium_order: Sequence[str] = DEFAULT_MEDIUM_ORDER,
         shared_media: Iterable[str] = DEFAULT_SHARED_MEDIA,
+        kv_group_idx: int = 0,
     ) -> None:
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
         self.block_size = block_size
+        self.kv_group_idx = kv_group_idx
         self._medium_order = tuple(medium_order)
         self._shared_media = frozenset(shared_media)
         self._index: dict[int, Slots] = {}
@@ -143,6 +162,8 @@ class KVIndexer:
         self.num_orphan_blocks = 0  # stored under a parent the index does not know: skipped
         self.num_unknown_removals = 0
         self.num_rejected_events = 0
+        self.num_partial_blocks = 0  # shorter than a block (vLLM's hybrid tail caching): skipped
+        self.num_other_group_events = 0  # another KV-cache group's events: skipped
 
     # Workers
 
@@ -187,6 +208,18 @@ class KVIndexer:
             return 0
         return sum(1 for refs in worker.router_refs.values() if slot < len(refs) and refs[slot])
 
+    def held_blocks(self, worker_id: str) -> dict[str, frozenset[int]]:
+        """Router hashes the worker holds, per medium (for inspection and tests)."""
+        worker = self._workers.get(worker_id)
+        if worker is None:
+            return {}
+        out: dict[str, set[int]] = {}
+        for router_hash, refs in worker.router_refs.items():
+            for slot, count in enumerate(refs):
+                if count:
+                    out.setdefault(self._media[slot], set()).add(router_hash)
+        return {medium: frozenset(hashes) for medium, hashes in out.items()}
+
     # Events
 
     def apply_batch(self, worker_id: str, batch: KVEventBatch) -> None:
@@ -215,9 +248,19 @@ class KVIndexer:
 
     # Queries
 
-    def hash_request(self, token_ids: Sequence[int], lora_name: str | None = None) -> list[int]:
-        """Router chain hashes of the full blocks of a prompt."""
-        return hash_token_ids(token_ids, self.block_size, salt=salt_for(lora_name))
+    def hash_request(
+        self, token_ids: Sequence[int], lora_name: str | None = None, cache_salt: str | None = None
+    ) -> list[int]:
+        """Router chain hashes of the full blocks of a prompt (vLLM's ``cache_salt`` salts the
+        first block, as in vLLM's own hashes)."""
+        root = salt_for(lora_name)
+        if not cache_salt:
+            return hash_token_ids(token_ids, self.block_size, salt=root)
+        first = hash_token_ids(token_ids[: self.block_size], self.block_size,
+                               mix_extra_keys(root, [cache_salt]))  # fmt: skip
+        if not first:
+            return []
+        return first + hash_token_ids(token_ids[self.block_size :], self.block_size, first[0])
 
     def find_matches(self, block_hashes: Sequence[int]) -> PrefixMatches:
         """Longest cached prefix of ``block_hashes`` per worker, by tier.
@@ -297,9 +340,20 @@ class KVIndexer:
             self._shared_slots.append(slot)
         return slot
 
+    def _is_other_group(self, group_idx: object) -> bool:
+        if group_idx is None or not isinstance(group_idx, int) or group_idx == self.kv_group_idx:
+            return False
+        self.num_other_group_events += 1
+        return True
+
     def _store(self, worker: _WorkerBlocks, event: BlockStored) -> None:
         num_blocks = len(event.block_hashes)
+        if self._is_other_group(event.group_idx):
+            return
         if event.block_size != self.block_size:
+            if num_blocks == 1 and len(event.token_ids) == event.block_size < self.block_size:
+                self.num_partial_blocks += 1
+                return
             raise InvalidKVEvent(
                 f"BlockStored block_size {event.block_size} != the pool's {self.block_size}"
             )
@@ -318,7 +372,7 @@ class KVIndexer:
             parent_router_hash = parent[0]
         slot = self._medium_slot(event.medium)
         slot_bit = 1 << slot
-        router_hashes = hash_token_ids(event.token_ids, self.block_size, parent_router_hash)
+        router_hashes = self._router_hashes(event, parent_router_hash)
         engine_to_block = worker.engine_to_block
         for engine_hash, router_hash in zip(event.block_hashes, router_hashes, strict=True):
             held = engine_to_block.get(engine_hash)
@@ -333,7 +387,28 @@ class KVIndexer:
             engine_to_block[engine_hash] = (router_hash, media_mask | slot_bit)
             self._add_ref(worker, router_hash, slot)
 
+    def _router_hashes(self, event: BlockStored, parent_router_hash: int) -> list[int]:
+        keys = _salting_keys(event)
+        if keys is None:
+            return hash_token_ids(event.token_ids, self.block_size, parent_router_hash)
+        if len(keys) != len(event.block_hashes):
+            raise InvalidKVEvent(
+                f"BlockStored has {len(keys)} extra_keys entries for "
+                f"{len(event.block_hashes)} blocks"
+            )
+        hashes: list[int] = []
+        prev = parent_router_hash
+        size = self.block_size
+        for i, block_keys in enumerate(keys):
+            if block_keys:
+                prev = mix_extra_keys(prev, block_keys)
+            (prev,) = hash_token_ids(event.token_ids[i * size : (i + 1) * size], size, prev)
+            hashes.append(prev)
+        return hashes
+
     def _remove(self, worker: _WorkerBlocks, event: BlockRemoved) -> None:
+        if self._is_other_group(event.group_idx):
+            return
         slot = self._medium_slot(event.medium)
         slot_bit = 1 << slot
         for engine_hash in event.block_hashes:

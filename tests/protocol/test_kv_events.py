@@ -102,6 +102,7 @@ def test_expected_structs_encode_to_vllm_decoded_value() -> None:
 
 
 def test_unknown_keys_are_ignored() -> None:
+    """vLLM 0.32 sends more optional keys than the router reads (kv_events.py there)."""
     event = {
         "type": "BlockStored",
         "block_hashes": [1],
@@ -113,14 +114,38 @@ def test_unknown_keys_are_ignored() -> None:
         "lora_name": None,
         "extra_keys": [None],
         "group_idx": 0,
+        "kv_cache_spec_kind": "full_attention",
+        "kv_cache_spec_sliding_window": None,
+        "locality": "LOCAL",
+        "ownership": None,
+        "session_id": "s-1",
     }
-    removed = {"type": "BlockRemoved", "block_hashes": [1], "medium": "GPU", "group_idx": 0}
+    removed = {"type": "BlockRemoved", "block_hashes": [1], "medium": "GPU", "group_idx": 0,
+               "locality": "LOCAL"}  # fmt: skip
     batch = decode_batch(msgspec.msgpack.encode([2.0, [event, removed], None]))
     assert batch.events == [
-        BlockStored(block_hashes=[1], parent_block_hash=None, token_ids=[1, 2], block_size=2),
-        BlockRemoved(block_hashes=[1], medium="GPU"),
+        BlockStored(
+            block_hashes=[1],
+            parent_block_hash=None,
+            token_ids=[1, 2],
+            block_size=2,
+            extra_keys=[None],
+            group_idx=0,
+        ),
+        BlockRemoved(block_hashes=[1], medium="GPU", group_idx=0),
     ]
     assert batch.data_parallel_rank is None
+
+
+def test_optional_fields_are_omitted_like_vllm() -> None:
+    """vLLM omits extra_keys/group_idx while None and always sends lora_id, medium, lora_name."""
+    plain = BlockStored(block_hashes=[1], parent_block_hash=None, token_ids=[1], block_size=1)
+    keyed = BlockStored(block_hashes=[1], parent_block_hash=None, token_ids=[1], block_size=1,
+                        extra_keys=[["salt"]], group_idx=0)  # fmt: skip
+    events = msgspec.msgpack.decode(encode_batch(KVEventBatch(1.0, [plain, keyed], 0)))[1]
+    assert set(events[0]) == {"type", "block_hashes", "parent_block_hash", "token_ids",
+                              "block_size", "lora_id", "medium", "lora_name"}  # fmt: skip
+    assert events[1]["extra_keys"] == [["salt"]] and events[1]["group_idx"] == 0
 
 
 def test_full_64_bit_and_bytes_hashes_round_trip() -> None:

@@ -189,7 +189,9 @@ def test_unknown_parent_is_skipped_and_counted() -> None:
 def test_invalid_events_are_rejected_without_changes() -> None:
     indexer = KVIndexer(BS)
     bad_count = stored([1, 2], PROMPT[:7])
-    bad_size = BlockStored(block_hashes=[1], parent_block_hash=None, token_ids=[1, 2], block_size=2)
+    bad_size = BlockStored(
+        block_hashes=[1], parent_block_hash=None, token_ids=list(range(8)), block_size=8
+    )
     for event in (bad_count, bad_size):
         with pytest.raises(InvalidKVEvent):
             indexer.apply_event("A", event)
@@ -262,3 +264,82 @@ def test_vllm_vector_stream() -> None:
     indexer.apply_batch("w", batches[4])
     assert found() == {}
     assert indexer.num_blocks("w") == 0
+
+
+# vLLM 0.32's optional BlockStored/BlockRemoved fields (vllm/distributed/kv_events.py).
+
+
+def test_partial_block_is_skipped_and_counted() -> None:
+    """vLLM's hybrid-model tail caching stores one block of fewer tokens than the block size."""
+    indexer = KVIndexer(BS)
+    store_prefix(indexer, "A", 1)
+    partial = BlockStored(block_hashes=[50], parent_block_hash=1, token_ids=PROMPT[4:6],
+                          block_size=2)  # fmt: skip
+    indexer.apply_events("A", [partial, removed([50])])
+    assert indexer.num_partial_blocks == 1
+    assert indexer.num_rejected_events == 0
+    assert matches(indexer) == {"A": {"GPU": 1}}
+
+
+def test_other_kv_cache_group_is_skipped() -> None:
+    """Hybrid models publish one stream per KV-cache group under the same engine hashes: only
+    the followed group's blocks count (group 1 removing a hash leaves group 0's block)."""
+    indexer = KVIndexer(BS)
+    group0 = stored([1, 2], PROMPT[:8])
+    group0.group_idx = 0
+    group1 = stored([1, 2], PROMPT[:8])
+    group1.group_idx = 1
+    drop1 = BlockRemoved(block_hashes=[1, 2], medium="GPU", group_idx=1)
+    indexer.apply_events("A", [group0, group1, drop1])
+    assert matches(indexer) == {"A": {"GPU": 2}}
+    assert indexer.num_other_group_events == 2
+
+
+def test_cache_salt_in_extra_keys_salts_the_chain() -> None:
+    """vLLM puts the request's cache_salt in the first block's extra keys; such blocks match
+    only requests with the same salt, and the chain continues from the salted block."""
+    indexer = KVIndexer(BS)
+    event = stored([1, 2, 3], PROMPT[:12])
+    event.extra_keys = [["tenant-a"], None, None]
+    indexer.apply_event("A", event)
+    assert matches(indexer) == {}
+    salted = indexer.hash_request(PROMPT, cache_salt="tenant-a")
+    assert indexer.find_matches(salted).worker_to_medium_blocks == {"A": {"GPU": 3}}
+    other = indexer.hash_request(PROMPT, cache_salt="tenant-b")
+    assert indexer.find_matches(other).worker_to_medium_blocks == {}
+    indexer.apply_event("A", stored([4], PROMPT[12:16], parent=3))
+    assert indexer.find_matches(salted).worker_to_medium_blocks == {"A": {"GPU": 4}}
+
+
+def test_lora_name_in_extra_keys_is_the_root_salt_only() -> None:
+    """With a LoRA, every block's extra keys start with its name: already in the root salt."""
+    indexer = KVIndexer(BS)
+    event = stored([1, 2], PROMPT[:8], lora_name="sql")
+    event.extra_keys = [["sql"], ["sql"]]
+    indexer.apply_event("A", event)
+    found = indexer.find_matches(indexer.hash_request(PROMPT, lora_name="sql"))
+    assert found.worker_to_medium_blocks == {"A": {"GPU": 2}}
+
+
+def test_multimodal_keys_never_match_a_text_request() -> None:
+    indexer = KVIndexer(BS)
+    event = stored([1, 2], PROMPT[:8])
+    event.extra_keys = [None, [["image-sha", 0]]]
+    indexer.apply_event("A", event)
+    assert matches(indexer) == {"A": {"GPU": 1}}
+    bad = stored([3], PROMPT[:4])
+    bad.extra_keys = [None, ["x"]]  # two entries for one block
+    with pytest.raises(InvalidKVEvent):
+        indexer.apply_event("A", bad)
+
+
+def test_held_blocks_are_router_hashes_per_medium() -> None:
+    indexer = KVIndexer(BS)
+    store_prefix(indexer, "A", 3)
+    store_prefix(indexer, "A", 1, first_hash=10, medium="CPU")
+    router = hash_token_blocks(PROMPT, BS)
+    assert indexer.held_blocks("A") == {
+        "GPU": frozenset(router[:3]),
+        "CPU": frozenset(router[:1]),
+    }
+    assert indexer.held_blocks("nobody") == {}
