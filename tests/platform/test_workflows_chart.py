@@ -1,0 +1,152 @@
+"""The strata-workflows chart: its WorkflowTemplates are Hera's, wired to the environment's
+image, model-cache PVC, ServiceAccount and MLflow URL; the steps' Role grants exactly the API
+calls the deploy step makes (recorded by the fake API server the deploy tests use)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.platform.conftest import ENVIRONMENTS, Rendered
+from tests.workflows.fake_kube_api import PATH, FakeKubeAPI, write_kubeconfig
+from workflows.argo import build_templates
+from workflows.pipeline import PublishParams
+from workflows.platform_cli import workflow_template_files
+from workflows.steps.deploy import deploy_candidate, remove_run_deployments, switch_production
+
+# What Argo's executor itself needs in the step pods (outputs as WorkflowTaskResults, v3.4+).
+EXECUTOR_RULES = {("argoproj.io", "workflowtaskresults", "create"),
+                  ("argoproj.io", "workflowtaskresults", "patch")}  # fmt: skip
+
+
+def parameters(template: dict[str, Any]) -> dict[str, str | None]:
+    return {p["name"]: p.get("value") for p in template["spec"]["arguments"]["parameters"]}
+
+
+def test_chart_templates_are_what_hera_renders() -> None:
+    stale = [p for p, text in workflow_template_files().items() if p.read_text() != text]
+    assert stale == [], "run `strata platform generate`"
+
+
+@pytest.mark.parametrize("env", ENVIRONMENTS)
+def test_templates_reference_the_environments_image_pvc_account_and_mlflow(
+    rendered_envs: dict[str, Rendered], env: str
+) -> None:
+    rendered = rendered_envs[env]
+    templates = {t["metadata"]["name"]: t for t in rendered.of_kind("WorkflowTemplate")}
+    assert set(templates) == {"publish-model", "rollback-model"}
+    (frontend,) = [d for d in rendered.of_kind("Deployment") if "frontend" in d["metadata"]["name"]]
+    image = frontend["spec"]["template"]["spec"]["containers"][0]["image"]
+    (claim,) = rendered.of_kind("PersistentVolumeClaim")
+    mounted = {
+        v["persistentVolumeClaim"]["claimName"]
+        for d in rendered.of_kind("Deployment")
+        for v in d["spec"]["template"]["spec"]["volumes"]
+        if v["name"] == "model-cache"
+    }
+    accounts = {
+        subject["name"]
+        for binding in rendered.of_kind("RoleBinding")
+        for subject in binding["subjects"]
+        if subject["name"] != "strata-publisher"
+    }
+    mlflow = rendered.env.workflows.get(
+        "mlflowTrackingUri", "http://mlflow.mlflow.svc.cluster.local:5000"
+    )
+    for name, template in templates.items():
+        params = parameters(template)
+        assert params["image"] == image
+        assert {params["service-account"]} == accounts
+        assert params["mlflow-tracking-uri"] == mlflow
+        if name == "publish-model":
+            assert {params["model-cache-pvc"]} == mounted == {claim["metadata"]["name"]}
+        # Apart from those defaults and the chart's labels, the template is Hera's own.
+        (hera,) = [t.to_dict() for t in build_templates(params_defaults(params)) if t.name == name]
+        assert strip_labels(template) == strip_labels(hera)
+
+
+def params_defaults(params: dict[str, str | None]) -> dict[str, str]:
+    keys = ("image", "model-cache-pvc", "service-account", "mlflow-tracking-uri",
+            "s3-endpoint-url", "frontend-url")  # fmt: skip
+    return {k: v for k in keys if (v := params.get(k)) is not None}
+
+
+def strip_labels(template: dict[str, Any]) -> dict[str, Any]:
+    return {
+        **template,
+        "metadata": {k: v for k, v in template["metadata"].items() if k != "labels"},
+    }
+
+
+# --- RBAC: exactly the verbs the steps use ---------------------------------------------------
+
+
+@pytest.fixture
+def kube(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeKubeAPI]:
+    fake = FakeKubeAPI(ready_after=1)
+    fake.start()
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(write_kubeconfig(tmp_path, fake.url)))
+    yield fake
+    fake.stop()
+
+
+def recorded_rules(kube: FakeKubeAPI) -> set[tuple[str, str, str]]:
+    """(apiGroup, resource, verb) of every recorded request, as the RBAC authorizer sees it."""
+    rules = set()
+    for request in kube.requests:
+        match = PATH.match(request.path)
+        assert match is not None, request.path
+        group = "apps" if match["prefix"].startswith("/apis/apps") else ""
+        resource = match["plural"] + ("/status" if match["status"] else "")
+        if request.method == "GET":
+            verb = "get" if match["name"] else "watch" if request.query.get("watch") else "list"
+        else:
+            verb = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}[
+                request.method
+            ]
+        rules.add((group, resource, verb))
+    return rules
+
+
+def role_rules(role: dict[str, Any]) -> set[tuple[str, str, str]]:
+    return {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+
+
+def test_step_role_grants_exactly_the_calls_the_deploy_step_makes(
+    kube: FakeKubeAPI, tmp_path: Path, rendered_envs: dict[str, Rendered]
+) -> None:
+    from tests.workflows.test_deploy import FakeFrontend
+
+    cache = tmp_path / "cache"
+    params = PublishParams(name="m", cache_dir=str(cache), deploy_target="kubernetes",
+                           engine="mock", run_id="run-1")  # fmt: skip
+    old = deploy_candidate(params, "1", cache / "a", root=tmp_path)
+    new = deploy_candidate(params, "2", cache / "b", root=tmp_path)
+    deploy_candidate(params, "2", cache / "b", root=tmp_path)  # a retried step re-applies
+    frontend = FakeFrontend([old.endpoint])
+    try:
+        switch_production(frontend.url, new.endpoint, "m", root=tmp_path)
+    finally:
+        frontend.stop()
+    # The exit handler removes what an unpromoted run deployed.
+    assert remove_run_deployments(params, root=tmp_path) == [new.name]
+    used = recorded_rules(kube)
+    assert ("apps", "deployments", "delete") in used  # the switch really removed the old one
+    rendered = rendered_envs["p5-disagg-efa"]
+    role = rendered.named("Role", "strata-workflows")
+    assert role_rules(role) == used | EXECUTOR_RULES
+    binding = rendered.named("RoleBinding", "strata-workflows")
+    assert binding["roleRef"]["name"] == "strata-workflows"
+    assert not rendered.of_kind("ClusterRole") and not rendered.of_kind("ClusterRoleBinding")
+    for obj in rendered.of_kind("Role"):
+        assert all("*" not in v for r in obj["rules"] for v in r["verbs"] + r["resources"])
