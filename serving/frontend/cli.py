@@ -38,7 +38,9 @@ def serve(
     max_local_prefill_fraction: Annotated[float, typer.Option()] = (
         DEFAULT_MAX_LOCAL_PREFILL_FRACTION
     ),
-    engine: Annotated[str, typer.Option(help="builtin | mock")] = "builtin",
+    engine: Annotated[
+        str, typer.Option(help="builtin | mock | vllm (stock vLLM servers, docs/vllm.md)")
+    ] = "builtin",
     router: Annotated[str, typer.Option(help=" | ".join(POLICY_NAMES))] = "kv",
     host: Annotated[str, typer.Option(envvar="STRATA_HOST")] = "127.0.0.1",
     port: Annotated[int, typer.Option(envvar="STRATA_PORT")] = 8000,
@@ -50,7 +52,13 @@ def serve(
     ] = None,
     api_key: Annotated[str | None, typer.Option(envvar="STRATA_API_KEY")] = None,
     served_model_name: Annotated[str | None, typer.Option()] = None,
-    block_size: Annotated[int, typer.Option()] = 16,
+    block_size: Annotated[
+        int | None,
+        typer.Option(
+            help="Local workers' KV block size (default 16, vLLM 32); the router "
+            "takes the workers' own."
+        ),
+    ] = None,
     migration_limit: Annotated[int, typer.Option()] = 3,
     kv_prefill_scale: Annotated[
         float, typer.Option(help="kv router: weight of an uncached prompt block vs decode load.")
@@ -67,6 +75,14 @@ def serve(
         ".strata/logs"
     ),
     log_level: Annotated[str, typer.Option()] = "info",
+    vllm_python: Annotated[
+        str | None,
+        typer.Option(
+            envvar="STRATA_VLLM_PYTHON",
+            help="--engine vllm: Python with vLLM "
+            "(default: .venv-vllm, else the one behind `vllm` on PATH).",
+        ),
+    ] = None,
 ) -> None:
     """Start local workers and the frontend (KV-aware router inside) until Ctrl-C."""
     from serving.frontend.serve import ServeConfig, run_serve
@@ -77,8 +93,10 @@ def serve(
     logging.getLogger("httpx").setLevel(logging.WARNING)
     if router not in POLICY_NAMES:
         raise typer.BadParameter(f"--router must be one of {', '.join(POLICY_NAMES)}")
-    if engine not in ("builtin", "mock"):
-        raise typer.BadParameter("--engine must be builtin or mock")
+    if engine not in ("builtin", "mock", "vllm"):
+        raise typer.BadParameter("--engine must be builtin, mock or vllm")
+    if engine == "vllm" and worker_device:
+        raise typer.BadParameter("--worker-device: vLLM workers choose their device themselves")
     if min(prefill, decode) < 0 or (workers is not None and workers < 0):
         raise typer.BadParameter("--workers, --prefill and --decode must be >= 0")
     if prefill and not decode and not workers:
@@ -104,12 +122,13 @@ def serve(
         worker_urls=list(worker_url or []),
         api_key=api_key,
         served_model_name=served_model_name,
-        block_size=block_size,
+        block_size=block_size or (32 if engine == "vllm" else 16),
         migration_limit=migration_limit,
         kv_prefill_scale=kv_prefill_scale,
         worker_args=list(worker_arg or []),
         worker_devices=list(worker_device or []),
         log_dir=log_dir,
+        vllm_python=vllm_python,
     )
     try:
         run_serve(config)

@@ -2,7 +2,8 @@
 
 ``--workers N`` starts aggregated workers (role ``both``); ``--prefill P --decode D`` starts a
 disaggregated pool (roles ``prefill``/``decode``, each with a KV transport: NIXL, else TCP,
-loudly); both may be mixed.
+loudly); both may be mixed. ``--engine vllm`` starts stock vLLM servers instead
+(``serving/vllm_engine/launcher.py``), each in its own process group.
 
 Workers are ``python -m serving.worker`` processes on free loopback ports, each publishing KV
 events. A worker that exits unexpectedly is restarted (bounded); meanwhile the frontend's
@@ -12,6 +13,7 @@ frontend first (draining), then the workers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -39,6 +41,8 @@ from serving.router.disagg import (
     DisaggConfig,
 )
 from serving.router.policies import DEFAULT_PREFILL_SCALE, KVCostConfig, PolicyName
+from serving.vllm_engine import launcher as vllm_launcher
+from serving.vllm_engine.discovery import pool_block_size
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +76,7 @@ class ServeConfig:
     # Where `strata local up`'s Prometheus looks for targets; None: that directory if it exists.
     prometheus_targets_dir: Path | None = None
     extra_metric_registries: list = field(default_factory=list)
+    vllm_python: str | None = None  # --engine vllm: the interpreter with vLLM (None: look)
 
     @property
     def model_name(self) -> str:
@@ -97,6 +102,9 @@ class _LocalWorker:
     log_path: Path
     proc: subprocess.Popen | None = None
     num_restarts: int = 0
+    env: dict[str, str] | None = None
+    # A process group of its own (vLLM: API server + engine core), killed as a whole.
+    own_group: bool = False
 
     @property
     def url(self) -> str:
@@ -107,13 +115,24 @@ class _LocalWorker:
         return f"local-{self.index}" if self.role == "both" else f"{self.role}-{self.index}"
 
     def start(self) -> None:
+        if self.own_group and self.proc is not None:
+            # A killed vLLM server leaves its engine core holding the KV-event ports.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
         log = self.log_path.open("a")
-        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT,
+                                     env=self.env, start_new_session=self.own_group)  # fmt: skip
         log.close()
 
 
 def worker_command(cfg: ServeConfig, index: int, role: str, port: int, kv_port: int) -> list[str]:
-    """The ``python -m serving.worker`` command line of local worker ``index``."""
+    """The ``python -m serving.worker`` (or vLLM) command line of local worker ``index``."""
+    if cfg.engine == "vllm":
+        return vllm_launcher.vllm_command(
+            vllm_launcher.find_vllm_python(cfg.vllm_python), model_dir=cfg.model_dir,
+            served_model_name=cfg.model_name, port=port, kv_events_port=kv_port,
+            block_size=cfg.block_size, role=role, extra_args=cfg.worker_args,
+        )  # fmt: skip
     role_args = [] if role == "both" else ["--role", role, "--kv-transport", cfg.kv_transport]
     if cfg.worker_devices:
         role_args += ["--device", cfg.worker_devices[index % len(cfg.worker_devices)]]
@@ -148,6 +167,12 @@ class WorkerSupervisor:
             port, kv_port = free_port(), free_port_pair()
             cmd = worker_command(cfg, i, role, port, kv_port)
             worker = _LocalWorker(i, role, port, kv_port, cmd, cfg.log_dir / f"worker-{i}.log")
+            if cfg.engine == "vllm":
+                worker.own_group = True
+                worker.env = vllm_launcher.vllm_env(
+                    os.environ, index=i, num_workers=len(cfg.roles),
+                    nixl_side_channel_port=None if role == "both" else free_port(),
+                )  # fmt: skip
             worker.start()
             self.workers.append(worker)
         deadline = time.monotonic() + cfg.startup_timeout_s
@@ -189,6 +214,9 @@ class WorkerSupervisor:
             except subprocess.TimeoutExpired:
                 worker.proc.kill()
                 worker.proc.wait()
+            if worker.own_group:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(worker.proc.pid, signal.SIGKILL)  # whatever it left behind
 
 
 def _wait_healthy(worker: _LocalWorker, deadline: float) -> None:
@@ -255,6 +283,7 @@ def run_serve(config: ServeConfig) -> None:
                 "no workers: use --workers N, --prefill P --decode D and/or --worker-url URL"
             )
         max_len, vocab = model_limits(config.model_dir, [s.url for s in specs])
+        config.block_size = pool_block_size([s.url for s in specs], config.block_size)
         state = build_frontend_state(config, specs, max_len, vocab)
         targets_dir = config.prometheus_targets_dir or Path(".strata/local/prometheus/targets")
         if targets_dir.is_dir():

@@ -113,3 +113,39 @@ async def probe_vllm(http: httpx.AsyncClient, url: str, worker_host: str) -> VLL
     except (httpx.HTTPError, ValueError):
         pass
     return VLLMWorkerInfo(kv_events, block_size)
+
+
+class MixedBlockSizeError(ValueError):
+    """Workers of one pool use different KV block sizes (the router indexes one)."""
+
+
+def worker_block_size(url: str, timeout_s: float = 10.0) -> int | None:
+    """A worker's KV block size: a Strata worker's ``/health``, else vLLM's ``/metrics``."""
+    try:
+        health = httpx.get(f"{url}/health", timeout=timeout_s)
+        body = health.json() if health.content else {}
+        if isinstance(body, dict) and isinstance(body.get("block_size"), int):
+            return body["block_size"]
+    except (httpx.HTTPError, ValueError):
+        pass
+    try:
+        metrics = httpx.get(f"{url}/metrics", timeout=timeout_s)
+        return parse_block_size(metrics.text) if metrics.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+def pool_block_size(urls: list[str], default: int) -> int:
+    """The one block size every worker that reports one uses; ``default`` if none reports.
+
+    Raises ``MixedBlockSizeError`` naming each worker's size when they differ.
+    """
+    sizes = {url: worker_block_size(url) for url in urls}
+    known = {url: size for url, size in sizes.items() if size is not None}
+    if len(set(known.values())) > 1:
+        listing = ", ".join(f"{url}: {size}" for url, size in known.items())
+        raise MixedBlockSizeError(
+            f"workers use different KV block sizes ({listing}); the KV router indexes one "
+            "block size per pool: start every worker with the same --block-size"
+        )
+    return next(iter(known.values()), default)
