@@ -19,6 +19,7 @@ import httpx
 
 from serving.protocol.kv_events import KVEventBatch
 from serving.router.subscriber import KVEventSubscriber, KVEventSubscriberThread
+from serving.vllm_engine.discovery import probe_vllm
 
 logger = logging.getLogger(__name__)
 
@@ -120,11 +121,17 @@ async def probe_worker(http: httpx.AsyncClient, spec: WorkerSpec, block_size: in
     if not isinstance(health, dict):
         health = {}
     worker_block_size = health.get("block_size")
+    host = urlsplit(spec.url).hostname or "127.0.0.1"
+    if worker_block_size is None:  # stock vLLM: /kv_event_sources and vllm:cache_config_info
+        vllm = await probe_vllm(http, spec.url, host)
+        worker_block_size = vllm.block_size
+        if kv_endpoint is None and vllm.kv_events is not None:
+            kv_endpoint = vllm.kv_events.endpoint
+            replay_endpoint = replay_endpoint or vllm.kv_events.replay_endpoint
     if worker_block_size is not None and worker_block_size != block_size:
         raise WorkerRegistrationError(
             f"worker {spec.url} uses KV block size {worker_block_size}, the router {block_size}"
         )
-    host = urlsplit(spec.url).hostname or "127.0.0.1"
     if kv_endpoint is None and health.get("kv_events_port"):
         kv_endpoint = f"tcp://{host}:{health['kv_events_port']}"
     if replay_endpoint is None and health.get("kv_events_replay_port"):
