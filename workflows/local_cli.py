@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
+from workflows.listing import Column, OutputFormat, emit
 from workflows.local_services import (
     DEFAULT_PORTS,
     DEFAULT_ROOT,
@@ -112,28 +112,41 @@ def down(
 
 
 @app.command()
-def status(root: RootOption = DEFAULT_ROOT) -> None:
+def status(
+    root: RootOption = DEFAULT_ROOT,
+    output: Annotated[
+        OutputFormat,
+        typer.Option(
+            "--output",
+            "-o",
+            help="table (plain columns when piped) or json.",
+            envvar="STRATA_OUTPUT",
+            show_envvar=True,
+        ),
+    ] = OutputFormat.table,
+) -> None:
     """Show each service's URL, pid and state."""
-    _print_table(local_services_status(root))
+    _print_table(local_services_status(root), output)
 
 
-_STATE_STYLES = {"running": "green", "unhealthy": "red", "stopped": "dim", "unavailable": "yellow"}
+SERVICE_COLUMNS = (
+    Column("service", "service", style="bold"),
+    Column("url", "url"),
+    Column("pid", "pid"),
+    Column("state", "state"),
+    Column("note", "log / note", shrink=True),
+)
 
 
-def _print_table(services: LocalServices) -> None:
-    table = Table(title=f"strata local services ({services.root})")
-    table.add_column("service")
-    table.add_column("url", no_wrap=True)
-    table.add_column("pid")
-    table.add_column("state")
-    table.add_column("log / note", overflow="fold")
-    for handle in services.handles:
-        style = _STATE_STYLES[handle.state]
-        table.add_row(
-            handle.name,
-            handle.url,
-            "" if handle.pid is None else str(handle.pid),
-            f"[{style}]{handle.state}[/]",
-            escape(handle.detail or str(handle.log_path)),
-        )
-    Console(soft_wrap=True).print(table)
+def _print_table(services: LocalServices, output: OutputFormat = OutputFormat.table) -> None:
+    rows = [
+        {
+            "service": handle.name,
+            "url": handle.url,
+            "pid": handle.pid,
+            "state": handle.state,
+            "note": handle.detail or str(handle.log_path),
+        }
+        for handle in services.handles
+    ]
+    emit(rows, SERVICE_COLUMNS, output=output, title=f"strata local services ({services.root})")

@@ -22,6 +22,7 @@ import os
 import time
 import traceback
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,9 +85,13 @@ def run_workflow(
     retry_backoff_s: float = 1.0,
     state_dir: Path | None = None,
     resume: bool = False,
+    max_backoff_s: float = 60.0,
+    on_retry: Callable[[str, int, Exception], None] | None = None,
 ) -> RunResult:
     """Run ``spec``; with ``state_dir`` its state is saved there, and ``resume`` continues the
-    run ``params.run_id`` from its state file."""
+    run ``params.run_id`` from its state file. A step's retries wait ``retry_backoff_s`` times
+    2**attempt, at most ``max_backoff_s``; ``on_retry(step, attempt, error)`` is called before
+    each wait."""
     console = console or Console(stderr=True)
     if not params.run_id:
         if resume:
@@ -95,6 +100,7 @@ def run_workflow(
     state_path = None if state_dir is None else Path(state_dir) / f"{params.run_id}.json"
     saved = _reusable_steps(spec, load_state(state_path)) if resume and state_path else {}
     statuses = {s.name: StepStatus(s.name) for s in spec.steps}
+    backoff = _Backoff(retry_backoff_s, max_backoff_s, on_retry)
     metrics.init_model(params.name, [s.name for s in spec.steps])
     started = time.monotonic()
     verb = "resuming" if resume else "running"
@@ -114,13 +120,13 @@ def run_workflow(
             status.message = "an upstream step did not succeed"
             continue
         kwargs = {arg: statuses[src].outputs[key] for arg, (src, key) in step.inputs.items()}
-        _run_step(step, params, kwargs, status, console, retry_backoff_s)
+        _run_step(step, params, kwargs, status, console, backoff)
         _save_state(state_path, spec, params, statuses, None)
     phase = "Succeeded" if all(s.phase == "Succeeded" for s in statuses.values()) else "Failed"
     exit_status = None
     if spec.on_exit is not None:
         exit_status = StepStatus(spec.on_exit.name)
-        _run_step(spec.on_exit, params, {"status": phase}, exit_status, console, retry_backoff_s)
+        _run_step(spec.on_exit, params, {"status": phase}, exit_status, console, backoff)
         if exit_status.phase != "Succeeded":
             phase = "Failed"
     _save_state(state_path, spec, params, statuses, exit_status)
@@ -138,13 +144,25 @@ def new_run_id() -> str:
     return f"local-{uuid.uuid4().hex[:12]}"
 
 
+@dataclass(frozen=True, slots=True)
+class _Backoff:
+    base_s: float
+    max_s: float
+    on_retry: Callable[[str, int, Exception], None] | None
+
+    def wait(self, step: str, attempt: int, exc: Exception) -> None:
+        if self.on_retry is not None:
+            self.on_retry(step, attempt, exc)
+        time.sleep(min(self.base_s * (2**attempt), self.max_s))  # backoff between attempts
+
+
 def _run_step(
     step: StepSpec,
     params: PublishParams,
     kwargs: dict[str, Any],
     status: StepStatus,
     console: Console,
-    retry_backoff_s: float,
+    backoff: _Backoff,
 ) -> None:
     """One step with its retries; fills ``status`` and records the step's metrics."""
     from workflows.steps.lifecycle import is_retryable
@@ -163,7 +181,7 @@ def _run_step(
             logger.debug("step %s failed:\n%s", step.name, traceback.format_exc())
             if attempt < step.retries and is_retryable(exc):
                 console.print(f"  [yellow]{step.name}[/]: {status.message}; retrying")
-                time.sleep(retry_backoff_s * (2**attempt))  # backoff between attempts
+                backoff.wait(step.name, attempt + 1, exc)
                 continue
             status.phase = "Failed"
             break

@@ -9,8 +9,8 @@ from typing import Annotated, NoReturn
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
+from workflows.listing import Column, OutputFormat, emit
 from workflows.pipeline import PublishParams
 from workflows.steps import registry
 from workflows.steps.lifecycle import StepFailed, rollback_step
@@ -33,12 +33,35 @@ TrackingUriOption = Annotated[
 NameArgument = Annotated[str, typer.Argument(help="Registered model name.", show_default=False)]
 
 
+OutputOption = Annotated[
+    OutputFormat,
+    typer.Option(
+        "--output",
+        "-o",
+        help="table (plain columns when piped: one line per row) or json (raw values).",
+        envvar="STRATA_OUTPUT",
+        show_envvar=True,
+    ),
+]
+MODEL_COLUMNS = (
+    Column("name", "name", style="bold"),
+    Column("version", "version"),
+    Column("aliases", "aliases"),
+    Column("source", "source", shrink=True),
+    Column("manifest", "manifest"),
+    Column("eval_acc", "eval acc"),
+    Column("ttft_p95", "TTFT p95"),
+    Column("created", "created"),  # UTC, ISO 8601 (the Z)
+)
+
+
 def models(
     name: Annotated[
         str | None,
         typer.Option("--name", help="Only this registered model.", show_default=False),
     ] = None,
     tracking_uri: TrackingUriOption = DEFAULT_TRACKING_URI,
+    output: OutputOption = OutputFormat.table,
 ) -> None:
     """List registered model versions with their aliases and key metrics."""
     try:
@@ -48,14 +71,11 @@ def models(
         }
     except RegistryError as exc:
         _fail(exc)
-    table = Table(title=f"registered models ({tracking_uri})")
-    for column in ("name", "version", "aliases", "source", "manifest", "eval acc", "TTFT p95"):
-        table.add_column(column, overflow="fold")
-    table.add_column("created (UTC)", no_wrap=True)
-    for info in infos:
-        metrics = run_to_metrics.get(info.run_id, {})
-        table.add_row(*(escape(cell) for cell in _row(info, metrics)))
-    Console(soft_wrap=True).print(table)
+    if output == OutputFormat.json:
+        emit([_record(i, run_to_metrics.get(i.run_id, {})) for i in infos], (), output=output)
+        return
+    rows = [_row(info, run_to_metrics.get(info.run_id, {})) for info in infos]
+    emit(rows, MODEL_COLUMNS, title=f"registered models ({tracking_uri})")
 
 
 def promote(
@@ -104,21 +124,38 @@ def rollback(
     _print_move(name, production, previous)
 
 
-def _row(info: VersionInfo, metrics: dict[str, float]) -> list[str]:
+def _record(info: VersionInfo, metrics: dict[str, float]) -> dict[str, object]:
+    """One version for ``--output json``: raw values, full digest, ISO 8601 time."""
+    created = datetime.fromtimestamp(info.created_ms / 1000, UTC)
+    return {
+        "name": info.name,
+        "version": info.version,
+        "aliases": info.aliases,
+        "source": info.source_uri,
+        "manifest_digest": info.manifest_digest or None,
+        "staged_dir": info.staged_dir or None,
+        "run_id": info.run_id or None,
+        "eval_accuracy": metrics.get(EVAL_ACCURACY_METRIC),
+        "ttft_p95_ms": metrics.get(TTFT_P95_METRIC),
+        "created": created.isoformat(timespec="seconds").replace("+00:00", "Z"),
+    }
+
+
+def _row(info: VersionInfo, metrics: dict[str, float]) -> dict[str, str | list[str] | None]:
+    """One version for the table: each cell one word, so piped output splits on spaces."""
     accuracy = metrics.get(EVAL_ACCURACY_METRIC)
     ttft_ms = metrics.get(TTFT_P95_METRIC)
-    ttft = "-" if ttft_ms is None else f"{ttft_ms:.1f} ms"
-    created = datetime.fromtimestamp(info.created_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M")
-    return [
-        info.name,
-        info.version,
-        ", ".join(info.aliases) or "-",
-        info.source_uri,
-        info.manifest_digest[:12] or "-",
-        "-" if accuracy is None else f"{accuracy:.3f}",
-        ttft,
-        created,
-    ]
+    created = datetime.fromtimestamp(info.created_ms / 1000, UTC).strftime("%Y-%m-%dT%H:%MZ")
+    return {
+        "name": info.name,
+        "version": info.version,
+        "aliases": info.aliases,
+        "source": info.source_uri,
+        "manifest": info.manifest_digest[:12] or None,
+        "eval_acc": None if accuracy is None else f"{accuracy:.3f}",
+        "ttft_p95": None if ttft_ms is None else f"{ttft_ms:.1f}ms",
+        "created": created,
+    }
 
 
 def _print_move(name: str, production: str, previous: str | None) -> None:

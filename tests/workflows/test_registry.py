@@ -4,6 +4,7 @@ server (SQLite backend, artifacts on a moto S3 server), started once for the mod
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -260,14 +261,25 @@ def test_cli_models_promote_and_rollback(mlflow_url: str) -> None:
     assert promoted.exit_code == 0, promoted.output
     assert f"{name}: production -> version 2, previous -> version 1" in promoted.output
 
-    listed = invoke("models", "--name", name, *uri)
+    # Piped (not a terminal), in 80 columns: one line per version, one word per cell.
+    listed = CliRunner().invoke(cli_app(), ["models", "--name", name, *uri], env={"COLUMNS": "80"})
     assert listed.exit_code == 0, listed.output
-    rows = {line.split("│")[2].strip(): line for line in listed.output.splitlines()
-            if line.startswith("│") and name in line}  # fmt: skip
-    assert set(rows) == {"1", "2"}
-    assert "previous" in rows["1"] and f"s3://strata-models/{name}/" in rows["1"]
-    assert digest(1)[:12] in rows["1"] and "production" not in rows["1"]
-    assert "production" in rows["2"] and "0.900" in rows["2"] and "31.2 ms" in rows["2"]
+    header, *lines = listed.output.splitlines()
+    assert header.split() == ["NAME", "VERSION", "ALIASES", "SOURCE", "MANIFEST", "EVAL_ACC",
+                              "TTFT_P95", "CREATED"]  # fmt: skip
+    rows = {fields[1]: fields for fields in (line.split() for line in lines)}
+    assert set(rows) == {"1", "2"} and len(lines) == 2
+    source = f"s3://strata-models/{name}/"
+    assert rows["1"][:7] == [name, "1", "previous", source, digest(1)[:12], "-", "-"]
+    assert rows["2"][:7] == [name, "2", "production", source, digest(2)[:12], "0.900", "31.2ms"]
+    assert rows["2"][7].endswith("Z")
+
+    as_json = invoke("models", "--name", name, "--output", "json", *uri)
+    assert as_json.exit_code == 0, as_json.output
+    records = {r["version"]: r for r in json.loads(as_json.output)}
+    assert records["2"]["aliases"] == ["production"]
+    assert records["2"]["eval_accuracy"] == 0.9 and records["2"]["ttft_p95_ms"] == 31.25
+    assert records["1"]["manifest_digest"] == digest(1) and records["1"]["eval_accuracy"] is None
 
     rolled = invoke("rollback", name, *uri)
     assert rolled.exit_code == 0, rolled.output

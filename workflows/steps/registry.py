@@ -134,7 +134,9 @@ def register_version(
                 tags=tags,
                 description=f"Published from {source_uri} (manifest sha256 {manifest_digest}).",
             )
-            version = str(created.version)
+            # A POST the client retried may have made two: the lowest is the one kept.
+            found = _versions_of_run(client, name, publish_run)
+            version = str(found[0].version) if found else str(created.version)
             client.set_tag(run_id, "strata.model_version", version)
         _drop_duplicates(client, name, publish_run, keep=version)
         client.set_registered_model_alias(name, CANDIDATE, version)
