@@ -50,7 +50,14 @@ from hera.workflows.models import (
     WorkflowSpec as ArgoWorkflowSpec,
 )
 
-from workflows.pipeline import WORKFLOW_STATUS, WORKFLOWS, PublishParams, StepSpec, WorkflowSpec
+from workflows.pipeline import (
+    CLUSTER_SLO_MS,
+    WORKFLOW_STATUS,
+    WORKFLOWS,
+    PublishParams,
+    StepSpec,
+    WorkflowSpec,
+)
 from workflows.step_cli import PERMANENT_FAILURE_EXIT_CODE
 
 DEFAULT_IMAGE = "ghcr.io/strata-llm/strata:latest"
@@ -97,7 +104,7 @@ ARGO_PARAMS: tuple[ArgoParam, ...] = (
     ArgoParam(
         "slo-ttft-p95-ms",
         "slo_ttft_p95_ms",
-        _default("slo_ttft_p95_ms"),
+        str(CLUSTER_SLO_MS[0]),
         "benchmark gate: p95 time to first token, ms",
         number=True,
         publish_only=True,
@@ -105,7 +112,7 @@ ARGO_PARAMS: tuple[ArgoParam, ...] = (
     ArgoParam(
         "slo-itl-p95-ms",
         "slo_itl_p95_ms",
-        _default("slo_itl_p95_ms"),
+        str(CLUSTER_SLO_MS[1]),
         "benchmark gate: p95 inter-token latency, ms",
         number=True,
         publish_only=True,

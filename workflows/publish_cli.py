@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from workflows.pipeline import PublishParams, publish_workflow
+from workflows.pipeline import CLUSTER_SLO_MS, LOCAL_SLO_MS, PublishParams, publish_workflow
 
 ARGO_PANEL = "Argo"
 GATES_PANEL = "Gates"
@@ -110,7 +110,8 @@ def publish(
         float | None,
         _option(
             "--slo-ttft-p95-ms",
-            f"Benchmark gate: p95 TTFT, ms (default {_DEFAULTS.slo_ttft_p95_ms}).",
+            f"Benchmark gate: p95 TTFT, ms (default {CLUSTER_SLO_MS[0]:.0f} in a cluster, "
+            f"{LOCAL_SLO_MS[0]:.0f} with --local).",
             panel=GATES_PANEL,
         ),
     ] = None,
@@ -118,7 +119,8 @@ def publish(
         float | None,
         _option(
             "--slo-itl-p95-ms",
-            f"Benchmark gate: p95 ITL, ms (default {_DEFAULTS.slo_itl_p95_ms}).",
+            f"Benchmark gate: p95 ITL, ms (default {CLUSTER_SLO_MS[1]:.0f} in a cluster, "
+            f"{LOCAL_SLO_MS[1]:.0f} with --local).",
             panel=GATES_PANEL,
         ),
     ] = None,

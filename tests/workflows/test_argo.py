@@ -12,9 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import re
-import sys
 import threading
-import types
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -427,6 +425,7 @@ def test_emulated_argo_run_calls_every_step_with_typed_inputs(
         s3_endpoint_url=None,
         frontend_url=None,
         slo_ttft_p95_ms=250,
+        slo_itl_p95_ms=500.0,  # the template's default: the cluster's SLO
         run_id=WORKFLOW_UID,
     )
     assert all(call["params"] == params for call in fakes.calls.values())
@@ -778,10 +777,12 @@ def test_publish_usage_errors(args: list[str], message: str) -> None:
 def test_publish_local_hands_the_spec_and_params_to_the_local_runner(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    from workflows import local_runner
+
     calls: list[tuple[WorkflowSpec, PublishParams]] = []
-    runner = types.ModuleType("workflows.local_runner")
-    runner.run_workflow = lambda spec, params: calls.append((spec, params))  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "workflows.local_runner", runner)
+    monkeypatch.setattr(
+        local_runner, "run_workflow", lambda spec, params, **kw: calls.append((spec, params))
+    )
     args = ["--source", "s3://b/m/", "--name", "m", "--local", "--cache-dir", str(tmp_path)]
     result = CliRunner().invoke(publish_app(), args, env={"MLFLOW_TRACKING_URI": None})
     assert result.exit_code == 0, result.output

@@ -197,3 +197,22 @@ def test_resume_reuses_what_succeeded_except_what_the_exit_handler_undid(tmp_pat
     assert calls == ["stage", "deploy", "evaluate", "exit:Failed",
                      "deploy", "evaluate", "exit:Succeeded"]  # fmt: skip
     assert [second.steps[s].reused for s in ("stage", "deploy", "evaluate")] == [True, False, False]
+
+
+def test_local_gate_holds_on_a_busy_laptop_the_cluster_keeps_its_slo() -> None:
+    """A CPU-only laptop under load (here: TTFT p95 20 s, ITL p95 0.9 s) passes the local gate;
+    the same figures fail the cluster's SLO; explicit values win on both."""
+    from workflows.pipeline import CLUSTER_SLO_MS, LOCAL_SLO_MS
+    from workflows.steps.benchmark import BenchReport, check_slo
+
+    busy = BenchReport(num_requests=16, concurrency=4, ttft_p50_ms=9000.0, ttft_p95_ms=20000.0,
+                       itl_p50_ms=200.0, itl_p95_ms=900.0, output_tokens_per_s=3.0,
+                       duration_s=60.0)  # fmt: skip
+    local = PublishParams(name="m")
+    cluster = PublishParams(name="m", deploy_target="kubernetes")
+    assert local.slo_ms() == LOCAL_SLO_MS and cluster.slo_ms() == CLUSTER_SLO_MS
+    assert check_slo(busy, *local.slo_ms()).passed
+    assert check_slo(busy, *cluster.slo_ms()).violations == [
+        "TTFT p95 20000.0 ms > SLO 5000.0 ms", "ITL p95 900.0 ms > SLO 500.0 ms",
+    ]  # fmt: skip
+    assert PublishParams(name="m", slo_ttft_p95_ms=100.0).slo_ms() == (100.0, LOCAL_SLO_MS[1])

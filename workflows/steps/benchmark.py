@@ -112,6 +112,12 @@ async def _run(
                     last = now
                     num_tokens += got
 
+        # One request first, unmeasured: a fresh worker's first pass pays one-off costs
+        # (allocation, lazy initialisation) that say nothing about its steady state.
+        await one(0)
+        ttfts_s.clear()
+        itls_s.clear()
+        num_tokens = 0
         started_s = time.perf_counter()
         await asyncio.gather(*(one(i) for i in range(num_requests)))
         duration_s = time.perf_counter() - started_s

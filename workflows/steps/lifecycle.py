@@ -132,12 +132,13 @@ def benchmark_step(params: PublishParams, version: str, endpoint: str) -> dict[s
         concurrency=params.bench_concurrency,
         max_tokens=params.bench_max_tokens,
     )
-    verdict = benchmark.check_slo(report, params.slo_ttft_p95_ms, params.slo_itl_p95_ms)
+    slo_ttft_ms, slo_itl_ms = params.slo_ms()
+    verdict = benchmark.check_slo(report, slo_ttft_ms, slo_itl_ms)
     registry.log_version_metrics(
         params.mlflow_tracking_uri,
         params.name,
         version,
-        report.as_metrics(),
+        report.as_metrics() | {"slo_ttft_p95_ms": slo_ttft_ms, "slo_itl_p95_ms": slo_itl_ms},
         tags={"benchmark_passed": str(verdict.passed).lower()},
     )
     return {"passed": verdict.passed, "violations": verdict.violations, **report.as_metrics()}
