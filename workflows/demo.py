@@ -84,6 +84,7 @@ def demo(
     mlflow_port: Annotated[int, typer.Option(envvar="STRATA_LOCAL_MLFLOW_PORT")] = 5000,
     prometheus_port: Annotated[int, typer.Option(envvar="STRATA_LOCAL_PROMETHEUS_PORT")] = 9090,
     prometheus: Annotated[bool, typer.Option(help="Start Prometheus when installed")] = True,
+    grafana_port: Annotated[int, typer.Option(envvar="STRATA_LOCAL_GRAFANA_PORT")] = 3000,
 ) -> None:
     """Publish the bundled SmolLM2 from local S3 through the workflow and serve production."""
     from workflows.local_services import start_local_services
@@ -97,6 +98,8 @@ def demo(
         mlflow_port=mlflow_port,
         prometheus_port=prometheus_port,
         with_prometheus=prometheus,
+        # Grafana over that Prometheus, where a grafana binary or a container runtime exists.
+        grafana_port=grafana_port if prometheus else None,
     )
     os.environ.update(services.client_env())
     typer.echo(f"local services: S3 {services.s3_url}, MLflow {services.mlflow_url}")
@@ -151,7 +154,8 @@ def _serve_frontend(
         f"  try:       {curl_example(host, port, DEMO_MODEL_NAME)}\n"
         f"  MLflow UI: {services.mlflow_url}/#/models/{DEMO_MODEL_NAME}\n"
         f"  metrics:   http://{host}:{port}/metrics\n"
-        f"  publish a new version into this endpoint:\n"
+        + (f"  Grafana:   {services.grafana_url}/dashboards\n" if services.grafana_url else "")
+        + "  publish a new version into this endpoint:\n"
         f"    strata publish --local --source {DEMO_SOURCE} --name {DEMO_MODEL_NAME} "
         f"--frontend-url http://{host}:{port}\n"
     )

@@ -55,6 +55,16 @@ def up(
     prometheus_port: Annotated[int, _port_option("prometheus", "Prometheus")] = DEFAULT_PORTS[
         "prometheus"
     ],
+    grafana_port: Annotated[int, _port_option("grafana", "Grafana")] = DEFAULT_PORTS["grafana"],
+    grafana: Annotated[
+        bool,
+        typer.Option(
+            help="Start Grafana with the dashboards when a grafana binary or a container "
+            "runtime is present.",
+            envvar="STRATA_LOCAL_GRAFANA",
+            show_envvar=True,
+        ),
+    ] = True,
     timeout_s: Annotated[
         float,
         typer.Option(
@@ -73,11 +83,17 @@ def up(
             mlflow_port=mlflow_port,
             prometheus_port=prometheus_port,
             startup_timeout_s=timeout_s,
+            grafana_port=grafana_port if grafana else None,
         )
     except LocalServicesError as exc:
         Console(stderr=True, soft_wrap=True).print(f"[red]error:[/] {escape(str(exc))}")
         raise typer.Exit(1) from exc
     _print_table(services)
+    if services.grafana_url:
+        typer.echo(f"Grafana: {services.grafana_url}/dashboards (folder Strata)")
+    elif grafana:
+        typer.echo("Grafana: not started (no grafana binary, no container runtime); "
+                   "docs/observability.md shows the one command that starts it")  # fmt: skip
 
 
 @app.command()

@@ -38,6 +38,9 @@ import httpx
 import psutil
 from botocore.exceptions import BotoCoreError, ClientError
 
+from workflows.local_grafana import UNAVAILABLE as GRAFANA_UNAVAILABLE
+from workflows.local_grafana import find_launcher as find_grafana
+from workflows.local_grafana import grafana_launch
 from workflows.local_s3_snapshot import SnapshotError, restore_s3, snapshot_s3
 from workflows.steps.s3 import LOCAL_AWS_CREDENTIALS, make_s3_client
 
@@ -46,9 +49,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_ROOT = Path(".strata/local")
 LOOPBACK = "127.0.0.1"
 MLFLOW_BUCKET = "strata-mlflow"
-SERVICE_NAMES = ("s3", "mlflow", "prometheus")
-DEFAULT_PORTS = {"s3": 9000, "mlflow": 5000, "prometheus": 9090}
-_HEALTH_PATHS = {"s3": "/", "mlflow": "/health", "prometheus": "/-/ready"}
+SERVICE_NAMES = ("s3", "mlflow", "prometheus", "grafana")
+DEFAULT_PORTS = {"s3": 9000, "mlflow": 5000, "prometheus": 9090, "grafana": 3000}
+_HEALTH_PATHS = {"s3": "/", "mlflow": "/health", "prometheus": "/-/ready", "grafana": "/api/health"}
 
 ServiceState = Literal["running", "unhealthy", "stopped", "unavailable"]
 
@@ -91,6 +94,11 @@ class LocalServices:
         handle = self["prometheus"]
         return None if handle.state == "unavailable" else handle.url
 
+    @property
+    def grafana_url(self) -> str | None:
+        handle = self["grafana"]
+        return handle.url if handle.state == "running" else None
+
     def client_env(self) -> dict[str, str]:
         """Environment for MLflow and boto3 clients of these services."""
         return {
@@ -122,6 +130,7 @@ def start_local_services(
     prometheus_port: int = DEFAULT_PORTS["prometheus"],
     with_prometheus: bool = True,
     startup_timeout_s: float = 90.0,
+    grafana_port: int | None = None,
 ) -> LocalServices:
     """Start whichever services are not already running under ``root`` and wait until each
     answers its health endpoint. A fresh S3 server gets the snapshot's objects and the MLflow
@@ -149,6 +158,9 @@ def start_local_services(
         if with_prometheus and shutil.which("prometheus"):
             spec = _prometheus_spec(root, prometheus_port)
             _ensure_running(root, spec, startup_timeout_s, started)
+        if grafana_port is not None:
+            start_grafana(root, grafana_port, f"http://{LOOPBACK}:{prometheus_port}",
+                          startup_timeout_s=startup_timeout_s, started=started)  # fmt: skip
     except BaseException:
         for name in reversed(started):  # no snapshot: the S3 server may be half-restored
             _stop(root, name, timeout_s=10.0)
@@ -163,7 +175,7 @@ def stop_local_services(
     ``timeout_s``), saving the S3 snapshot after MLflow stops and before S3 does, unless
     ``snapshot`` is false. A failed snapshot raises with S3 still running."""
     root = Path(root).absolute()
-    for name in ("prometheus", "mlflow"):
+    for name in ("grafana", "prometheus", "mlflow"):
         _stop(root, name, timeout_s)
     record = _read_record(root, "s3")
     if snapshot and record is not None and _is_alive(record):
@@ -176,6 +188,35 @@ def stop_local_services(
             ) from exc
     _stop(root, "s3", timeout_s)
     return local_services_status(root)
+
+
+def start_grafana(
+    root: Path,
+    port: int,
+    prometheus_url: str,
+    *,
+    startup_timeout_s: float = 90.0,
+    started: list[str] | None = None,
+) -> str | None:
+    """Start Grafana (``workflows.local_grafana``) unless it runs; its URL, or None when this
+    machine has no way to run it."""
+    root = Path(root).absolute()
+    launch = grafana_launch(root, port, prometheus_url)
+    if launch is None:
+        return None
+    for sub in ("run", "logs", "grafana/data", "grafana/logs"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    # Pulling the image on a first container start takes a while: allow for it.
+    timeout_s = startup_timeout_s * (4 if launch.how == "container" else 1)
+    spec = _Spec("grafana", port, launch.argv, launch.env)
+    return _ensure_running(root, spec, timeout_s, started if started is not None else [])
+
+
+def stop_local_service(root: Path, name: str, *, timeout_s: float = 10.0) -> None:
+    """Stop one service (no S3 snapshot); ``start_local_services`` starts it again."""
+    if name not in SERVICE_NAMES:
+        raise LocalServicesError(f"unknown service {name!r}; known: {', '.join(SERVICE_NAMES)}")
+    _stop(Path(root).absolute(), name, timeout_s)
 
 
 def local_services_status(root: Path = DEFAULT_ROOT) -> LocalServices:
@@ -192,6 +233,8 @@ def _status(root: Path, name: str) -> ServiceHandle:
         if name == "prometheus" and not shutil.which("prometheus"):
             detail = "skipped: no prometheus binary on PATH (apt-get install prometheus)"
             return ServiceHandle(name, "-", None, "unavailable", log_path, detail)
+        if name == "grafana" and record is None and find_grafana() is None:
+            return ServiceHandle(name, "-", None, "unavailable", log_path, GRAFANA_UNAVAILABLE)
         return ServiceHandle(name, url, None, "stopped", log_path)
     pid = int(record["pid"])
     if _is_healthy(url + _HEALTH_PATHS[name]):

@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from tests.workflows.conftest import free_port, start_moto, stop_moto
 from workflows import local_services
 from workflows.local_cli import app
+from workflows.local_grafana import find_launcher as find_grafana
 from workflows.local_s3_snapshot import restore_s3, snapshot_s3
 from workflows.local_services import (
     MLFLOW_BUCKET,
@@ -51,13 +52,19 @@ def test_status_of_a_fresh_root_shows_everything_stopped(root: Path) -> None:
     services = local_services_status(root)
     states = {h.name: h.state for h in services.handles}
     prometheus_state = "stopped" if HAS_PROMETHEUS else "unavailable"
-    assert states == {"s3": "stopped", "mlflow": "stopped", "prometheus": prometheus_state}
+    grafana_state = "stopped" if find_grafana() else "unavailable"
+    assert states == {"s3": "stopped", "mlflow": "stopped", "prometheus": prometheus_state,
+                      "grafana": grafana_state}  # fmt: skip
     assert services.s3_url == "http://127.0.0.1:9000"
     assert all(h.pid is None for h in services.handles)
 
     result = CliRunner().invoke(app, ["status", "--root", str(root)])
     assert result.exit_code == 0, result.output
-    assert "s3" in result.output and "stopped" in result.output
+    rows = {line.split()[0]: line.split() for line in result.output.splitlines()[1:]}
+    assert rows["s3"][:4] == ["s3", "http://127.0.0.1:9000", "-", "stopped"]
+    as_json = CliRunner().invoke(app, ["status", "--root", str(root), "--output", "json"])
+    records = {r["service"]: r for r in json.loads(as_json.output)}
+    assert records["mlflow"]["state"] == "stopped" and records["mlflow"]["pid"] is None
 
 
 def test_taken_port_fails_clearly_and_stops_what_it_started(root: Path) -> None:
