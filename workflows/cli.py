@@ -44,6 +44,11 @@ def _register_serving_commands() -> None:
     )
     app.command("promote", help="Move alias production to a version (gated).")(models_cli.promote)
     app.command("rollback", help="Move alias production back to previous.")(models_cli.rollback)
+    from serving.planner.profile_cli import profile
+
+    app.command("profile", help="Measure an engine's prefill and decode times for the planner.")(
+        profile
+    )
 
 
 _register_serving_commands()

@@ -6,8 +6,10 @@ Default model (milliseconds, from DESIGN.md; fitted on an H100 serving a Llama-3
 * decode_ms(u)  = -25.74 * u**2 + 54.01 * u + 5.74,    u = KV cache utilisation in [0, 1]
 
 A step with both prefill chunks and decodes costs the sum of both parts. ``speedup`` divides the
-result. A measured profile (JSON, see ``TimingProfile.from_json``) replaces the formulas with
-piecewise-linear interpolation over measured points.
+result. A measured profile (JSON, see ``TimingProfile.from_json``; ``strata profile`` writes one)
+replaces the formulas with piecewise-linear interpolation over measured points: prefill time
+against the tokens computed in a step, and decode step time either against KV utilisation or,
+from a ``decode_grid``, against the batch size and the decodes' mean context length (bilinear).
 
 Tokens are pseudo-random but deterministic per (seed, request id, position), never an EOS id,
 so a mock request always runs to ``max_tokens`` (or a stop token id) and reruns reproduce.
@@ -15,6 +17,7 @@ so a mock request always runs to ``max_tokens`` (or a stop token id) and reruns 
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import json
 from collections.abc import Sequence
@@ -28,8 +31,54 @@ from serving.engine.scheduler_output import ModelRunnerOutput, ScheduledSeq, Sch
 
 
 @dataclass(frozen=True, slots=True)
+class DecodeGrid:
+    """Measured decode step time over batch size x mean context length; no I/O.
+
+    ``ms[i][j]`` is the step time with ``batch_sizes[i]`` decodes whose mean context is
+    ``context_tokens[j]`` tokens. Lookups interpolate bilinearly and clamp at the edges.
+    """
+
+    batch_sizes: tuple[float, ...]
+    context_tokens: tuple[float, ...]
+    ms: tuple[tuple[float, ...], ...]
+
+    def __post_init__(self) -> None:
+        for name, axis in (
+            ("batch_sizes", self.batch_sizes),
+            ("context_tokens", self.context_tokens),
+        ):
+            if not axis or any(a >= b for a, b in itertools.pairwise(axis)):
+                raise ValueError(f"decode_grid.{name} must be a non-empty increasing list")
+        if len(self.ms) != len(self.batch_sizes) or any(
+            len(row) != len(self.context_tokens) for row in self.ms
+        ):
+            raise ValueError(
+                "decode_grid.ms must have one row per batch size, one column per context"
+            )
+
+    def step_ms(self, batch_size: float, context_tokens: float) -> float:
+        i, fi = _bracket(self.batch_sizes, batch_size)
+        j, fj = _bracket(self.context_tokens, context_tokens)
+        row0, row1 = self.ms[i], self.ms[min(i + 1, len(self.ms) - 1)]
+        j1 = min(j + 1, len(row0) - 1)
+        low = row0[j] + (row0[j1] - row0[j]) * fj
+        high = row1[j] + (row1[j1] - row1[j]) * fj
+        return low + (high - low) * fi
+
+
+def _bracket(axis: Sequence[float], x: float) -> tuple[int, float]:
+    """Index ``i`` and fraction ``f`` with ``x ~ axis[i] + f * (axis[i+1] - axis[i])``, clamped."""
+    if x <= axis[0]:
+        return 0, 0.0
+    if x >= axis[-1]:
+        return len(axis) - 1, 0.0
+    i = bisect.bisect_right(axis, x) - 1
+    return i, (x - axis[i]) / (axis[i + 1] - axis[i])
+
+
+@dataclass(frozen=True, slots=True)
 class TimingProfile:
-    """Step cost as a function of prefill tokens and KV utilisation."""
+    """Step cost as a function of prefill tokens and KV utilisation (or batch and context)."""
 
     # Polynomial coefficients, highest power first (numpy.polyval order), in milliseconds.
     prefill_coeffs_ms: tuple[float, ...] = (4.21e-7, 0.0152, 16.5)
@@ -37,6 +86,8 @@ class TimingProfile:
     # Measured points; when set they replace the polynomials (linear interpolation).
     prefill_points: tuple[tuple[float, float], ...] = ()  # (tokens, ms)
     decode_points: tuple[tuple[float, float], ...] = ()  # (kv usage, ms)
+    # Measured decode step time by batch size and context; replaces both decode models.
+    decode_grid: DecodeGrid | None = None
 
     def prefill_ms(self, num_tokens: int) -> float:
         if num_tokens <= 0:
@@ -53,21 +104,43 @@ class TimingProfile:
             return float(np.interp(usage, xs, ys))
         return float(np.polyval(self.decode_coeffs_ms, usage))
 
+    def decode_step_ms(self, batch_size: int, mean_context_tokens: float, kv_usage: float) -> float:
+        """One decode step of ``batch_size`` sequences: the grid when measured, else by usage."""
+        if self.decode_grid is not None:
+            return self.decode_grid.step_ms(batch_size, mean_context_tokens)
+        return self.decode_ms(kv_usage)
+
     @classmethod
     def from_json(cls, path: Path) -> TimingProfile:
         """Load ``{"prefill": [[tokens, ms], ...], "decode": [[kv_usage, ms], ...]}``.
 
         Either list may instead be ``{"coeffs_ms": [a, b, c]}`` (highest power first).
-        Points must be sorted by their first value. Raises ``ValueError`` naming the file.
+        Points must be sorted by their first value. An optional ``"decode_grid"``:
+        ``{"batch_sizes": [...], "context_tokens": [...], "ms": [[...], ...]}`` (what
+        ``strata profile`` measures) replaces the decode model. Other keys (the profile's
+        metadata) are ignored. Raises ``ValueError`` naming the file.
         """
         try:
-            data = json.loads(Path(path).read_text())
-            return cls(
-                **_part(data, "prefill", "prefill_coeffs_ms", "prefill_points"),
-                **_part(data, "decode", "decode_coeffs_ms", "decode_points"),
-            )
+            return cls.from_dict(json.loads(Path(path).read_text()))
         except (OSError, ValueError, TypeError, KeyError) as exc:
             raise ValueError(f"bad timing profile {path}: {exc}") from exc
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TimingProfile:
+        grid = data.get("decode_grid")
+        return cls(
+            **_part(data, "prefill", "prefill_coeffs_ms", "prefill_points"),
+            **_part(data, "decode", "decode_coeffs_ms", "decode_points"),
+            decode_grid=(
+                DecodeGrid(
+                    tuple(float(b) for b in grid["batch_sizes"]),
+                    tuple(float(c) for c in grid["context_tokens"]),
+                    tuple(tuple(float(v) for v in row) for row in grid["ms"]),
+                )
+                if grid is not None
+                else None
+            ),
+        )
 
 
 def _part(data: dict, key: str, coeffs_field: str, points_field: str) -> dict:
@@ -113,18 +186,22 @@ class MockModelRunner:
     def step_time_s(self, scheduler_output: SchedulerOutput) -> float:
         """Modelled wall time of one step, already divided by ``speedup``."""
         prefill_tokens = 0
-        has_decode = False
+        num_decodes = 0
+        decode_context_tokens = 0
         for seq in scheduler_output.seqs:
             # One token after existing context costs what a decode token does: a decode, the
             # last prompt token a disaggregated decode worker recomputes after its KV pull,
             # or a 1-token tail of a chunked prefill.
             if seq.num_tokens == 1 and (seq.num_output_tokens > 0 or seq.start_pos > 0):
-                has_decode = True
+                num_decodes += 1
+                decode_context_tokens += seq.start_pos + 1
             else:
                 prefill_tokens += seq.num_tokens
         ms = self.profile.prefill_ms(prefill_tokens)
-        if has_decode:
-            ms += self.profile.decode_ms(scheduler_output.kv_usage)
+        if num_decodes:
+            ms += self.profile.decode_step_ms(
+                num_decodes, decode_context_tokens / num_decodes, scheduler_output.kv_usage
+            )
         return ms / 1000.0 / self.speedup
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
