@@ -105,8 +105,10 @@ def _serving() -> Dashboard:
 def _router() -> Dashboard:
     r = "strata_router"
     decisions = f"{r}_decisions_total"
-    per_worker_rate = f"sum by (worker) ({rate(decisions)})"
-    every_worker_rate = per_worker_or_zero(rate(decisions), f"{r}_worker_active_requests")
+    per_worker_rate = f"sum by (worker) ({rate(decisions, MODEL)})"
+    every_worker_rate = per_worker_or_zero(
+        rate(decisions, MODEL), f"{r}_worker_active_requests{{{MODEL}}}"
+    )
     prompt_rate = f"sum({rate('strata_frontend_prompt_tokens_total', MODEL)})"
     return Dashboard(
         uid="strata-router",
@@ -117,7 +119,12 @@ def _router() -> Dashboard:
         panels=(
             Panel(
                 "Decisions by policy and reason",
-                (Query(f"sum by (policy, reason) ({rate(decisions)})", "{{policy}} {{reason}}"),),
+                (
+                    Query(
+                        f"sum by (policy, reason) ({rate(decisions, MODEL)})",
+                        "{{policy}} {{reason}}",
+                    ),
+                ),
                 unit="ops",
             ),
             Panel(
@@ -150,30 +157,45 @@ def _router() -> Dashboard:
             ),
             Panel(
                 "Active requests per worker",
-                (Query(f"sum by (worker) ({r}_worker_active_requests)", "{{worker}}"),),
+                (Query(f"sum by (worker) ({r}_worker_active_requests{{{MODEL}}})", "{{worker}}"),),
                 width=8,
             ),
             Panel(
                 "Active decode blocks per worker",
-                (Query(f"sum by (worker) ({r}_worker_active_decode_blocks)", "{{worker}}"),),
+                (
+                    Query(
+                        f"sum by (worker) ({r}_worker_active_decode_blocks{{{MODEL}}})",
+                        "{{worker}}",
+                    ),
+                ),
                 width=8,
                 description="KV blocks of requests in flight (router's own count).",
             ),
             Panel(
                 "Active prefill tokens per worker",
-                (Query(f"sum by (worker) ({r}_worker_active_prefill_tokens)", "{{worker}}"),),
+                (
+                    Query(
+                        f"sum by (worker) ({r}_worker_active_prefill_tokens{{{MODEL}}})",
+                        "{{worker}}",
+                    ),
+                ),
                 width=8,
                 description="Uncached prompt tokens waiting for their first token.",
             ),
             Panel(
                 "KV events applied by type",
-                (Query(f"sum by (type) ({rate(f'{r}_kv_events_total')})", "{{type}}"),),
+                (Query(f"sum by (type) ({rate(f'{r}_kv_events_total', MODEL)})", "{{type}}"),),
                 unit="ops",
                 width=8,
             ),
             Panel(
                 "KV event batches per worker",
-                (Query(f"sum by (worker) ({rate(f'{r}_kv_event_batches_total')})", "{{worker}}"),),
+                (
+                    Query(
+                        f"sum by (worker) ({rate(f'{r}_kv_event_batches_total', MODEL)})",
+                        "{{worker}}",
+                    ),
+                ),
                 unit="ops",
                 width=8,
             ),
@@ -182,8 +204,8 @@ def _router() -> Dashboard:
                 (
                     Query(
                         per_worker_or_zero(
-                            f"increase({r}_kv_event_lost_batches_total[{RATE}])",
-                            f"{r}_kv_event_batches_total",
+                            f"increase({r}_kv_event_lost_batches_total{{{MODEL}}}[{RATE}])",
+                            f"{r}_kv_event_batches_total{{{MODEL}}}",
                         ),
                         "{{worker}}",
                     ),
@@ -193,18 +215,22 @@ def _router() -> Dashboard:
             ),
             Panel(
                 "Workers without KV events",
-                (Query(f"max({r}_workers_without_kv_events)", "workers"),),
+                (Query(f"sum({r}_workers_without_kv_events{{{MODEL}}})", "workers"),),
                 kind="stat",
                 width=8,
                 description="Workers that serve requests but publish no KV events.",
             ),
             Panel(
                 "Workers by health",
-                (Query(f"sum by (state) ({r}_workers)", "{{state}}"),),
+                (Query(f"sum by (state) ({r}_workers{{{MODEL}}})", "{{state}}"),),
                 kind="stat",
                 width=8,
             ),
-            Panel("Indexed KV blocks", (Query(f"sum({r}_indexed_blocks)", "blocks"),), width=8),
+            Panel(
+                "Indexed KV blocks",
+                (Query(f"sum({r}_indexed_blocks{{{MODEL}}})", "blocks"),),
+                width=8,
+            ),
             Row("Disaggregation"),
             Panel(
                 "Prefill placement decisions",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from serving.frontend.state import FrontendState
 from serving.frontend.workers import Worker, WorkerRegistrationError, WorkerSpec
@@ -19,13 +19,23 @@ class WorkerRegistration(BaseModel):
     replay_endpoint: str | None = None
     worker_id: str | None = None
     role: Literal["prefill", "decode", "both"] | None = None
+    model: str | None = Field(
+        None, description="Served model to bind it to; default: the name on its /v1/models."
+    )
+    version: str | None = Field(
+        None,
+        description="Model version; a new version gets its own router index and pool, and new "
+        "requests go to it once healthy (default: 'default').",
+    )
 
 
 def worker_json(worker: Worker) -> dict[str, Any]:
     return {
         "worker_id": worker.worker_id,
         "url": worker.url,
-        "model": worker.model_name,
+        "model": worker.served_model,
+        "worker_model_name": worker.model_name,
+        "version": worker.version,
         "role": worker.role,
         "healthy": worker.healthy,
         "kv_events_endpoint": worker.kv_events_endpoint,
@@ -35,9 +45,7 @@ def worker_json(worker: Worker) -> dict[str, Any]:
 
 
 def _state(request: Request) -> FrontendState:
-    state: FrontendState = request.app.state.frontend
-    assert state.pool is not None
-    return state
+    return request.app.state.frontend  # type: ignore[no-any-return]
 
 
 def make_admin_router() -> APIRouter:
@@ -45,27 +53,35 @@ def make_admin_router() -> APIRouter:
 
     @router.get("/workers")
     async def list_workers(request: Request) -> dict[str, Any]:
-        pool = _state(request).pool
-        assert pool is not None
-        return {"workers": [worker_json(w) for w in pool.workers.values()]}
+        return {"workers": [worker_json(w) for w in _state(request).models.workers()]}
 
     @router.post("/workers", status_code=201)
     async def add_worker(body: WorkerRegistration, request: Request) -> dict[str, Any]:
-        pool = _state(request).pool
-        assert pool is not None
         spec = WorkerSpec(body.url.rstrip("/"), body.kv_events_endpoint, body.replay_endpoint,
-                          body.worker_id, body.role)  # fmt: skip
+                          body.worker_id, body.role, body.model, body.version)  # fmt: skip
         try:
-            worker = await pool.register(spec)
+            worker = await _state(request).models.register(spec)
         except WorkerRegistrationError as exc:
             raise APIError(str(exc), param="url") from exc
         return worker_json(worker)
 
+    @router.get("/workers/{worker_id}/kv_blocks")
+    async def worker_kv_blocks(worker_id: str, request: Request) -> dict[str, Any]:
+        """What the router's KV index holds for one worker: router block hashes per medium."""
+        found = _state(request).models.locate(worker_id)
+        if found is None:
+            raise APIError(f"no worker {worker_id!r}", status_code=404, param="worker_id")
+        router = found[1].router
+        held = router.indexer.held_blocks(worker_id)
+        return {
+            "worker_id": worker_id,
+            "block_size": router.block_size,
+            "blocks": {medium: sorted(hashes) for medium, hashes in held.items()},
+        }
+
     @router.delete("/workers/{worker_id}")
     async def remove_worker(worker_id: str, request: Request) -> dict[str, Any]:
-        pool = _state(request).pool
-        assert pool is not None
-        worker = pool.deregister(worker_id)
+        worker = _state(request).models.deregister(worker_id)
         if worker is None:
             raise APIError(f"no worker {worker_id!r}", status_code=404, param="worker_id")
         return worker_json(worker)

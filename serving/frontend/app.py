@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -22,10 +21,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from serving.engine.tokenizer import encode_chat, encode_prompt
 from serving.frontend.admin import make_admin_router
 from serving.frontend.health import health_loop, refresh_gauges, write_prometheus_targets
-from serving.frontend.job import COMPLETIONS_DEFAULT_MAX_TOKENS, Job, check_model, make_job
+from serving.frontend.job import COMPLETIONS_DEFAULT_MAX_TOKENS, Job, make_job
+from serving.frontend.models import ServedModel, make_http_client, register_all
 from serving.frontend.responses import respond
 from serving.frontend.state import FrontendSettings, FrontendState
-from serving.frontend.workers import WorkerPool
 from serving.protocol.openai import (
     APIError,
     ChatCompletionRequest,
@@ -40,21 +39,13 @@ __all__ = ["FrontendSettings", "FrontendState", "create_frontend_app", "write_pr
 def create_frontend_app(state: FrontendState) -> FastAPI:
     settings = state.settings
     metrics = state.metrics
-    model = settings.served_model_names[0]
+    for name in state.models.names:
+        metrics.add_model(name)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
-        state.http = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0), limits=limits)
-        state.pool = WorkerPool(
-            state.http,
-            on_events=state.router.apply_events,
-            on_added=lambda w: state.router.add_worker(w.worker_id),
-            on_removed=lambda w: state.router.remove_worker(w.worker_id),
-            block_size=state.router.block_size,
-        )
-        for spec in state.initial_workers:
-            await state.pool.register(spec)
+        state.http = state.models.http = make_http_client()
+        await register_all(state.models, state.initial_workers)
         write_prometheus_targets(state)
         state.background.append(asyncio.create_task(health_loop(state)))
         try:
@@ -64,7 +55,7 @@ def create_frontend_app(state: FrontendState) -> FastAPI:
                 settings.prometheus_targets_file.unlink(missing_ok=True)
             for task in state.background:
                 task.cancel()
-            state.pool.close()
+            state.models.close()
             await state.http.aclose()
 
     app = FastAPI(title="Strata frontend", lifespan=lifespan)
@@ -73,14 +64,21 @@ def create_frontend_app(state: FrontendState) -> FastAPI:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         metrics.requests.labels(
-            model=model, endpoint=request.url.path, status=str(exc.status_code)
+            model=_model_label(request), endpoint=request.url.path, status=str(exc.status_code)
         ).inc()
         return JSONResponse(exc.to_dict(), status_code=exc.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        metrics.requests.labels(model=model, endpoint=request.url.path, status="400").inc()
+        metrics.requests.labels(
+            model=_model_label(request), endpoint=request.url.path, status="400"
+        ).inc()
         return JSONResponse(validation_error(exc).to_dict(), status_code=400)
+
+    def _model_label(request: Request) -> str:
+        """The served model a failed request named, else "" (bounded: unknown names too)."""
+        name = getattr(request.state, "model", None)
+        return name if name in state.models.models else ""
 
     @app.middleware("http")
     async def _auth(request: Request, call_next: Any) -> Response:
@@ -98,7 +96,7 @@ def create_frontend_app(state: FrontendState) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        healthy = state.pool.healthy_ids() if state.pool else []
+        healthy = state.models.healthy_ids()
         status = 200 if healthy else 503
         return JSONResponse(
             {"status": "ok" if healthy else "no healthy workers", "workers": len(healthy)},
@@ -113,44 +111,46 @@ def create_frontend_app(state: FrontendState) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        cards = [model_card(n, settings.max_model_len) for n in settings.served_model_names]
+        cards = [model_card(m.name, m.max_model_len) for m in state.models.models.values()]
         return {"object": "list", "data": cards}
 
     app.include_router(make_admin_router())
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, raw: Request) -> Response:
-        check_model(settings.served_model_names, body.model)
+        raw.state.model = body.model
+        served = state.models.get(body.model)
         if isinstance(body.prompt, str):
-            prompt_ids = encode_prompt(state.tokenizer, body.prompt)
+            prompt_ids = encode_prompt(served.tokenizer, body.prompt)
         else:
             prompt_ids = list(body.prompt)
-        job = _job(state, body, prompt_ids, raw, "cmpl", body.max_tokens,
+        job = _job(served, body, prompt_ids, raw, "cmpl", body.max_tokens,
                    COMPLETIONS_DEFAULT_MAX_TOKENS, body.logprobs)  # fmt: skip
-        return await respond(state, job, chat=False)
+        return await respond(state, served, job, chat=False)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Response:
-        check_model(settings.served_model_names, body.model)
+        raw.state.model = body.model
+        served = state.models.get(body.model)
         try:
             messages = [m.for_template() for m in body.messages]
             prompt_ids = encode_chat(
-                state.tokenizer,
+                served.tokenizer,
                 messages,
                 add_generation_prompt=body.add_generation_prompt,
                 chat_template_kwargs=body.chat_template_kwargs,
             )
         except ValueError as exc:
             raise APIError(str(exc), param="messages") from exc
-        job = _job(state, body, prompt_ids, raw, "chatcmpl", body.effective_max_tokens,
+        job = _job(served, body, prompt_ids, raw, "chatcmpl", body.effective_max_tokens,
                    None, body.num_logprobs)  # fmt: skip
-        return await respond(state, job, chat=True)
+        return await respond(state, served, job, chat=True)
 
     return app
 
 
 def _job(
-    state: FrontendState,
+    served: ServedModel,
     body: ChatCompletionRequest | CompletionRequest,
     prompt_ids: list[int],
     raw: Request,
@@ -167,6 +167,6 @@ def _job(
         max_tokens=max_tokens,
         default_max_tokens=default_max_tokens,
         logprobs=logprobs,
-        vocab_size=state.settings.vocab_size,
-        max_model_len=state.settings.max_model_len,
+        vocab_size=served.vocab_size,
+        max_model_len=served.max_model_len,
     )

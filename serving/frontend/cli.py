@@ -16,7 +16,16 @@ from serving.router.policies import DEFAULT_PREFILL_SCALE, POLICY_NAMES
 
 
 def serve(
-    model: Annotated[Path, typer.Option("--model", envvar="STRATA_MODEL", help="Checkpoint dir.")],
+    model: Annotated[
+        list[str],
+        typer.Option(
+            "--model",
+            envvar="STRATA_MODEL",
+            help="Checkpoint dir, repeatable (one endpoint, many models): "
+            "DIR[;name=NAME][;engine=builtin|mock|vllm][;workers=N][;prefill=P][;decode=D]; "
+            "the first model's options default to the flags below, the others' to one worker.",
+        ),
+    ],
     workers: Annotated[
         int | None,
         typer.Option(
@@ -85,7 +94,7 @@ def serve(
     ] = None,
 ) -> None:
     """Start local workers and the frontend (KV-aware router inside) until Ctrl-C."""
-    from serving.frontend.serve import ServeConfig, run_serve
+    from serving.frontend.serve import ModelEntry, ServeConfig, parse_model_entry, run_serve
 
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -105,23 +114,32 @@ def serve(
         raise typer.BadParameter("--kv-transport must be auto, nixl or tcp")
     if workers is None:
         workers = 0 if prefill or decode else 1
-    if not (model / "config.json").is_file():
-        raise typer.BadParameter(f"--model {model}: no config.json there")
+    try:
+        first = parse_model_entry(
+            model[0], ModelEntry(Path(), served_model_name or "", engine, workers, prefill, decode)
+        )
+        extra = [parse_model_entry(m, ModelEntry(Path(), "", engine)) for m in model[1:]]
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    names = [e.name for e in (first, *extra)]
+    if len(set(names)) != len(names):
+        raise typer.BadParameter(f"--model: served model names must differ, got {names}")
     config = ServeConfig(
-        model_dir=model.absolute(),
-        num_workers=workers,
-        num_prefill=prefill,
-        num_decode=decode,
+        model_dir=first.model_dir,
+        num_workers=first.num_workers,
+        num_prefill=first.num_prefill,
+        num_decode=first.num_decode,
+        extra_models=extra,
         kv_transport=kv_transport,
         max_local_prefill_tokens=max_local_prefill_tokens,
         max_local_prefill_fraction=max_local_prefill_fraction,
-        engine=engine,
+        engine=first.engine,
         router=router,  # type: ignore[arg-type]
         host=host,
         port=port,
         worker_urls=list(worker_url or []),
         api_key=api_key,
-        served_model_name=served_model_name,
+        served_model_name=first.name,
         block_size=block_size or (32 if engine == "vllm" else 16),
         migration_limit=migration_limit,
         kv_prefill_scale=kv_prefill_scale,

@@ -12,7 +12,6 @@ from serving.protocol.openai import (
     ChatCompletionRequest,
     CompletionRequest,
     check_prompt,
-    model_not_found,
     new_id,
 )
 
@@ -51,11 +50,7 @@ class Job:
     stop_reason: int | str | None = None
     last_token_s: float | None = None
     sent_text: str = ""
-
-
-def check_model(served_model_names: list[str], name: str) -> None:
-    if name not in served_model_names:
-        raise model_not_found(name)
+    version: str | None = None  # the model version serving it (migrations stay on it)
 
 
 def make_job(

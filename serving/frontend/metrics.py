@@ -13,8 +13,10 @@ E2E_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 3
 
 
 class FrontendMetrics:
-    def __init__(self, model: str) -> None:
-        self.model = model
+    """The frontend's registry. Every series carries ``model`` (the served model name)."""
+
+    def __init__(self, model: str | None = None) -> None:
+        self.model = model  # the first served model, if known (created at 0 below)
         r = self.registry = CollectorRegistry()
         self.requests = Counter(
             "strata_frontend_requests",
@@ -81,7 +83,7 @@ class FrontendMetrics:
         self.decisions = Counter(
             "strata_router_decisions",
             "Routing decisions by policy, reason and chosen worker.",
-            ("policy", "reason", "worker"),
+            ("model", "policy", "reason", "worker"),
             registry=r,
         )
         self.predicted_cached_tokens = Counter(
@@ -93,63 +95,75 @@ class FrontendMetrics:
         self.worker_active_requests = Gauge(
             "strata_router_worker_active_requests",
             "Requests the router has in flight per worker.",
-            ("worker",),
+            ("model", "worker"),
             registry=r,
         )
         self.worker_decode_blocks = Gauge(
             "strata_router_worker_active_decode_blocks",
             "KV blocks of requests in flight per worker (router's own count).",
-            ("worker",),
+            ("model", "worker"),
             registry=r,
         )
         self.worker_prefill_tokens = Gauge(
             "strata_router_worker_active_prefill_tokens",
             "Uncached prompt tokens waiting for their first token per worker.",
-            ("worker",),
+            ("model", "worker"),
             registry=r,
         )
         self.workers = Gauge(
-            "strata_router_workers", "Registered workers by health.", ("state",), registry=r
+            "strata_router_workers", "Registered workers by health.", ("model", "state"), registry=r
         )
         self.kv_event_batches = Counter(
             "strata_router_kv_event_batches",
             "KV event batches applied to the index, per worker.",
-            ("worker",),
+            ("model", "worker"),
             registry=r,
         )
         self.kv_events = Counter(
             "strata_router_kv_events",
             "KV events applied to the index, by type.",
-            ("type",),
+            ("model", "type"),
             registry=r,
         )
         self.kv_event_gaps = Counter(
             "strata_router_kv_event_lost_batches",
             "KV event batches lost (sequence gaps the replay could not fill).",
-            ("worker",),
+            ("model", "worker"),
             registry=r,
         )
         self.indexed_blocks = Gauge(
-            "strata_router_indexed_blocks", "Blocks in the router's KV index.", registry=r
+            "strata_router_indexed_blocks",
+            "Blocks in the router's KV index (all versions of the model).",
+            ("model",),
+            registry=r,
         )
         self.workers_without_events = Gauge(
             "strata_router_workers_without_kv_events",
             "Workers that served requests but published no KV events (kv routing is blind).",
+            ("model",),
             registry=r,
         )
+        if model is not None:
+            self.add_model(model)
+
+    def add_model(self, model: str) -> None:
+        """Create the model's unlabelled-by-request series at 0, so rate() sees them from the
+        first scrape."""
         for state in ("healthy", "unhealthy"):
-            self.workers.labels(state=state)
+            self.workers.labels(model=model, state=state)
         self.migrations.labels(model=model)
         for decision in ("remote", "local_short", "local_no_prefill_worker",
                          "local_prefill_failed", "aggregated"):  # fmt: skip
             self.disagg_decisions.labels(model=model, decision=decision)
         self.active_requests.labels(model=model)
+        self.indexed_blocks.labels(model=model)
+        self.workers_without_events.labels(model=model)
 
-    def forget_worker(self, worker_id: str) -> None:
+    def forget_worker(self, model: str, worker_id: str) -> None:
         for gauge in (
             self.worker_active_requests,
             self.worker_decode_blocks,
             self.worker_prefill_tokens,
         ):
             with contextlib.suppress(KeyError):
-                gauge.remove(worker_id)
+                gauge.remove(model, worker_id)

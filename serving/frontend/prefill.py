@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 
 from serving.frontend.job import Job, worker_payload
+from serving.frontend.models import ModelVersion
 from serving.frontend.state import FrontendState
 from serving.frontend.worker_errors import passthrough_error
 from serving.router.disagg import DisaggDecision, decide, prefill_request_params
@@ -23,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 
 async def maybe_remote_prefill(
-    state: FrontendState, job: Job, num_cached_blocks: int
+    state: FrontendState, version: ModelVersion, job: Job, num_cached_blocks: int
 ) -> dict[str, Any] | None:
     """Prefill on a prefill worker when the rule says so; the decode worker's kv params.
 
@@ -31,36 +32,36 @@ async def maybe_remote_prefill(
     is healthy, the prefill worker failed (marked unhealthy, never fatal), or the request is
     resumed after a migration (the lease was consumed) or carries the client's own params.
     """
-    assert state.pool is not None and state.http is not None
     metrics = state.metrics
-    prefill_ids = state.pool.prefill_ids()
+    prefill_ids = version.pool.prefill_ids()
     if job.num_migrations or job.output_ids or job.body.kv_transfer_params is not None:
         return None
-    if not prefill_ids and not any(w.role == "prefill" for w in state.pool.workers.values()):
-        metrics.disagg_decisions.labels(model=metrics.model, decision="aggregated").inc()
+    if not prefill_ids and not any(w.role == "prefill" for w in version.pool.workers.values()):
+        metrics.disagg_decisions.labels(model=job.model, decision="aggregated").inc()
         return None
     num_prompt = len(job.prompt_ids)
-    cached = min(num_cached_blocks * state.router.block_size, num_prompt)
+    cached = min(num_cached_blocks * version.router.block_size, num_prompt)
     decision = decide(num_prompt, cached, len(prefill_ids), state.settings.disagg)
     if decision.is_remote:
-        params = await remote_prefill(state, job, prefill_ids)
+        params = await remote_prefill(state, version, job, prefill_ids)
         if params is None:
             decision = DisaggDecision.LOCAL_PREFILL_FAILED
     else:
         params = None
-    metrics.disagg_decisions.labels(model=metrics.model, decision=decision.value).inc()
+    metrics.disagg_decisions.labels(model=job.model, decision=decision.value).inc()
     return params
 
 
 async def remote_prefill(
-    state: FrontendState, job: Job, prefill_ids: list[str]
+    state: FrontendState, version: ModelVersion, job: Job, prefill_ids: list[str]
 ) -> dict[str, Any] | None:
     """vLLM's prefill request (max_tokens=1, do_remote_decode) to the lowest-cost prefill
     worker; its response's ``kv_transfer_params``, or None on any failure."""
-    assert state.pool is not None and state.http is not None
+    assert state.http is not None
+    pool, router = version.pool, version.router
     routing_id = f"{job.request_id}#prefill"
-    decision = state.router.route(routing_id, job.prompt_ids, prefill_ids, prefill=True)
-    worker = state.pool.workers[decision.worker_id]
+    decision = router.route(routing_id, job.prompt_ids, prefill_ids, prefill=True)
+    worker = pool.workers[decision.worker_id]
     worker.num_requests += 1
     payload = {
         **worker_payload(job, worker),
@@ -82,17 +83,17 @@ async def remote_prefill(
             headers={"x-request-id": f"{job.request_id}-prefill"},
         )
         if response.status_code >= 500:
-            state.pool.mark_failed(worker.worker_id, f"prefill HTTP {response.status_code}")
+            pool.mark_failed(worker.worker_id, f"prefill HTTP {response.status_code}")
             return None
         if response.status_code != 200:
             raise passthrough_error(response)  # the request itself is bad: tell the client
         params = response.json().get("kv_transfer_params")
     except (httpx.TransportError, ValueError, AttributeError) as exc:  # unreachable, or no JSON
-        state.pool.mark_failed(worker.worker_id, f"prefill failed: {exc!r}")
+        pool.mark_failed(worker.worker_id, f"prefill failed: {exc!r}")
         return None
     finally:
-        state.router.finish(routing_id)
-    state.metrics.remote_prefill_seconds.labels(model=state.metrics.model).observe(
+        router.finish(routing_id)
+    state.metrics.remote_prefill_seconds.labels(model=job.model).observe(
         time.monotonic() - started_s
     )
     if not isinstance(params, dict) or not params.get("do_remote_prefill"):

@@ -10,16 +10,18 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from serving.frontend import openai_format as fmt
 from serving.frontend.job import Job
+from serving.frontend.models import ServedModel
 from serving.frontend.state import FrontendState
 from serving.frontend.streaming import client_pieces
 from serving.protocol.openai import APIError, now_s
 
 
-async def respond(state: FrontendState, job: Job, *, chat: bool) -> Response:
+async def respond(state: FrontendState, served: ServedModel, job: Job, *, chat: bool) -> Response:
     metrics = state.metrics
-    metrics.active_requests.labels(model=metrics.model).inc()
+    model = job.model
+    metrics.active_requests.labels(model=model).inc()
     endpoint = "/v1/chat/completions" if chat else "/v1/completions"
-    pieces = client_pieces(state, job)
+    pieces = client_pieces(state, served, job)
     if not job.body.stream:
         try:
             texts: list[str] = []
@@ -29,8 +31,8 @@ async def respond(state: FrontendState, job: Job, *, chat: bool) -> Response:
                 if choice.get("logprobs"):
                     logprobs.append(choice["logprobs"])
         finally:
-            metrics.active_requests.labels(model=metrics.model).dec()
-        metrics.requests.labels(model=metrics.model, endpoint=endpoint, status="200").inc()
+            metrics.active_requests.labels(model=model).dec()
+        metrics.requests.labels(model=model, endpoint=endpoint, status="200").inc()
         return JSONResponse(fmt.full_response(job, "".join(texts), logprobs, chat))
 
     # Streaming: wait for the first piece before sending headers, so errors keep their status.
@@ -39,7 +41,7 @@ async def respond(state: FrontendState, job: Job, *, chat: bool) -> Response:
     except StopAsyncIteration:
         first = None
     except BaseException:
-        metrics.active_requests.labels(model=metrics.model).dec()
+        metrics.active_requests.labels(model=model).dec()
         raise
 
     async def body() -> AsyncIterator[str]:
@@ -60,8 +62,8 @@ async def respond(state: FrontendState, job: Job, *, chat: bool) -> Response:
             status = str(exc.status_code)
             yield fmt.sse(exc.to_dict())
         finally:
-            metrics.active_requests.labels(model=metrics.model).dec()
-            metrics.requests.labels(model=metrics.model, endpoint=endpoint, status=status).inc()
+            metrics.active_requests.labels(model=model).dec()
+            metrics.requests.labels(model=model, endpoint=endpoint, status=status).inc()
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(body(), media_type="text/event-stream")

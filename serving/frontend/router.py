@@ -38,8 +38,11 @@ class Router:
         cost: KVCostConfig | None = None,
         seed: int = 0,
         clock: Callable[[], float] = time.monotonic,
+        model: str | None = None,
     ) -> None:
+        """``model``: the served model name on this router's series (default: the metrics')."""
         self.policy_name = policy
+        self.model = model or metrics.model or ""
         self.block_size = block_size
         self.metrics = metrics
         self.indexer = KVIndexer(block_size)
@@ -67,8 +70,8 @@ class Router:
     def add_worker(self, worker_id: str) -> None:
         self.indexer.add_worker(worker_id)
         # Every per-worker series exists from the start (at 0), so dashboards see idle workers.
-        self.metrics.kv_event_gaps.labels(worker=worker_id).inc(0)
-        self.metrics.kv_event_batches.labels(worker=worker_id).inc(0)
+        self.metrics.kv_event_gaps.labels(model=self.model, worker=worker_id).inc(0)
+        self.metrics.kv_event_batches.labels(model=self.model, worker=worker_id).inc(0)
         self._publish_load(worker_id)
 
     def remove_worker(self, worker_id: str) -> None:
@@ -79,15 +82,13 @@ class Router:
             remover = getattr(policy, "remove_worker", None)
             if remover is not None:
                 remover(worker_id)
-        self.metrics.forget_worker(worker_id)
-        self.metrics.indexed_blocks.set(len(self.indexer))
+        self.metrics.forget_worker(self.model, worker_id)
 
     def apply_events(self, worker_id: str, batch: KVEventBatch) -> None:
         self.indexer.apply_events(worker_id, batch.events)
-        self.metrics.kv_event_batches.labels(worker=worker_id).inc()
+        self.metrics.kv_event_batches.labels(model=self.model, worker=worker_id).inc()
         for event in batch.events:
-            self.metrics.kv_events.labels(type=type(event).__name__).inc()
-        self.metrics.indexed_blocks.set(len(self.indexer))
+            self.metrics.kv_events.labels(model=self.model, type=type(event).__name__).inc()
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -110,11 +111,14 @@ class Router:
         decision = route_request(policy, self.load, view, list(worker_ids))
         self._worker_of[request_id] = decision.worker_id
         self.metrics.decisions.labels(
-            policy=decision.policy, reason=decision.reason, worker=decision.worker_id
+            model=self.model,
+            policy=decision.policy,
+            reason=decision.reason,
+            worker=decision.worker_id,
         ).inc()
-        self.metrics.predicted_cached_tokens.labels(
-            model=self.metrics.model, policy=decision.policy
-        ).inc(min(decision.num_cached_blocks * self.block_size, len(token_ids)))
+        self.metrics.predicted_cached_tokens.labels(model=self.model, policy=decision.policy).inc(
+            min(decision.num_cached_blocks * self.block_size, len(token_ids))
+        )
         self._publish_load(decision.worker_id)
         return decision
 
@@ -132,13 +136,13 @@ class Router:
     def _publish_load(self, worker_id: str | None) -> None:
         if worker_id is None:
             return
-        m = self.metrics
-        m.worker_active_requests.labels(worker=worker_id).set(
+        m, model = self.metrics, self.model
+        m.worker_active_requests.labels(model=model, worker=worker_id).set(
             self.load.num_active_requests(worker_id)
         )
-        m.worker_decode_blocks.labels(worker=worker_id).set(
+        m.worker_decode_blocks.labels(model=model, worker=worker_id).set(
             self.load.active_decode_blocks(worker_id)
         )
-        m.worker_prefill_tokens.labels(worker=worker_id).set(
+        m.worker_prefill_tokens.labels(model=model, worker=worker_id).set(
             self.load.active_prefill_tokens(worker_id)
         )

@@ -31,6 +31,7 @@ import uvicorn
 from serving.engine.factory import load_tokenizer
 from serving.frontend.app import create_frontend_app
 from serving.frontend.metrics import FrontendMetrics
+from serving.frontend.models import ModelSet, ServedModel
 from serving.frontend.router import Router
 from serving.frontend.state import FrontendSettings, FrontendState
 from serving.frontend.workers import WorkerSpec
@@ -45,6 +46,65 @@ from serving.vllm_engine import launcher as vllm_launcher
 from serving.vllm_engine.discovery import pool_block_size
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ModelEntry:
+    """One served model and its local workers (``--model DIR;name=..;engine=..;workers=..``)."""
+
+    model_dir: Path
+    name: str
+    engine: str = "builtin"
+    num_workers: int = 1
+    num_prefill: int = 0
+    num_decode: int = 0
+
+    @property
+    def roles(self) -> list[str]:
+        """One role per local worker, in start order."""
+        return (
+            ["both"] * self.num_workers
+            + ["prefill"] * self.num_prefill
+            + ["decode"] * self.num_decode
+        )
+
+
+ENGINES = ("builtin", "mock", "vllm")
+_ENTRY_OPTIONS = ("name", "engine", "workers", "prefill", "decode")
+
+
+def parse_model_entry(text: str, default: ModelEntry) -> ModelEntry:
+    """``DIR[;name=NAME][;engine=E][;workers=N][;prefill=P][;decode=D]`` (a ``--model`` value);
+    unset options come from ``default``. Raises ``ValueError`` naming the bad part."""
+    path, *options = [part.strip() for part in text.split(";")]
+    values: dict[str, str] = {}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or key not in _ENTRY_OPTIONS or not value:
+            raise ValueError(
+                f"--model {text!r}: option {option!r}, expected "
+                + ", ".join(f"{k}=..." for k in _ENTRY_OPTIONS)
+            )
+        values[key] = value
+    model_dir = Path(path).absolute()
+    if not (model_dir / "config.json").is_file():
+        raise ValueError(f"--model {path}: no config.json there")
+    counts = {}
+    for key, fallback in (("workers", default.num_workers), ("prefill", default.num_prefill),
+                          ("decode", default.num_decode)):  # fmt: skip
+        try:
+            counts[key] = int(values.get(key, fallback))
+        except ValueError:
+            raise ValueError(f"--model {text!r}: {key} must be an integer") from None
+        if counts[key] < 0:
+            raise ValueError(f"--model {text!r}: {key} must be >= 0")
+    if ("prefill" in values or "decode" in values) and "workers" not in values:
+        counts["workers"] = 0
+    engine = values.get("engine", default.engine)
+    if engine not in ENGINES:
+        raise ValueError(f"--model {text!r}: engine must be one of {', '.join(ENGINES)}")
+    return ModelEntry(model_dir, values.get("name", default.name or model_dir.name), engine,
+                      counts["workers"], counts["prefill"], counts["decode"])  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -77,25 +137,31 @@ class ServeConfig:
     prometheus_targets_dir: Path | None = None
     extra_metric_registries: list = field(default_factory=list)
     vllm_python: str | None = None  # --engine vllm: the interpreter with vLLM (None: look)
+    # More served models behind the same endpoint (the fields above describe the first).
+    extra_models: list[ModelEntry] = field(default_factory=list)
 
     @property
     def model_name(self) -> str:
         return self.served_model_name or self.model_dir.name
 
     @property
+    def entries(self) -> list[ModelEntry]:
+        """Every served model, the first one built from the top-level fields."""
+        first = ModelEntry(self.model_dir, self.model_name, self.engine, self.num_workers,
+                           self.num_prefill, self.num_decode)  # fmt: skip
+        return [first, *self.extra_models]
+
+    @property
     def roles(self) -> list[str]:
-        """One role per local worker, in start order."""
-        return (
-            ["both"] * self.num_workers
-            + ["prefill"] * self.num_prefill
-            + ["decode"] * self.num_decode
-        )
+        """One role per local worker of every model, in start order."""
+        return [role for entry in self.entries for role in entry.roles]
 
 
 @dataclass(slots=True)
 class _LocalWorker:
     index: int
     role: str
+    model: str
     port: int
     kv_port: int
     cmd: list[str]
@@ -125,12 +191,21 @@ class _LocalWorker:
         log.close()
 
 
-def worker_command(cfg: ServeConfig, index: int, role: str, port: int, kv_port: int) -> list[str]:
-    """The ``python -m serving.worker`` (or vLLM) command line of local worker ``index``."""
-    if cfg.engine == "vllm":
+def worker_command(
+    cfg: ServeConfig,
+    index: int,
+    role: str,
+    port: int,
+    kv_port: int,
+    entry: ModelEntry | None = None,
+) -> list[str]:
+    """The ``python -m serving.worker`` (or vLLM) command line of local worker ``index`` of
+    ``entry`` (default: the first model)."""
+    entry = entry or cfg.entries[0]
+    if entry.engine == "vllm":
         return vllm_launcher.vllm_command(
-            vllm_launcher.find_vllm_python(cfg.vllm_python), model_dir=cfg.model_dir,
-            served_model_name=cfg.model_name, port=port, kv_events_port=kv_port,
+            vllm_launcher.find_vllm_python(cfg.vllm_python), model_dir=entry.model_dir,
+            served_model_name=entry.name, port=port, kv_events_port=kv_port,
             block_size=cfg.block_size, role=role, extra_args=cfg.worker_args,
         )  # fmt: skip
     role_args = [] if role == "both" else ["--role", role, "--kv-transport", cfg.kv_transport]
@@ -138,12 +213,12 @@ def worker_command(cfg: ServeConfig, index: int, role: str, port: int, kv_port: 
         role_args += ["--device", cfg.worker_devices[index % len(cfg.worker_devices)]]
     return [
         sys.executable, "-m", "serving.worker",
-        "--model", str(cfg.model_dir),
-        "--engine", cfg.engine,
+        "--model", str(entry.model_dir),
+        "--engine", entry.engine,
         "--host", "127.0.0.1",
         "--port", str(port),
         "--kv-events-port", str(kv_port),
-        "--served-model-name", cfg.model_name,
+        "--served-model-name", entry.name,
         "--block-size", str(cfg.block_size),
         "--log-level", "warning",
         *role_args,
@@ -163,11 +238,13 @@ class WorkerSupervisor:
     def start(self) -> list[WorkerSpec]:
         cfg = self.config
         cfg.log_dir.mkdir(parents=True, exist_ok=True)
-        for i, role in enumerate(cfg.roles):
+        local = [(entry, role) for entry in cfg.entries for role in entry.roles]
+        for i, (entry, role) in enumerate(local):
             port, kv_port = free_port(), free_port_pair()
-            cmd = worker_command(cfg, i, role, port, kv_port)
-            worker = _LocalWorker(i, role, port, kv_port, cmd, cfg.log_dir / f"worker-{i}.log")
-            if cfg.engine == "vllm":
+            cmd = worker_command(cfg, i, role, port, kv_port, entry)
+            log_path = cfg.log_dir / f"worker-{i}.log"
+            worker = _LocalWorker(i, role, entry.name, port, kv_port, cmd, log_path)
+            if entry.engine == "vllm":
                 worker.own_group = True
                 worker.env = vllm_launcher.vllm_env(
                     os.environ, index=i, num_workers=len(cfg.roles),
@@ -179,7 +256,10 @@ class WorkerSupervisor:
         for worker in self.workers:
             _wait_healthy(worker, deadline)
         self._thread.start()
-        return [WorkerSpec(w.url, worker_id=w.worker_id, role=w.role) for w in self.workers]
+        return [
+            WorkerSpec(w.url, worker_id=w.worker_id, role=w.role, model=w.model)
+            for w in self.workers
+        ]
 
     def _watch(self) -> None:
         while not self._stopping.wait(0.5):
@@ -250,24 +330,38 @@ def model_limits(model_dir: Path, worker_urls: list[str]) -> tuple[int, int]:
     return min(lengths), vocab_size
 
 
+def entry_limits(config: ServeConfig, specs: list[WorkerSpec]) -> dict[str, tuple[int, int]]:
+    """Served model name -> (max_model_len, vocab_size), from each model's own workers."""
+    entries = config.entries
+    limits = {}
+    for entry in entries:
+        urls = [s.url for s in specs
+                if s.model == entry.name or (s.model is None and len(entries) == 1)]  # fmt: skip
+        limits[entry.name] = model_limits(entry.model_dir, urls)
+    return limits
+
+
 def build_frontend_state(
-    config: ServeConfig, worker_specs: list[WorkerSpec], max_model_len: int, vocab_size: int
+    config: ServeConfig, worker_specs: list[WorkerSpec], limits: dict[str, tuple[int, int]]
 ) -> FrontendState:
+    """``limits``: served model name -> (max_model_len, vocab_size) (``entry_limits``)."""
     metrics = FrontendMetrics(config.model_name)
     cost = KVCostConfig(block_size=config.block_size, prefill_scale=config.kv_prefill_scale)
-    router = Router(config.router, config.block_size, metrics, cost=cost)
+
+    def make_router(model: str) -> Router:
+        return Router(config.router, config.block_size, metrics, cost=cost, model=model)
+
+    served = [
+        ServedModel(e.name, load_tokenizer(e.model_dir), *limits[e.name]) for e in config.entries
+    ]
     settings = FrontendSettings(
-        served_model_names=[config.model_name],
-        max_model_len=max_model_len,
-        vocab_size=vocab_size,
         api_key=config.api_key,
         migration_limit=config.migration_limit,
         disagg=DisaggConfig(config.max_local_prefill_tokens, config.max_local_prefill_fraction),
     )
     return FrontendState(
         settings=settings,
-        tokenizer=load_tokenizer(config.model_dir),
-        router=router,
+        models=ModelSet(served, make_router, block_size=config.block_size),
         metrics=metrics,
         initial_workers=worker_specs,
     )
@@ -282,9 +376,8 @@ def run_serve(config: ServeConfig) -> None:
             raise RuntimeError(
                 "no workers: use --workers N, --prefill P --decode D and/or --worker-url URL"
             )
-        max_len, vocab = model_limits(config.model_dir, [s.url for s in specs])
         config.block_size = pool_block_size([s.url for s in specs], config.block_size)
-        state = build_frontend_state(config, specs, max_len, vocab)
+        state = build_frontend_state(config, specs, entry_limits(config, specs))
         targets_dir = config.prometheus_targets_dir or Path(".strata/local/prometheus/targets")
         if targets_dir.is_dir():
             state.settings.prometheus_targets_file = (
@@ -303,9 +396,10 @@ def run_serve(config: ServeConfig) -> None:
             )
         )
         roles = ", ".join(f"{s.worker_id or s.url} ({s.role or 'from /health'})" for s in specs)
+        names = ", ".join(e.name for e in config.entries)
         print(
             f"strata serve: {len(specs)} worker(s), router {config.router}: {roles}\n"
-            f"endpoint: http://{config.host}:{config.port}/v1  (model {config.model_name})\n"
+            f"endpoint: http://{config.host}:{config.port}/v1  (model {names})\n"
             f"metrics:  http://{config.host}:{config.port}/metrics",
             flush=True,
         )

@@ -10,16 +10,13 @@ from typing import Any
 import httpx
 
 from serving.frontend.metrics import FrontendMetrics
-from serving.frontend.router import Router
-from serving.frontend.workers import WorkerPool, WorkerSpec
+from serving.frontend.models import ModelSet
+from serving.frontend.workers import WorkerSpec
 from serving.router.disagg import DisaggConfig
 
 
 @dataclass(slots=True)
 class FrontendSettings:
-    served_model_names: list[str]
-    max_model_len: int
-    vocab_size: int
     api_key: str | None = None
     migration_limit: int = 3
     health_interval_s: float = 2.0
@@ -38,10 +35,8 @@ class FrontendState:
     """Everything one frontend process holds; the app's routes and background tasks share it."""
 
     settings: FrontendSettings
-    tokenizer: Any
-    router: Router
+    models: ModelSet
     metrics: FrontendMetrics
-    pool: WorkerPool | None = None
     http: httpx.AsyncClient | None = None
     initial_workers: list[WorkerSpec] = field(default_factory=list)
     # More registries to expose on /metrics (e.g. the workflow runner's, in `strata demo`).

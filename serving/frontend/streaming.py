@@ -17,7 +17,9 @@ from typing import Any
 import httpx
 
 from serving.frontend.job import Job, unsent_text, worker_payload
+from serving.frontend.models import ServedModel
 from serving.frontend.prefill import maybe_remote_prefill
+from serving.frontend.router import Router
 from serving.frontend.state import FrontendState
 from serving.frontend.worker_errors import WorkerFailed, passthrough_error
 from serving.frontend.workers import Worker
@@ -27,12 +29,14 @@ from serving.router.policies import NoWorkersError
 logger = logging.getLogger(__name__)
 
 
-async def client_pieces(state: FrontendState, job: Job) -> AsyncIterator[dict[str, Any]]:
+async def client_pieces(
+    state: FrontendState, served: ServedModel, job: Job
+) -> AsyncIterator[dict[str, Any]]:
     """Worker choices with latency metrics recorded as they reach the client."""
     metrics = state.metrics
-    model = metrics.model
+    model = job.model
     try:
-        async for choice in segments(state, job):
+        async for choice in segments(state, served, job):
             num_tokens = len(choice.get("token_ids") or [])
             if num_tokens:
                 now = time.monotonic()
@@ -49,32 +53,40 @@ async def client_pieces(state: FrontendState, job: Job) -> AsyncIterator[dict[st
         metrics.e2e.labels(model=model).observe(time.monotonic() - job.arrival_s)
 
 
-async def segments(state: FrontendState, job: Job) -> AsyncIterator[dict[str, Any]]:
-    """Worker completion chunks for the whole request, across migrations."""
-    assert state.pool is not None and state.http is not None
+async def segments(
+    state: FrontendState, served: ServedModel, job: Job
+) -> AsyncIterator[dict[str, Any]]:
+    """Worker completion chunks for the whole request, across migrations.
+
+    Each attempt routes within one version of the model: the job's own while it has a healthy
+    worker (a migration stays on the weights it started with), else the current version.
+    """
     tried: set[str] = set()
-    router = state.router
     while True:
-        candidates = [w for w in state.pool.decode_ids() if w not in tried]
+        version = served.version_for(job.version)
+        if version is None:
+            raise _no_worker()
+        job.version = version.version
+        pool, router = version.pool, version.router
+        candidates = [w for w in pool.decode_ids() if w not in tried]
         if not candidates:
-            candidates = state.pool.decode_ids()  # every worker failed once: try again
+            candidates = pool.decode_ids()  # every worker failed once: try again
         routing_id = f"{job.request_id}#{job.num_migrations}"
         try:
             decision = router.route(routing_id, job.prompt_ids + job.output_ids, candidates,
                                     job.session_id)  # fmt: skip
         except NoWorkersError:
-            raise APIError(
-                "no healthy worker is available", status_code=503, type="ServiceUnavailableError"
-            ) from None
-        worker = state.pool.workers[decision.worker_id]
+            raise _no_worker() from None
+        worker = pool.workers[decision.worker_id]
         tried.add(worker.worker_id)
         worker.num_requests += 1
         if worker.first_request_s is None:
             worker.first_request_s = time.monotonic()
-        resumed_text = unsent_text(state.tokenizer, job) if job.num_migrations else ""
+        resumed_text = unsent_text(served.tokenizer, job) if job.num_migrations else ""
         try:
-            kv_params = await maybe_remote_prefill(state, job, decision.num_cached_blocks)
-            async for chunk in stream_from_worker(state, job, worker, routing_id, kv_params):
+            kv_params = await maybe_remote_prefill(state, version, job, decision.num_cached_blocks)
+            stream = stream_from_worker(state, router, job, worker, routing_id, kv_params)
+            async for chunk in stream:
                 if resumed_text:
                     chunk = {**chunk, "text": resumed_text + (chunk.get("text") or "")}
                     resumed_text = ""
@@ -84,7 +96,7 @@ async def segments(state: FrontendState, job: Job) -> AsyncIterator[dict[str, An
             return
         except WorkerFailed as exc:
             router.finish(routing_id)
-            state.pool.mark_failed(worker.worker_id, str(exc))
+            pool.mark_failed(worker.worker_id, str(exc))
             if job.num_migrations >= state.settings.migration_limit:
                 raise APIError(
                     f"worker failed and the migration limit ({state.settings.migration_limit}) "
@@ -93,7 +105,7 @@ async def segments(state: FrontendState, job: Job) -> AsyncIterator[dict[str, An
                     type="ServiceUnavailableError",
                 ) from None
             job.num_migrations += 1
-            state.metrics.migrations.labels(model=state.metrics.model).inc()
+            state.metrics.migrations.labels(model=job.model).inc()
             logger.warning(
                 "request %s: worker %s failed after %d tokens (%s); migrating",
                 job.request_id,
@@ -106,8 +118,15 @@ async def segments(state: FrontendState, job: Job) -> AsyncIterator[dict[str, An
             raise
 
 
+def _no_worker() -> APIError:
+    return APIError(
+        "no healthy worker is available", status_code=503, type="ServiceUnavailableError"
+    )
+
+
 async def stream_from_worker(
     state: FrontendState,
+    router: Router,
     job: Job,
     worker: Worker,
     routing_id: str,
@@ -153,9 +172,9 @@ async def stream_from_worker(
                 token_ids = choice.get("token_ids") or []
                 if token_ids:
                     if first:
-                        state.router.first_token(routing_id)
+                        router.first_token(routing_id)
                         first = False
-                    state.router.tokens(routing_id, len(token_ids))
+                    router.tokens(routing_id, len(token_ids))
                     job.output_ids.extend(token_ids)
                 if choice.get("finish_reason") is not None:
                     job.finish_reason = choice["finish_reason"]

@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 
 
 ROLES = ("prefill", "decode", "both")
+DEFAULT_VERSION = "default"
+_SPEC_OPTIONS = ("kv", "replay", "id", "role", "model", "version")
 
 
 class WorkerRegistrationError(ValueError):
@@ -41,10 +43,14 @@ class WorkerSpec:
     worker_id: str | None = None
     # prefill | decode | both; None: from the worker's /health (vLLM workers: "both").
     role: str | None = None
+    # The served model it belongs to; None: the name the worker reports on /v1/models.
+    model: str | None = None
+    # The model version it serves (one router index and pool per version); None: "default".
+    version: str | None = None
 
     @classmethod
     def parse(cls, text: str) -> WorkerSpec:
-        """``URL[;kv=tcp://h:p][;replay=tcp://h:p][;id=name][;role=prefill|decode|both]``.
+        """``URL[;kv=tcp://h:p][;replay=tcp://h:p][;id=name][;role=R][;model=M][;version=V]``.
 
         The ``--worker-url`` format; ``role`` is needed for a stock vLLM worker started as a
         KV producer or consumer (Strata workers report theirs on /health).
@@ -55,15 +61,17 @@ class WorkerSpec:
         values: dict[str, str] = {}
         for option in options:
             key, sep, value = option.partition("=")
-            if not sep or key not in ("kv", "replay", "id", "role"):
+            if not sep or key not in _SPEC_OPTIONS:
                 raise WorkerRegistrationError(
-                    f"worker option {option!r}: expected kv=..., replay=..., id=... or role=..."
+                    f"worker option {option!r}: expected one of "
+                    + ", ".join(f"{k}=..." for k in _SPEC_OPTIONS)
                 )
             values[key] = value
         role = values.get("role")
         if role is not None and role not in ROLES:
             raise WorkerRegistrationError(f"worker role {role!r}: expected one of {ROLES}")
-        return cls(url.rstrip("/"), values.get("kv"), values.get("replay"), values.get("id"), role)
+        return cls(url.rstrip("/"), values.get("kv"), values.get("replay"), values.get("id"), role,
+                   values.get("model"), values.get("version"))  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -74,6 +82,8 @@ class Worker:
     kv_events_endpoint: str | None
     replay_endpoint: str | None
     role: str = "both"
+    served_model: str = ""  # the frontend's model name it serves (may differ from model_name)
+    version: str = DEFAULT_VERSION
     healthy: bool = True
     num_health_failures: int = 0
     num_event_batches: int = 0
@@ -194,7 +204,8 @@ class WorkerPool:
         if worker_id in self.workers:
             raise WorkerRegistrationError(f"worker id {worker_id!r} is already registered")
         worker = Worker(worker_id, spec.url, probe.model_name, probe.kv_events_endpoint,
-                        probe.replay_endpoint, probe.role)  # fmt: skip
+                        probe.replay_endpoint, probe.role, spec.model or probe.model_name,
+                        spec.version or DEFAULT_VERSION)  # fmt: skip
         self.workers[worker_id] = worker
         self.on_added(worker)
         self._subscribe(worker)

@@ -9,8 +9,9 @@ from pathlib import Path
 import uvicorn
 
 from serving.frontend.app import FrontendState, create_frontend_app
-from serving.frontend.serve import ServeConfig, build_frontend_state, model_limits
-from serving.frontend.workers import WorkerSpec
+from serving.frontend.router import Router
+from serving.frontend.serve import ServeConfig, build_frontend_state, entry_limits
+from serving.frontend.workers import WorkerPool, WorkerSpec
 from tests.worker.conftest import free_port, wait_healthy
 
 
@@ -24,6 +25,23 @@ class FrontendServer:
     @property
     def base_url(self) -> str:
         return f"{self.url}/v1"
+
+    def _current(self, model: str | None):  # type: ignore[no-untyped-def]
+        models = self.state.models
+        version = models.get(model or models.names[0]).current()
+        assert version is not None, "no version registered yet"
+        return version
+
+    def router(self, model: str | None = None) -> Router:
+        """The current version's router of ``model`` (default: the first served model)."""
+        return self._current(model).router
+
+    def pool(self, model: str | None = None) -> WorkerPool:
+        return self._current(model).pool
+
+    def tokenizer(self, model: str | None = None):  # type: ignore[no-untyped-def]
+        models = self.state.models
+        return models.get(model or models.names[0]).tokenizer
 
     def stop(self) -> None:
         self.server.should_exit = True
@@ -43,8 +61,7 @@ def start_frontend(
     config = ServeConfig(model_dir=model_dir, router=router, api_key=api_key,  # type: ignore[arg-type]
                          served_model_name="smollm2-135m-instruct")  # fmt: skip
     specs = [WorkerSpec.parse(u) for u in worker_urls]
-    max_len, vocab = model_limits(model_dir, [s.url for s in specs])
-    state = build_frontend_state(config, specs, max_len, vocab)
+    state = build_frontend_state(config, specs, entry_limits(config, specs))
     state.settings.health_interval_s = health_interval_s
     state.settings.kv_events_grace_s = kv_events_grace_s
     port = free_port()

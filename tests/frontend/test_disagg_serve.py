@@ -160,9 +160,9 @@ def test_conditional_disaggregation_with_the_default_rule(
         expected, _ = _token_ids(aggregated_worker.url, "completions", {"prompt": prompt})
         first, _ = _token_ids(frontend.url, "completions", {"prompt": prompt})
         # The decode worker's BlockStored events reach the router asynchronously.
-        indexer = frontend.state.router.indexer
-        decode_id = next(w for w, v in frontend.state.pool.workers.items() if v.role == "decode")
-        hashes = indexer.hash_request(encode_prompt(frontend.state.tokenizer, prompt))
+        indexer = frontend.router().indexer
+        decode_id = next(w for w, v in frontend.pool().workers.items() if v.role == "decode")
+        hashes = indexer.hash_request(encode_prompt(frontend.tokenizer(), prompt))
         wait_until(
             lambda: indexer.find_matches(hashes).num_blocks(decode_id) >= len(hashes) - 1,
             "the decode worker's blocks of the first request in the router's index",

@@ -91,7 +91,7 @@ def test_kv_router_sends_a_shared_prefix_back_to_the_worker_that_holds_it(
         before = routed_counts(frontend)
         assert len([w for w, c in before.items() if c > 0]) == 2, before
         # Every prefix is now indexed on the worker that served it.
-        wait_for(lambda: len(frontend.state.router.indexer) >= 4 * 16)
+        wait_for(lambda: len(frontend.router().indexer) >= 4 * 16)
         for p, prefix in enumerate(prefixes):
             again = client.completions.create(model=MODEL, prompt=[*prefix, 2, 3], max_tokens=4)
             # Only the worker that served the prefix has it: a hit proves the routing.
@@ -134,7 +134,7 @@ def test_chat_streaming_and_usage_through_the_frontend(
         assert chunks[0].choices[0].delta.role == "assistant"
         assert chunks[-1].usage.completion_tokens == 12
         # The chat template is applied once, at the frontend, with the model's own tokenizer.
-        expected_prompt = encode_chat(frontend.state.tokenizer, messages)
+        expected_prompt = encode_chat(frontend.tokenizer(), messages)
         assert chunks[-1].usage.prompt_tokens == len(expected_prompt) == 32
         token_ids = [
             t for c in chunks if c.choices for t in c.choices[0].model_extra.get("token_ids") or []
@@ -185,7 +185,7 @@ def test_workers_register_and_deregister_at_run_time(
         client = openai.OpenAI(base_url=frontend.base_url, api_key="x", max_retries=0)
         for i in range(4):
             client.completions.create(model=MODEL, prompt=[300 + i] * 40, max_tokens=2)
-        indexer = frontend.state.router.indexer
+        indexer = frontend.router().indexer
         wait_for(lambda: indexer.num_blocks("extra") > 0)
         assert admin.delete("/workers/extra").status_code == 200
         assert "extra" not in indexer.worker_ids()

@@ -55,7 +55,7 @@ def test_migration_keeps_the_stream_identical(smollm2_dir: Path, tmp_path: Path)
         assert metric(values, "strata_frontend_migrations_total") == 1
         # The dead worker is out of routing (removed after failed health checks) and its
         # blocks are gone from the index.
-        pool, indexer = frontend.state.pool, frontend.state.router.indexer
+        pool, indexer = frontend.pool(), frontend.router().indexer
         assert [w.url for w in pool.workers.values() if w.healthy] == [
             w.url for w in workers if w is not killed
         ]

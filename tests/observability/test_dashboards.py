@@ -86,13 +86,13 @@ def test_dashboard_has_what_grafana_requires(dashboard: dict) -> None:
 
 
 def _has_model_label(expr: str) -> bool:
-    """Metrics that carry ``model``/``model_name`` (most router metrics do not, yet)."""
+    """Metrics that carry ``model``/``model_name`` (every frontend and router series does)."""
     prefixes = (
         "strata_frontend_",
         "vllm:",
         "strata_worker_",
         "strata_kv_",
-        "strata_router_disagg_",
+        "strata_router_",
     )
     return any(n.startswith(prefixes) for n in metric_names(expr))
 

@@ -188,28 +188,42 @@ def _run_of(deployment: Deployment) -> str:
 
 
 def switch_production(
-    frontend_url: str, endpoint: str, model: str, *, root: Path = DEPLOYMENTS_DIR
+    frontend_url: str,
+    endpoint: str,
+    model: str,
+    *,
+    root: Path = DEPLOYMENTS_DIR,
+    version: str | None = None,
+    admin_key: str | None = None,
 ) -> list[str]:
-    """Route the frontend to ``endpoint`` only; returns the ids of workers taken out.
+    """Route the frontend's ``model`` to ``endpoint`` only; returns the ids of workers taken
+    out. The frontend's other models are not touched.
 
     Order matters: the new worker is registered (and healthy) before any old one leaves, so
-    there is always a worker to route to; old workers are deregistered (no new requests) and
-    then drained by SIGTERM: local deployments directly, Kubernetes ones (cluster Service
-    URLs) by deleting their Deployment and Service.
+    there is always a worker to route to; it joins as a version of its own (``version``, else
+    its endpoint), so new requests go to it at once while the old version finishes its
+    streams. Old workers of the model are deregistered (no new requests) and then drained by
+    SIGTERM: local deployments directly, Kubernetes ones (cluster Service URLs) by deleting
+    their Deployment and Service. ``admin_key`` (default ``$STRATA_ADMIN_KEY``): the
+    frontend's admin credential.
     """
     from workflows.steps import k8s_deploy
 
     base = frontend_url.rstrip("/")
     api_client = None
-    with httpx.Client(timeout=30) as client:
-        added = client.post(f"{base}/admin/workers", json={"url": endpoint})
+    admin_key = admin_key or os.environ.get("STRATA_ADMIN_KEY")
+    headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
+    with httpx.Client(timeout=30, headers=headers) as client:
+        body = {"url": endpoint, "version": version or endpoint}
+        added = client.post(f"{base}/admin/workers", json=body)
         if added.status_code != 201:
             raise DeployError(f"frontend {base} refused worker {endpoint}: {added.text}")
         new_id = added.json()["worker_id"]
+        served = added.json().get("model", model)
         workers = client.get(f"{base}/admin/workers").json()["workers"]
         removed = []
         for worker in workers:
-            if worker["worker_id"] == new_id:
+            if worker["worker_id"] == new_id or worker.get("model", served) != served:
                 continue
             client.delete(f"{base}/admin/workers/{worker['worker_id']}")
             removed.append(worker["worker_id"])
