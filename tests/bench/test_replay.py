@@ -34,7 +34,10 @@ from workflows.bench_cli import app as bench_app
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MOONCAKE = Path(__file__).resolve().parents[3] / "shared" / "traces" / "conversation_trace.jsonl"
-needs_mooncake = pytest.mark.skipif(not MOONCAKE.exists(), reason=f"{MOONCAKE} not present")
+needs_mooncake = pytest.mark.skipif(
+    not MOONCAKE.exists(),
+    reason=f"Mooncake trace not found at {MOONCAKE} (needs the shared/ folder)",
+)
 
 
 def make_request(
