@@ -88,6 +88,16 @@ def _salting_keys(event: BlockStored) -> list[list[object] | None] | None:
     return keys if any(keys) else None
 
 
+def cached_prompt_tokens(num_cached_blocks: int, block_size: int, num_prompt_tokens: int) -> int:
+    """Prompt tokens a worker reuses from ``num_cached_blocks`` leading cached blocks.
+
+    The last prompt token is always computed (its logits give the first output token), and
+    vLLM reuses whole blocks only: ``min(blocks, (prompt - 1) // block_size) * block_size``.
+    """
+    usable_blocks = max(num_prompt_tokens - 1, 0) // block_size
+    return min(num_cached_blocks, usable_blocks) * block_size
+
+
 @dataclass(frozen=True)
 class PrefixMatches:
     """Per worker, the blocks of the longest cached prefix of a request, by tier.

@@ -343,3 +343,13 @@ def test_held_blocks_are_router_hashes_per_medium() -> None:
         "CPU": frozenset(router[:1]),
     }
     assert indexer.held_blocks("nobody") == {}
+
+
+def test_cached_prompt_tokens_follows_vllms_rule() -> None:
+    """Whole blocks only, and never the prompt's last token (its logits give the first token)."""
+    from serving.router.indexer import cached_prompt_tokens
+
+    assert cached_prompt_tokens(3, 32, 100) == 96
+    assert cached_prompt_tokens(3, 32, 96) == 64  # fully cached prompt: the last block recomputed
+    assert cached_prompt_tokens(0, 32, 500) == 0
+    assert cached_prompt_tokens(5, 32, 1) == 0
