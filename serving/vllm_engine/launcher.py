@@ -86,10 +86,11 @@ def kv_events_config(kv_events_port: int) -> dict[str, object]:
     }
 
 
-def kv_transfer_config() -> dict[str, object]:
-    """vLLM's NixlConnector with CPU buffers; the same for prefill and decode workers: the
-    request's ``kv_transfer_params`` decide who sends and who pulls."""
-    return {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu"}
+def kv_transfer_config(role: str) -> dict[str, object]:
+    """vLLM's NixlConnector with CPU buffers: prefill workers produce KV, decode workers
+    consume it (pull); the request's ``kv_transfer_params`` say which blocks."""
+    kv_role = {"prefill": "kv_producer", "decode": "kv_consumer"}[role]
+    return {"kv_connector": "NixlConnector", "kv_role": kv_role, "kv_buffer_device": "cpu"}
 
 
 def vllm_command(
@@ -107,7 +108,9 @@ def vllm_command(
     """The command line of one vLLM worker; ``extra_args`` last (they override)."""
     if role not in ROLES:
         raise ValueError(f"role {role!r}: expected one of {ROLES}")
-    role_args = [] if role == "both" else ["--kv-transfer-config", json.dumps(kv_transfer_config())]
+    role_args = (
+        [] if role == "both" else ["--kv-transfer-config", json.dumps(kv_transfer_config(role))]
+    )
     return [
         str(python), "-m", API_SERVER_MODULE,
         "--model", str(model_dir),

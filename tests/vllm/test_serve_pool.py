@@ -1,0 +1,251 @@
+"""Acceptance 1 and 2 of issue 15 on the session's ``strata serve --engine vllm --workers 2
+--router kv`` pool (``tests/vllm/fixtures.py``):
+
+1. the chat test set answers token for token as vLLM alone does (greedy), the openai client
+   works, and the streams of a SIGKILLed vLLM worker migrate to the other one and complete;
+2. after a random workload that evicts blocks from vLLM's small KV cache, the router's index of
+   each worker equals the block set rebuilt from that worker's own KV events, and prefixes it
+   holds are routed back to it: ``cached_tokens`` equals the router's prediction and the growth
+   of that worker's ``vllm:prefix_cache_hits_total``.
+
+The SIGKILL test runs last in this module: it kills worker 1 (``vllm_worker``, worker 0, stays
+up for later users of the session pool).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+from collections.abc import Sequence
+
+import httpx
+import openai
+import pytest
+
+from serving.protocol.block_hash import hash_token_blocks
+from serving.protocol.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, decode_batch
+from tests.engine.test_hf_equality import CHAT_PROMPTS
+from tests.vllm.fixtures import MODEL, NUM_GPU_BLOCKS, KVEventCapture, VLLMPool, VLLMWorker
+from tests.worker.conftest import labelled, metric, scrape, wait_until
+
+pytestmark = pytest.mark.slow
+
+MAX_TOKENS = 24
+BLOCK_SIZE = 32
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def _chat_token_ids(base_url: str, messages: list[dict[str, str]]) -> tuple[list[int], str]:
+    body = {"model": MODEL, "messages": messages, "temperature": 0, "max_tokens": MAX_TOKENS,
+            "return_token_ids": True}  # fmt: skip
+    response = httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=600)
+    assert response.status_code == 200, response.text
+    choice = response.json()["choices"][0]
+    return choice["token_ids"], choice["finish_reason"]
+
+
+def test_chat_set_is_token_identical_to_vllm_alone(vllm_pool: VLLMPool) -> None:
+    alone = vllm_pool.workers[0].url
+    mismatches = []
+    for name, messages in CHAT_PROMPTS:
+        expected = _chat_token_ids(alone, messages)
+        got = _chat_token_ids(vllm_pool.url, messages)
+        if got != expected:
+            mismatches.append(f"{name}: vLLM alone {expected}, through Strata {got}")
+    assert not mismatches, "\n".join(mismatches)
+
+
+def test_openai_client_through_the_frontend(vllm_pool: VLLMPool) -> None:
+    client = openai.OpenAI(base_url=vllm_pool.base_url, api_key="x", max_retries=0)
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    chat = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0,
+                                          max_tokens=30)  # fmt: skip
+    assert chat.choices[0].message.content == "The capital of France is Paris."
+    assert chat.choices[0].finish_reason == "stop"
+    stream = client.chat.completions.create(
+        model=MODEL, messages=FRANCE, temperature=0, max_tokens=30, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == chat.choices[0].message.content
+    # The repeat is routed to the worker that holds the prompt; vLLM reports its cached tokens.
+    usage = chunks[-1].usage
+    assert usage is not None and usage.prompt_tokens_details is not None
+    assert usage.prompt_tokens_details.cached_tokens == (usage.prompt_tokens - 1) // 32 * 32
+    completion = client.completions.create(model=MODEL, prompt="The capital of France is",
+                                           temperature=0, max_tokens=8)  # fmt: skip
+    assert completion.choices[0].text.startswith(" Paris")
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4", messages=FRANCE)
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=0)
+    assert bad.value.body["param"] == "max_tokens"
+
+
+# -- acceptance 2: the router's index against vLLM's own events and metrics ----------------------
+
+
+def reference_router_blocks(payloads: Sequence[bytes], block_size: int) -> set[int]:
+    """The router hashes of the blocks vLLM holds on the GPU medium, rebuilt from its events
+    independently of the indexer: every stored block's tokens are kept (even after removal),
+    a held block's prefix is walked through its parents, hashed by the reference hasher."""
+    seen: dict[int | bytes, tuple[int | bytes | None, list[int]]] = {}
+    held: set[int | bytes] = set()
+    for payload in payloads:
+        for event in decode_batch(payload).events:
+            if isinstance(event, BlockStored) and event.medium in (None, "GPU"):
+                parent = event.parent_block_hash
+                for i, engine_hash in enumerate(event.block_hashes):
+                    tokens = event.token_ids[i * block_size : (i + 1) * block_size]
+                    seen[engine_hash] = (parent, tokens)
+                    held.add(engine_hash)
+                    parent = engine_hash
+            elif isinstance(event, BlockRemoved) and event.medium in (None, "GPU"):
+                held.difference_update(event.block_hashes)
+            elif isinstance(event, AllBlocksCleared):
+                held.clear()
+    out = set()
+    for engine_hash in held:
+        chain: list[list[int]] = []
+        current: int | bytes | None = engine_hash
+        while current is not None:
+            parent, tokens = seen[current]
+            chain.append(tokens)
+            current = parent
+        prefix = [t for tokens in reversed(chain) for t in tokens]
+        out.add(hash_token_blocks(prefix, block_size)[-1])
+    return out
+
+
+def _router_blocks(frontend_url: str, worker_id: str) -> set[int]:
+    body = httpx.get(f"{frontend_url}/admin/workers/{worker_id}/kv_blocks", timeout=10).json()
+    assert body["block_size"] == BLOCK_SIZE
+    return set(body["blocks"].get("GPU", []))
+
+
+def _applied_batches(frontend_url: str, worker_id: str) -> int:
+    listed = httpx.get(f"{frontend_url}/admin/workers", timeout=10).json()["workers"]
+    return next(w["num_event_batches"] for w in listed if w["worker_id"] == worker_id)
+
+
+def _all_frames(worker: VLLMWorker) -> list[tuple[bytes, bytes, bytes]]:
+    assert worker.replay_endpoint is not None
+    capture = KVEventCapture(worker.replay_endpoint)
+    try:
+        return capture.take()
+    finally:
+        capture.close()
+
+
+def _complete(frontend_url: str, prompt: list[int]) -> dict:
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 2, "temperature": 0}
+    response = httpx.post(f"{frontend_url}/v1/completions", json=body, timeout=600)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_router_index_equals_vllms_blocks_after_evictions(vllm_pool: VLLMPool) -> None:
+    rng = random.Random(15)
+    prefixes = [[rng.randrange(1000, 40000) for _ in range(rng.randrange(4, 8) * BLOCK_SIZE)]
+                for _ in range(4)]  # fmt: skip
+    # ~24 x 200 tokens through a pool of 2 x 96 blocks of 32: both workers evict.
+    for _ in range(24):
+        prefix = rng.choice(prefixes)
+        suffix = [rng.randrange(1000, 40000) for _ in range(rng.randrange(10, 70))]
+        _complete(vllm_pool.url, prefix + suffix)
+
+    references = {}
+    for worker in vllm_pool.workers:
+        frames = _all_frames(worker)
+        last_seq = int.from_bytes(frames[-1][1], "big")
+        wait_until(lambda w=worker, n=last_seq + 1: _applied_batches(vllm_pool.url, w.worker_id)
+                   >= n, f"{worker.worker_id}'s KV events applied", timeout_s=60)  # fmt: skip
+        events = [e for f in frames for e in decode_batch(f[2]).events]
+        assert any(isinstance(e, BlockRemoved) for e in events), "the workload evicted nothing"
+        references[worker.worker_id] = reference_router_blocks([f[2] for f in frames], BLOCK_SIZE)
+        assert 0 < len(references[worker.worker_id]) <= NUM_GPU_BLOCKS
+        assert _router_blocks(vllm_pool.url, worker.worker_id) == references[worker.worker_id]
+
+    # Prefixes a worker holds are routed back to it; what the router predicted is what vLLM hit.
+    probed = 0
+    for prefix in prefixes:
+        hashes = hash_token_blocks(prefix, BLOCK_SIZE)
+        holders = {w: len(_leading(hashes, blocks)) for w, blocks in references.items()}
+        worker_id, num_blocks = max(holders.items(), key=lambda item: item[1])
+        if num_blocks == 0:
+            continue
+        worker = next(w for w in vllm_pool.workers if w.worker_id == worker_id)
+        before = {w.worker_id: scrape(w.url) for w in vllm_pool.workers}
+        prompt = prefix + [rng.randrange(1000, 40000) for _ in range(5)]
+        usage = _complete(vllm_pool.url, prompt)["usage"]
+        after = scrape(worker.url)
+        hits = metric(after, "vllm:prefix_cache_hits_total") - metric(
+            before[worker_id], "vllm:prefix_cache_hits_total"
+        )
+        served = metric(after, "vllm:request_success_total") - metric(
+            before[worker_id], "vllm:request_success_total"
+        )
+        assert served == 1, f"prefix of {num_blocks} blocks on {worker_id} was routed elsewhere"
+        assert usage["prompt_tokens_details"]["cached_tokens"] == num_blocks * BLOCK_SIZE == hits
+        probed += 1
+        references = {w.worker_id: reference_router_blocks(
+            [f[2] for f in _all_frames(w)], BLOCK_SIZE) for w in vllm_pool.workers}  # fmt: skip
+    assert probed >= 2
+
+
+def _leading(hashes: list[int], held: set[int]) -> list[int]:
+    out = []
+    for block_hash in hashes:
+        if block_hash not in held:
+            break
+        out.append(block_hash)
+    return out
+
+
+# -- last: a vLLM worker SIGKILLed mid-stream ---------------------------------------------
+
+
+def test_sigkilled_vllm_worker_streams_migrate_and_complete(vllm_pool: VLLMPool) -> None:
+    victim, survivor = vllm_pool.workers[1], vllm_pool.workers[0]
+    prompts = [[{"role": "user", "content": f"Count from {i} to {i + 40}, one number a line."}]
+               for i in range(4)]  # fmt: skip
+    expected = []
+    for messages in prompts:
+        body = {"model": MODEL, "messages": messages, "temperature": 0, "max_tokens": 48}
+        answer = httpx.post(f"{survivor.url}/v1/chat/completions", json=body, timeout=600)
+        expected.append(answer.json()["choices"][0]["message"]["content"])
+    client = openai.OpenAI(base_url=vllm_pool.base_url, api_key="x", max_retries=0)
+    texts: list[list[str]] = [[] for _ in prompts]
+    errors: list[BaseException] = []
+
+    def stream(i: int) -> None:
+        try:
+            chunks = client.chat.completions.create(
+                model=MODEL, messages=prompts[i], temperature=0, max_tokens=48, stream=True
+            )
+            for chunk in chunks:
+                if chunk.choices:
+                    texts[i].append(chunk.choices[0].delta.content or "")
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    frontend = vllm_pool.url
+
+    def victim_streaming() -> bool:
+        active = labelled(scrape(frontend), "strata_router_worker_active_requests",
+                          worker=victim.worker_id)  # fmt: skip
+        return active >= 1 and all(len(t) >= 3 for t in texts)
+
+    wait_until(victim_streaming, "streams running on the victim", timeout_s=300)
+    os.killpg(victim.pid(), signal.SIGKILL)  # the API server and its engine core, like a pod
+    for thread in threads:
+        thread.join(600)
+    assert not errors, errors
+    assert ["".join(t) for t in texts] == expected
+    assert metric(scrape(frontend), "strata_frontend_migrations_total") >= 1
