@@ -176,3 +176,27 @@ class FakeFrontend:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def test_exit_handler_deletes_only_the_runs_kubernetes_deployment(
+    kube: FakeKubeAPI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cleanup step of a failed cluster run deletes the Deployment and Service labelled
+    with its publish run (the Argo workflow uid), and leaves other versions alone."""
+    from workflows.steps.lifecycle import cleanup_step
+
+    cache = tmp_path / "cache"
+    base = {"name": MODEL, "cache_dir": str(cache), "deploy_target": "kubernetes",
+            "engine": "mock", "mlflow_tracking_uri": "http://127.0.0.1:9"}  # fmt: skip
+    production = deploy_candidate(PublishParams(**base, run_id="uid-1"), "1", cache / "a",
+                                  root=tmp_path)  # fmt: skip
+    failed = PublishParams(**base, run_id="uid-2")
+    candidate = deploy_candidate(failed, "2", cache / "b", root=tmp_path)
+    labels = kube.objects[("deployments", "strata", candidate.name)]["metadata"]["labels"]
+    assert labels["strata.ai/publish-run"] == "uid-2"
+    # MLflow is unreachable here (port 9; no client retries): the run's status decides alone.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    out = cleanup_step(failed, status="Failed")
+    assert out["removed"] == [candidate.name] and out["undone"] == ["deploy"]
+    assert {key[2] for key in kube.objects} == {production.name}
+    assert cleanup_step(PublishParams(**base, run_id="uid-1"), status="Succeeded")["removed"] == []
