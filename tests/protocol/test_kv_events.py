@@ -1,13 +1,10 @@
-"""vLLM KV-event structs against frames captured from vLLM 0.33's own publisher."""
+"""vLLM KV-event structs against frames from vLLM's own publisher (``tests/vllm_vectors.py``)."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import msgspec
-import pytest
 
 from serving.protocol.kv_events import (
     AllBlocksCleared,
@@ -17,15 +14,12 @@ from serving.protocol.kv_events import (
     decode_batch,
     encode_batch,
 )
-
-VECTORS = Path(__file__).resolve().parents[2].parent / "shared" / "vectors"
+from tests.vllm_vectors import load_vector
 
 
 def load_frames() -> list[dict[str, Any]]:
-    path = VECTORS / "vllm_kv_events.jsonl"
-    if not path.is_file():
-        pytest.skip(f"vLLM wire vectors not found at {path} (needs the shared/ folder)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """Frames from vLLM's own publisher (tests/vllm_vectors.py)."""
+    return load_vector("vllm_kv_events.jsonl")
 
 
 def stored(

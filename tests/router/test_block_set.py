@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 
 from serving.protocol.block_hash import hash_token_blocks
@@ -16,17 +13,14 @@ from serving.protocol.kv_events import (
     decode_batch,
 )
 from serving.router.block_set import BlockSetTracker, HeldBlock
+from tests.vllm_vectors import load_vector
 
-VECTORS = Path(__file__).resolve().parents[2].parent / "shared" / "vectors"
 BIG_HASH = 776627963145224192
 
 
 def vector_batches() -> list[KVEventBatch]:
-    path = VECTORS / "vllm_kv_events.jsonl"
-    if not path.is_file():
-        pytest.skip(f"vLLM wire vectors not found at {path} (needs the shared/ folder)")
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    return [decode_batch(bytes.fromhex(json.loads(line)["payload_hex"])) for line in lines]
+    frames = load_vector("vllm_kv_events.jsonl")  # from vLLM's own publisher
+    return [decode_batch(bytes.fromhex(frame["payload_hex"])) for frame in frames]
 
 
 def tokens(first: int, last_inclusive: int) -> list[int]:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 
 from serving.protocol.block_hash import hash_token_blocks, salt_for
@@ -17,8 +14,8 @@ from serving.protocol.kv_events import (
     decode_batch,
 )
 from serving.router.indexer import InvalidKVEvent, KVIndexer, hash_token_ids
+from tests.vllm_vectors import load_vector
 
-VECTORS = Path(__file__).resolve().parents[2].parent / "shared" / "vectors"
 BS = 4  # block size of the small tests
 PROMPT = list(range(100, 116))  # 4 blocks
 
@@ -237,12 +234,9 @@ def test_unknown_removal_is_counted() -> None:
 
 
 def test_vllm_vector_stream() -> None:
-    path = VECTORS / "vllm_kv_events.jsonl"
-    if not path.is_file():
-        pytest.skip(f"vLLM wire vectors not found at {path} (needs the shared/ folder)")
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    frames = load_vector("vllm_kv_events.jsonl")  # from vLLM's own publisher
     batches: list[KVEventBatch] = [
-        decode_batch(bytes.fromhex(json.loads(line)["payload_hex"])) for line in lines
+        decode_batch(bytes.fromhex(frame["payload_hex"])) for frame in frames
     ]
     indexer = KVIndexer(16)
     prompt = list(range(1000, 1064))  # the vectors store tokens 1000..1047

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import msgspec
 import pytest
@@ -20,19 +17,9 @@ from serving.worker.kv_events import (
     ZmqEventPublisher,
     offset_endpoint_port,
 )
+from tests.vllm_vectors import load_vector
 
-VECTORS = Path(__file__).resolve().parents[2].parent / "shared" / "vectors"
 WAIT_S = 10.0
-
-
-def load_vector(name: str) -> Any:
-    path = VECTORS / name
-    if not path.is_file():
-        pytest.skip(f"vLLM wire vectors not found at {path} (needs the shared/ folder)")
-    text = path.read_text()
-    if name.endswith(".jsonl"):
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    return json.loads(text)
 
 
 def vector_batches() -> list[KVEventBatch]:
