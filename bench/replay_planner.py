@@ -1,0 +1,298 @@
+"""The planner in the offline simulator: a day of traffic, virtual time, three ways to size.
+
+    .venv/bin/strata bench planner --trace ../shared/traces/conversation_trace.jsonl \\
+        --peak-speedup 2 --lead-time-s 180
+
+The day: the trace's own arrivals, replayed ``peak_speedup`` times faster and repeated to fill
+24 hours, each request kept with the probability of the hour's share of the peak (a diurnal
+curve, ``DIURNAL``): the daily cycle on top of the trace's minute-scale burstiness. Workers are
+``bench/replay_fluid.py``'s (the mock's H100 timing model); a scale-up serves one lead time
+after it is ordered and is paid for from that moment; a scale-down drains.
+
+Policies compared on the same requests:
+
+* ``static``: as many replicas as the peak five minutes need (the planner's capacity model at
+  the day's peak load), all day;
+* ``reactive``: the planner sizing for the load it observes now (``lookahead: none``);
+* ``lead-time``: the planner sizing for the peak it predicts (Holt) until a replica ordered now
+  would serve (``lookahead: lead_time``).
+
+Figures: SLA attainment (requests with TTFT <= the SLA and mean ITL <= the SLA), TTFT and ITL
+percentiles, GPU-hours, cost and cost per million output tokens. No I/O besides the report.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from bench.replay_fluid import FluidCluster, SimRequest, StepCost, WorkerShape
+from bench.trace import TraceRequest
+from serving.engine.timing import TimingProfile
+from serving.planner.capacity import CapacityModel
+from serving.planner.config import PlannerConfig, Role
+from serving.planner.connectors.virtual import VirtualConnector
+from serving.planner.core import PlannerState, make_state, tick
+from serving.planner.types import Observation, RoleObservation, Traffic
+
+DAY_S = 86_400.0
+# Share of the peak rate at each hour 0..24 (linear in between): low at night, a morning ramp,
+# a midday plateau and an evening peak, as chat services see. Peak/trough = 5.
+DIURNAL = (0.30, 0.25, 0.21, 0.20, 0.20, 0.24, 0.33, 0.48, 0.66, 0.82, 0.92, 0.97, 0.95,
+           0.90, 0.92, 0.95, 0.92, 0.88, 0.88, 0.94, 1.00, 0.90, 0.68, 0.47, 0.30)  # fmt: skip
+
+
+def diurnal_share(time_s: float) -> float:
+    hour = (time_s % DAY_S) / 3600.0
+    low = int(hour)
+    return DIURNAL[low] + (DIURNAL[low + 1] - DIURNAL[low]) * (hour - low)
+
+
+def day_requests(
+    trace: Sequence[TraceRequest],
+    *,
+    peak_speedup: float,
+    duration_s: float = DAY_S,
+    start_s: float = 0.0,
+    seed: int = 0,
+    jitter_s: float = 3.0,
+) -> Iterator[SimRequest]:
+    """The trace, ``peak_speedup`` times faster, repeated over ``[start_s, start_s +
+    duration_s)``, thinned by ``diurnal_share``; arrivals spread over ``jitter_s`` (trace
+    seconds; the Mooncake trace buckets them every ~3 s). Deterministic in ``seed``."""
+    rng = np.random.default_rng(seed)
+    span_s = (trace[-1].arrival_s - trace[0].arrival_s + jitter_s) / peak_speedup
+    base = trace[0].arrival_s
+    offsets = [(r.arrival_s - base + rng.random() * jitter_s) / peak_speedup for r in trace]
+    order = sorted(range(len(trace)), key=offsets.__getitem__)
+    index = 0
+    cycle = math.floor(start_s / span_s)
+    while True:
+        cycle_start = cycle * span_s
+        keep = rng.random(len(order))
+        for position in order:
+            arrival = cycle_start + offsets[position]
+            if arrival < start_s or keep[position] >= diurnal_share(arrival):
+                continue
+            if arrival >= start_s + duration_s:
+                return
+            r = trace[position]
+            yield SimRequest(index, arrival - start_s, r.input_length, r.output_length)
+            index += 1
+        cycle += 1
+
+
+@dataclass
+class Outcome:
+    """What a day under one policy measured (plain values)."""
+
+    policy: str
+    ttft_s: list[float] = field(default_factory=list)
+    itl_s: list[float] = field(default_factory=list)
+    output_tokens: int = 0
+    met_sla: int = 0
+    gpu_s: float = 0.0
+    replicas: list[tuple[float, int]] = field(default_factory=list)  # (time, serving+starting)
+    scale_events: int = 0
+    rejected: int = 0
+    wall_s: float = 0.0
+
+    def figures(self, price_per_gpu_hour: float) -> dict[str, Any]:
+        n = len(self.ttft_s)
+        ttft, itl = np.asarray(self.ttft_s), np.asarray(self.itl_s)
+        gpu_hours = self.gpu_s / 3600.0
+        cost = gpu_hours * price_per_gpu_hour
+        sizes = [count for _, count in self.replicas]
+        return {
+            "policy": self.policy,
+            "requests": n,
+            "rejected": self.rejected,
+            "sla_attainment": self.met_sla / n if n else 0.0,
+            "ttft_s": {f"p{q}": float(np.percentile(ttft, q)) for q in (50, 90, 99)},
+            "itl_s": {f"p{q}": float(np.percentile(itl, q)) for q in (50, 90, 99)},
+            "gpu_hours": gpu_hours,
+            "cost_usd": cost,
+            "cost_per_million_output_tokens_usd": cost / self.output_tokens * 1e6,
+            "output_tokens": self.output_tokens,
+            "replicas": {"min": min(sizes), "max": max(sizes), "mean": float(np.mean(sizes))},
+            "scale_events": self.scale_events,
+            "sim_wall_s": self.wall_s,
+        }
+
+
+class WindowStats:
+    """Finished requests of the last ``window_s``: the planner's metrics source in the sim."""
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self.done: deque[tuple[float, int, int, float, float]] = deque()
+
+    def add(self, r: SimRequest) -> None:
+        self.done.append((r.finish_s, r.input_tokens, r.output_tokens, r.ttft_s, r.itl_s))
+
+    def traffic(self, now_s: float) -> Traffic:
+        done = self.done
+        while done and done[0][0] < now_s - self.window_s:
+            done.popleft()
+        n = len(done)
+        if not n:
+            return Traffic(self.window_s, 0.0, 0.0)
+        rows = np.asarray(done)
+        return Traffic(
+            window_s=self.window_s,
+            request_rate=n / self.window_s,
+            num_requests=float(n),
+            input_tokens=float(rows[:, 1].mean()),
+            output_tokens=float(rows[:, 2].mean()),
+            output_tokens_rate=float(rows[:, 2].sum()) / self.window_s,
+            ttft_mean_s=float(rows[:, 3].mean()),
+            ttft_p90_s=float(np.percentile(rows[:, 3], 90)),
+            itl_mean_s=float(rows[:, 4].mean()),
+            itl_p90_s=float(np.percentile(rows[:, 4], 90)),
+        )
+
+
+@dataclass(frozen=True)
+class SimSetup:
+    """Everything but the policy: the same for each policy of a study."""
+
+    requests: Callable[[], Iterator[SimRequest]]  # arrivals over [0, warmup_s + duration_s)
+    duration_s: float  # what is measured, after the warm-up
+    shape: WorkerShape
+    timing: TimingProfile
+    lead_time_s: float
+    sla_ttft_s: float
+    sla_itl_s: float
+    price_per_gpu_hour: float
+    gpus_per_replica: int = 1
+    kv_bandwidth_gbps: float = 25.0
+    warmup_s: float = 0.0  # simulated, not measured: queues and predictors settle
+
+    @property
+    def end_s(self) -> float:
+        return self.warmup_s + self.duration_s
+
+
+def run_static(setup: SimSetup, replicas: dict[Role, int], name: str = "static") -> Outcome:
+    """A fixed pool for the whole run (no planner)."""
+    outcome = Outcome(name)
+    cluster = _cluster(setup, outcome)
+    for role, count in replicas.items():
+        for _ in range(count):
+            cluster.provision(role, lead_time_s=0.0)
+    outcome.replicas.append((setup.warmup_s, sum(replicas.values())))
+    return _finish(setup, cluster, outcome)
+
+
+def run_planned(
+    setup: SimSetup, config: PlannerConfig, capacity: CapacityModel, name: str
+) -> Outcome:
+    """The planner ticking in virtual time over the virtual connector."""
+    outcome = Outcome(name)
+    window = WindowStats(config.metrics.window_s)
+    cluster = _cluster(setup, outcome, window.add)
+    roles = tuple(config.roles)
+    connector = VirtualConnector(cluster, roles)
+    state = make_state(config, capacity, {r: setup.lead_time_s for r in roles})
+    for role, role_cfg in config.roles.items():
+        for _ in range(role_cfg.min_replicas):
+            cluster.provision(role, lead_time_s=0.0)
+    interval = config.scaling.interval_s
+
+    def on_tick() -> None:
+        now = cluster.now
+        counts = connector.replica_counts()
+        observation = Observation(
+            now, {role: _role_observation(cluster, role, counts[role]) for role in roles},
+            window.traffic(now),
+        )  # fmt: skip
+        decision = tick(observation, state)
+        for role, role_decision in decision.roles.items():
+            if role_decision.target != role_decision.current:
+                outcome.scale_events += 1
+                connector.set_replicas(role, role_decision.target)
+        if now >= setup.warmup_s:
+            total = sum(c.current for c in connector.replica_counts().values())
+            outcome.replicas.append((now, total))
+        if now + interval < setup.end_s:
+            cluster.schedule(now + interval, on_tick)
+
+    cluster.schedule(interval, on_tick)
+    return _finish(setup, cluster, outcome, state)
+
+
+def _role_observation(cluster: FluidCluster, role: Role, counts: Any) -> RoleObservation:
+    workers = [w for w in cluster.workers.values() if w.role == role and w.state == "ready"]
+    return RoleObservation(
+        ready=counts.ready,
+        starting=counts.starting,
+        draining=counts.draining,
+        num_waiting=float(sum(w.num_waiting for w in workers)),
+        num_running=float(sum(len(w.decoding) for w in workers)),
+        lead_times_s=counts.lead_times_s,
+    )
+
+
+def _cluster(
+    setup: SimSetup, outcome: Outcome, on_done: Callable[[SimRequest], None] | None = None
+) -> FluidCluster:
+    def on_finish(r: SimRequest) -> None:
+        if on_done is not None:
+            on_done(r)
+        if r.arrival_s < setup.warmup_s:
+            return
+        ttft, itl = r.ttft_s, r.itl_s
+        outcome.ttft_s.append(ttft)
+        outcome.itl_s.append(itl)
+        outcome.output_tokens += r.output_tokens
+        outcome.met_sla += ttft <= setup.sla_ttft_s and itl <= setup.sla_itl_s
+
+    from bench.replay import _ScalarTimingProfile  # the mock's polynomials, without numpy calls
+
+    return FluidCluster(
+        StepCost(_ScalarTimingProfile.of(setup.timing), setup.shape),
+        lead_time_s=setup.lead_time_s,
+        kv_bandwidth_gbps=setup.kv_bandwidth_gbps,
+        on_finish=on_finish,
+    )
+
+
+def _finish(
+    setup: SimSetup, cluster: FluidCluster, outcome: Outcome, state: PlannerState | None = None
+) -> Outcome:
+    started = time.perf_counter()
+    cluster.feed(setup.requests())
+    cluster.run()
+    for worker in [*cluster.retired, *cluster.workers.values()]:
+        removed = worker.removed_s if worker.removed_s is not None else setup.end_s
+        paid_s = min(removed, setup.end_s) - max(worker.created_s, setup.warmup_s)
+        outcome.gpu_s += max(paid_s, 0.0) * setup.gpus_per_replica
+    outcome.rejected = cluster.num_rejected
+    outcome.wall_s = time.perf_counter() - started
+    return outcome
+
+
+def peak_replicas(
+    setup: SimSetup, capacity: CapacityModel, role: Role, window_s: float = 300.0
+) -> tuple[int, float]:
+    """Replicas the peak ``window_s`` of the day needs, by the capacity model; and that rate."""
+    arrivals, isl, osl = [], 0.0, 0.0
+    for r in setup.requests():
+        if r.arrival_s < setup.warmup_s:
+            continue
+        arrivals.append(r.arrival_s)
+        isl += r.input_tokens
+        osl += r.output_tokens
+    n = len(arrivals)
+    peak = (
+        max(bisect.bisect_left(arrivals, t + window_s) - i for i, t in enumerate(arrivals))
+        / window_s
+    )
+    return capacity.replicas_needed(role, peak, isl / n, osl / n), peak
