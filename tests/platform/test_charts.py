@@ -51,6 +51,7 @@ def workers(rendered: Rendered) -> list[dict[str, Any]]:
 # --- every object validates --------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k8s_version", K8S_VERSIONS)
 @pytest.mark.parametrize("env", ENVIRONMENTS)
 def test_core_objects_pass_strict_kubernetes_schemas(
