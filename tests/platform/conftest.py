@@ -4,7 +4,6 @@ is CPU work) and strict validators for core kinds and the CRDs in ``../shared/sc
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,6 @@ CRD_FILES = {
     ("monitoring.coreos.com/v1", "PodMonitor"): "monitoring.coreos.com_podmonitors.yaml",
     ("monitoring.coreos.com/v1", "PrometheusRule"): "monitoring.coreos.com_prometheusrules.yaml",
 }
-ARGO_SCHEMA = SCHEMAS_DIR / "argo-workflows.schema.json"
 
 
 class Rendered:
@@ -152,31 +150,13 @@ def crd_validator() -> Callable[[dict[str, Any]], list[str]]:
 
 @pytest.fixture(scope="session")
 def argo_validator() -> Callable[[dict[str, Any]], list[str]]:
-    """A WorkflowTemplate against Argo's JSON schema (v3.7), unknown fields rejected."""
-    if not ARGO_SCHEMA.is_file():
-        pytest.skip(f"Argo JSON schema not found at {ARGO_SCHEMA} (needs ../shared/schemas)")
-    definitions = json.loads(ARGO_SCHEMA.read_text())["definitions"]
-    definitions["io.k8s.apimachinery.pkg.util.intstr.IntOrString"] = {"type": ["integer", "string"]}
-    definitions["io.k8s.apimachinery.pkg.api.resource.Quantity"] = {"type": ["string", "number"]}
-    _strict(definitions)
-    ref = "#/definitions/io.argoproj.workflow.v1alpha1.WorkflowTemplate"
-    validator = jsonschema.Draft202012Validator({"$ref": ref, "definitions": definitions})
+    """A WorkflowTemplate against Argo's own models as Hera ships them (``tests/argo_schema.py``),
+    unknown fields rejected; no ../shared needed."""
+    from tests import argo_schema
+
+    definitions = argo_schema.definitions(strict=True)
 
     def validate(obj: dict[str, Any]) -> list[str]:
-        return [
-            f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
-            for e in validator.iter_errors(obj)
-        ]
+        return argo_schema.schema_errors(definitions, "WorkflowTemplate", obj)
 
     return validate
-
-
-def _strict(node: Any) -> None:
-    if isinstance(node, dict):
-        if "properties" in node and "additionalProperties" not in node:
-            node["additionalProperties"] = False
-        for value in node.values():
-            _strict(value)
-    elif isinstance(node, list):
-        for value in node:
-            _strict(value)

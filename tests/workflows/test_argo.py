@@ -20,14 +20,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import pytest
 import typer
 import yaml
-from hera.workflows.models import WorkflowCreateRequest, WorkflowTemplate
-from pydantic.json_schema import models_json_schema
+from hera.workflows.models import WorkflowTemplate
 from typer.testing import CliRunner
 
+from tests import argo_schema
 from workflows import argo, step_cli
 from workflows.pipeline import WORKFLOWS as PIPELINE_WORKFLOWS
 from workflows.pipeline import PublishParams, StepSpec, WorkflowSpec, publish_workflow
@@ -46,30 +45,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:The `json` method is deprecated"
 # --- schema --------------------------------------------------------------------------------
 
 
-def _strict(node: Any) -> None:
-    """Add ``additionalProperties: false`` to every object schema with properties and none set."""
-    if isinstance(node, dict):
-        if "properties" in node and "additionalProperties" not in node:
-            node["additionalProperties"] = False
-        for value in node.values():
-            _strict(value)
-    elif isinstance(node, list):
-        for value in node:
-            _strict(value)
-
-
 def _load_definitions(strict: bool) -> dict[str, Any]:
-    """JSON schemas of Argo's types, from Argo's own models as Hera ships them (generated from
-    Argo's OpenAPI spec), keyed by type name (``WorkflowTemplate``, ``Container``, ...)."""
-    _, top = models_json_schema(
-        [(WorkflowTemplate, "validation"), (WorkflowCreateRequest, "validation")],
-        by_alias=True,
-        ref_template="#/definitions/{model}",
-    )
-    definitions = top["$defs"]
-    if strict:
-        _strict(definitions)
-    return definitions
+    return argo_schema.definitions(strict)
 
 
 @pytest.fixture(scope="module")
@@ -77,24 +54,7 @@ def strict_definitions() -> dict[str, Any]:
     return _load_definitions(strict=True)
 
 
-def schema_errors(definitions: dict[str, Any], kind: str, document: Any) -> list[str]:
-    validator = jsonschema.Draft202012Validator(
-        {"$ref": f"#/definitions/{kind}", "definitions": definitions}
-    )
-    return sorted({_describe(leaf) for e in validator.iter_errors(document) for leaf in _leaves(e)})
-
-
-def _leaves(error: jsonschema.ValidationError) -> list[jsonschema.ValidationError]:
-    """The errors under an ``anyOf`` (pydantic writes every optional field as one with
-    ``null``), less the branch that only says the value is not null."""
-    if not error.context:
-        return [error]
-    leaves = [leaf for sub in error.context for leaf in _leaves(sub)]
-    return [e for e in leaves if not (e.validator == "type" and e.validator_value == "null")]
-
-
-def _describe(error: jsonschema.ValidationError) -> str:
-    return f"{'/'.join(map(str, error.absolute_path))}: {error.message}"
+schema_errors = argo_schema.schema_errors
 
 
 # --- rendered templates --------------------------------------------------------------------
