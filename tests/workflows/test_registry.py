@@ -28,8 +28,9 @@ def mlflow_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     root = tmp_path_factory.mktemp("registry") / "local"
     try:
         services = start_local_services(
-            root, s3_port=free_port(), mlflow_port=free_port(), with_prometheus=False
-        )
+            root, s3_port=free_port(), mlflow_port=free_port(), with_prometheus=False,
+            startup_timeout_s=300,  # MLflow's start-up on a busy 2-core machine passed 90 s
+        )  # fmt: skip
         yield services.mlflow_url
     finally:
         stop_local_services(root, snapshot=False)
