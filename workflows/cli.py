@@ -49,6 +49,11 @@ def _register_serving_commands() -> None:
     app.command("profile", help="Measure an engine's prefill and decode times for the planner.")(
         profile
     )
+    from serving.planner.cli import planner
+
+    app.command("planner", help="Scale prefill/decode pools ahead of the load (Kubernetes).")(
+        planner
+    )
 
 
 _register_serving_commands()

@@ -52,7 +52,10 @@ class LeadTimeConfig(_Strict):
     mlflow_tracking_uri: str | None = None
     mlflow_model: str | None = Field(default=None, description="Registered model name.")
     mlflow_version: str | None = Field(
-        default=None, description="A version number, or an alias such as 'production'."
+        default=None, description="A version number, or an alias (default 'production')."
+    )
+    include_stage: bool = Field(
+        default=False, description="Count the S3 -> cache staging too (a node-local cache)."
     )
 
     @property

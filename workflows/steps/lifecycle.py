@@ -7,10 +7,14 @@ module's own error) with a message naming what failed.
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 from typing import Any
 
 from workflows.pipeline import PublishParams
+
+logger = logging.getLogger(__name__)
 
 
 class StepFailed(RuntimeError):
@@ -103,7 +107,16 @@ def deploy_step(params: PublishParams, version: str) -> dict[str, Any]:
     from workflows.steps import deploy, registry
 
     info = registry.get_version(params.mlflow_tracking_uri, params.name, version)
+    started_s = time.monotonic()
     deployment = deploy.deploy_candidate(params, version, Path(info.staged_dir))
+    duration_s = time.monotonic() - started_s
+    # The planner's lead time reads this: weights loaded and the worker serving, per version.
+    try:
+        registry.log_version_metrics(
+            params.mlflow_tracking_uri, params.name, version, {"deploy_duration_s": duration_s}
+        )
+    except registry.RegistryError as exc:
+        logger.warning("deploy duration not recorded: %s", exc)
     return {"endpoint": deployment.endpoint, "deployment": deployment.name}
 
 
