@@ -17,8 +17,12 @@ warm-up, reported as median (and best in the JSON):
   left; ``generate``'s decode step is ``(T(1 + steps new tokens) - T(1 new token)) / steps``.
 * prefill: one request of N tokens generating one token (Strata: one engine step);
   ``generate`` with ``max_new_tokens=1``.
+* on CUDA, the yardsticks in the same run: for decode, a plain static-cache decode step captured
+  as one CUDA graph (``bench/static_decode.py``: no engine at all); for prefill, one plain
+  forward of the prompt (logits of the last token only).
 
-Prints a table with ratios (Strata tokens/s over ``generate``'s) and writes the JSON.
+Prints a table with ratios (Strata tokens/s over ``generate``'s, and the yardstick's time over
+Strata's: above 1 Strata is faster) and writes the JSON.
 """
 
 from __future__ import annotations
@@ -144,7 +148,9 @@ def random_llama3_8b(device: str, dtype: torch.dtype) -> Iterator[tuple[Path, An
         shutil.rmtree(work_dir, ignore_errors=True)
 
 
-def make_core(model_dir: Path, device: str, dtype: str, workload: Workload) -> EngineCore:
+def make_core(
+    model_dir: Path, device: str, dtype: str, workload: Workload, *, enforce_eager: bool = False
+) -> EngineCore:
     """An engine without a tokenizer (prompts are token ids): runner + scheduler + KV manager."""
     runner = ModelRunner(
         model_dir,
@@ -152,6 +158,8 @@ def make_core(model_dir: Path, device: str, dtype: str, workload: Workload) -> E
         dtype=dtype,
         num_blocks=workload.num_blocks,
         max_num_batched_tokens=max(2048, workload.prefill_tokens),
+        max_num_seqs=max(workload.decode_batches),
+        enforce_eager=enforce_eager,
     )
     config = SchedulerConfig(
         max_num_seqs=max(workload.decode_batches),
@@ -238,24 +246,51 @@ def hf_decode_step_s(model: Any, prompts: list[list[int]], steps: int, device: s
     return (full_s - first_s) / steps
 
 
+def hf_forward_s(model: Any, prompt: list[int], device: str) -> float:
+    """Seconds of one plain forward of ``prompt`` (logits of the last position only)."""
+    ids = torch.tensor([prompt], device=device)
+    sync(device)
+    start_s = time.perf_counter()
+    with torch.no_grad():
+        model(ids, logits_to_keep=1)
+    sync(device)
+    return time.perf_counter() - start_s
+
+
 def measure(
     core: EngineCore, hf: Any, workload: Workload, device: str, repeats: int
 ) -> list[dict[str, Any]]:
+    from bench.static_decode import static_graph_step_s
+
     vocab_size = core.executor.arch.vocab_size  # type: ignore[attr-defined]
     steps = workload.decode_steps
+    on_cuda = device.startswith("cuda")
     results = []
     for batch in workload.decode_batches:
         prompts = make_prompts(batch, workload.prompt_tokens, vocab_size, seed=batch)
         strata = repeated(lambda p=prompts: strata_run(core, p, 1 + steps), repeats)
         hf_s = repeated(lambda p=prompts: hf_decode_step_s(hf, p, steps, device), repeats)
         results.append(_result("decode", batch, batch, strata, hf_s))
+        if on_cuda:
+            graph = static_graph_step_s(hf, prompts, steps, max(repeats, 5))
+            _add_yardstick(results[-1], "static CUDA graph", graph)
         _progress(results[-1])
     prompt = make_prompts(1, workload.prefill_tokens, vocab_size, seed=0)
     strata = repeated(lambda: strata_run(core, prompt, 1), repeats)
     hf_s = repeated(lambda: hf_generate_s(hf, prompt, 1, device), repeats)
     results.append(_result("prefill", 1, workload.prefill_tokens, strata, hf_s))
+    if on_cuda:
+        forward = summarize(repeated(lambda: hf_forward_s(hf, prompt, device), repeats))
+        _add_yardstick(results[-1], "plain forward", forward)
     _progress(results[-1])
     return results
+
+
+def _add_yardstick(result: dict[str, Any], name: str, seconds: dict[str, Any]) -> None:
+    """The yardstick's seconds per unit and its time over Strata's (above 1: Strata faster)."""
+    result["yardstick"] = name
+    result["yardstick_s"] = seconds
+    result["yardstick_over_strata"] = seconds["median"] / result["strata_s"]["median"]
 
 
 def _result(
@@ -276,10 +311,13 @@ def _result(
 
 
 def _progress(result: dict[str, Any]) -> None:
+    yardstick = ""
+    if "yardstick_s" in result:
+        yardstick = f", {result['yardstick']} {result['yardstick_s']['median'] * 1e3:.2f} ms"
     print(
         f"{result['case']} batch {result['batch']}: "
         f"Strata {result['strata_s']['median'] * 1e3:.2f} ms, "
-        f"generate {result['hf_generate_s']['median'] * 1e3:.2f} ms",
+        f"generate {result['hf_generate_s']['median'] * 1e3:.2f} ms{yardstick}",
         flush=True,
     )
 
@@ -302,6 +340,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats after a warm-up")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default torch's)")
+    parser.add_argument(
+        "--enforce-eager", action="store_true", help="CUDA: no decode CUDA graphs in the engine"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "engine.json")
     return parser.parse_args(argv)
 
@@ -316,13 +357,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     dtype = getattr(torch, dtype_name)
     if args.random_llama3_8b:
         with random_llama3_8b(args.device, dtype) as (model_dir, hf):
-            core = make_core(model_dir, args.device, dtype_name, workload)
+            core = make_core(
+                model_dir, args.device, dtype_name, workload, enforce_eager=args.enforce_eager
+            )
             model_name = "random Llama-3-8B shape"
             results = measure(core, hf, workload, args.device, args.repeats)
     else:
         model_dir = args.model or smollm2_dir()
         hf = load_hf_model(model_dir, args.device, dtype)
-        core = make_core(model_dir, args.device, dtype_name, workload)
+        core = make_core(
+            model_dir, args.device, dtype_name, workload, enforce_eager=args.enforce_eager
+        )
         model_name = model_dir.name
         results = measure(core, hf, workload, args.device, args.repeats)
     payload = {
@@ -330,6 +375,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "model": model_name,
         "device": args.device,
         "dtype": dtype_name,
+        "enforce_eager": args.enforce_eager,
         "machine": machine,
         # Other processes on a small CPU machine move these figures: compare with the start's.
         "load_average_1m_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
@@ -341,28 +387,37 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def report(payload: dict[str, Any]) -> None:
+    results = payload["results"]
+    with_yardstick = any("yardstick_s" in r for r in results)
     rows = []
-    for r in payload["results"]:
+    for r in results:
         if r["case"] == "decode":
             label = f"decode, batch {r['batch']}"
         else:
             label = f"prefill, {r['tokens_per_unit']} tokens"
-        rows.append(
-            [
-                label,
-                r["strata_s"]["median"] * 1e3,
-                r["hf_generate_s"]["median"] * 1e3,
-                r["strata_tokens_per_s"],
-                r["hf_generate_tokens_per_s"],
-                f"{r['strata_over_hf']:.2f}x",
+        row = [
+            label,
+            r["strata_s"]["median"] * 1e3,
+            r["hf_generate_s"]["median"] * 1e3,
+            r["strata_tokens_per_s"],
+            r["hf_generate_tokens_per_s"],
+            f"{r['strata_over_hf']:.2f}x",
+        ]
+        if with_yardstick:
+            row += [
+                f"{r['yardstick']} {r['yardstick_s']['median'] * 1e3:.2f}",
+                f"{r['yardstick_over_strata']:.2f}x",
             ]
-        )
+        rows.append(row)
     machine = payload["machine"]
     where = machine.get("gpu") if payload["device"].startswith("cuda") else machine["cpu"]
+    headers = ["case", "Strata ms", "generate ms", "Strata tok/s", "generate tok/s", "Strata/HF"]
+    if with_yardstick:
+        headers += ["yardstick ms", "yardstick/Strata"]
     print_table(
         f"Strata engine vs transformers generate: {payload['model']}, {payload['dtype']}, "
-        f"{where}; median of {payload['results'][0]['strata_s']['repeats']} repeats",
-        ["case", "Strata ms", "generate ms", "Strata tok/s", "generate tok/s", "Strata/HF"],
+        f"{where}; median of {results[0]['strata_s']['repeats']} repeats",
+        headers,
         rows,
     )
 

@@ -4,11 +4,13 @@
                              [--dtype bfloat16] [--blocks 1,16,256] [--pool-blocks 512]
                              [--transports nixl,nixl-ucx-tcp,tcp] [--repeats 5] [--threads N]
                              [--device cpu|cuda:0] [--decode-device cuda:1]
-                             [--out bench/results/transfer.json]
+                             [--layout block|layer] [--out bench/results/transfer.json]
 
 Defaults are Llama-3-8B's KV shape: 32 layers x (K, V) x 16 tokens x 8 KV heads x 128 dims x
-2 bytes = 2 MiB per block, stored as the engine stores it (``[layers, 2, blocks, 16, 8, 128]``),
-so one block is 64 runs of 32 KiB, one per layer and K/V.
+2 bytes = 2 MiB per block, stored as the engine stores it: ``--layout block`` (the default),
+``[blocks, layers, 2, 16, 8, 128]``, one block is one run of 2 MiB; ``--layout layer``, the
+engine's layout before issue 13, ``[layers, 2, blocks, 16, 8, 128]``, one block is 64 runs of
+32 KiB, one per layer and K/V.
 
 Every transport variant runs in two fresh processes: a "prefill" process that registers a pool
 filled with a known byte pattern and serves it, and a "decode" process that registers its own
@@ -71,14 +73,28 @@ class PoolSpec:
     dtype: str
     prefill_device: str = "cpu"
     decode_device: str = "cpu"
+    layout_kind: str = (
+        "block"  # "block": [blocks, layers, 2, ...]; "layer": [layers, 2, blocks, ...]
+    )
+
+    @property
+    def block_axis(self) -> int:
+        return 0 if self.layout_kind == "block" else 2
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return (self.layers, 2, self.num_blocks, self.block_size, self.kv_heads, self.head_dim)
+        inner = (self.block_size, self.kv_heads, self.head_dim)
+        if self.layout_kind == "block":
+            return (self.num_blocks, self.layers, 2, *inner)
+        return (self.layers, 2, self.num_blocks, *inner)
 
     @property
     def layout(self) -> BlockLayout:
-        return BlockLayout.for_kv_cache(self.shape, _DTYPES[self.dtype].itemsize)
+        elem = _DTYPES[self.dtype].itemsize
+        if self.layout_kind == "block":
+            block_bytes = self.layers * 2 * self.block_size * self.kv_heads * self.head_dim * elem
+            return BlockLayout.block_major(self.num_blocks, block_bytes)
+        return BlockLayout.for_kv_cache(self.shape, elem)
 
 
 @dataclass(frozen=True)
@@ -228,6 +244,7 @@ def run_variant(name: str, spec: PoolSpec, cases: list[Case], repeats: int) -> d
 
 def measure_copies(spec: PoolSpec, cases: list[Case], repeats: int) -> list[dict[str, Any]]:
     layout = spec.layout
+    axis = spec.block_axis
     device = torch.device(spec.decode_device)
     src = torch.empty(spec.shape, dtype=_DTYPES[spec.dtype], device=device)
     fill_pattern(src, layout)
@@ -243,7 +260,7 @@ def measure_copies(spec: PoolSpec, cases: list[Case], repeats: int) -> list[dict
 
         def block_copy(remote=remote, local=local) -> None:
             # ModelRunner.read_kv_blocks on one side, write_kv_blocks on the other.
-            dst.index_copy_(2, local, src.index_select(2, remote))
+            dst.index_copy_(axis, local, src.index_select(axis, remote))
 
         def memcpy(num_bytes=num_bytes) -> None:
             scratch[:num_bytes].copy_(src_flat[:num_bytes])
@@ -287,6 +304,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default torch's)")
     parser.add_argument("--device", default="cpu", help="the prefill pool's device: cpu, cuda:0")
     parser.add_argument("--decode-device", help="the decode pool's device (default --device)")
+    parser.add_argument(
+        "--layout", choices=("block", "layer"), default="block",
+        help="block: the engine's block-major cache; layer: the layer-major one before it",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "transfer.json")
     return parser.parse_args(argv)
 
@@ -299,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     spec = PoolSpec(args.layers, args.kv_heads, args.head_dim, args.block_size,
                     args.pool_blocks, args.dtype, args.device,
-                    args.decode_device or args.device)  # fmt: skip
+                    args.decode_device or args.device, args.layout)  # fmt: skip
     variants = [v.strip() for v in args.transports.split(",") if v.strip()]
     unknown = set(variants) - set(VARIANTS)
     if unknown:

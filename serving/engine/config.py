@@ -33,6 +33,11 @@ class EngineConfig(BaseModel):
     max_num_batched_tokens: int = Field(default=2048, ge=1)
     max_model_len: int | None = Field(default=None, ge=2)
     enable_prefix_caching: bool = True
+    # CUDA: decode steps replay CUDA graphs unless this is set (vLLM's --enforce-eager).
+    enforce_eager: bool = False
+    kernels: Literal["auto", "torch", "triton"] = Field(
+        default="auto", description="auto: Triton kernels on CUDA, the PyTorch path on CPU."
+    )
     # Prefill role: seconds a finished request's blocks wait for a decode worker's pull.
     kv_lease_s: float = Field(default=30.0, gt=0)
     seed: int = 0

@@ -70,6 +70,7 @@ class DecodeGraphs:
         self._query_lens = torch.ones(n, dtype=torch.int32, device=device)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._logits: dict[int, torch.Tensor] = {}
+        self.num_padded_steps = 0  # decode steps run here (replayed or eager)
 
     def padded_size(self, num_seqs: int) -> int | None:
         """The captured size a batch of ``num_seqs`` decodes runs at; None if too large."""
@@ -105,6 +106,7 @@ class DecodeGraphs:
         if size is None:
             raise ValueError(f"{num_seqs} decodes exceed the largest graph ({self.max_batch})")
         self._fill(seqs, size)
+        self.num_padded_steps += 1
         if self.use_graphs:
             self._graphs[size].replay()
             return self._logits[size][:num_seqs]
@@ -130,7 +132,7 @@ class DecodeGraphs:
         ints[0:2, num_seqs:size] = 0
         ints[2, num_seqs:size] = -1
         ints[3, num_seqs:size] = 0
-        self._ints[:, :size].copy_(self._host_ints[:, :size], non_blocking=True)
+        self._ints.copy_(self._host_ints, non_blocking=True)  # [4, max_batch]: one small copy
         # Whole rows: one contiguous pinned copy (columns past a sequence's end are not read).
         self._tables[:num_seqs].copy_(self._host_tables[:num_seqs], non_blocking=True)
 

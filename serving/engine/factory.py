@@ -76,6 +76,10 @@ def build_engine(config: EngineConfig, served_model_name: str | None = None) -> 
             gpu_memory_utilization=config.gpu_memory_utilization,
             max_num_batched_tokens=config.max_num_batched_tokens,
             load_format=config.load_format,
+            max_num_seqs=config.max_num_seqs,
+            max_model_len=config.max_model_len,
+            kernels=config.kernels,
+            enforce_eager=config.enforce_eager,
         )
         arch = runner.arch
         max_len = min(config.max_model_len or arch.max_model_len, arch.max_model_len)

@@ -326,3 +326,44 @@ def test_prompts_in_batches_of_eight_match_generate(harness: Harness) -> None:
     print(f"[{harness.device}] batched divergences ({len(divergences)}/{len(names)}): {report}")
     assert len(got) == len(names)
     assert (len(names) - len(divergences)) / len(names) >= MIN_BATCHED_MATCH, report
+
+
+@pytest.mark.slow
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_graphs_on_and_off_give_the_same_tokens(smollm2_dir: Path, dtype: str) -> None:
+    """Issue 13: decode steps replayed from CUDA graphs produce exactly the eager tokens, every
+    prompt alone and in batches of eight (batch sizes 1..8 padded to the captured sizes)."""
+    outputs: dict[bool, dict[str, list[int]]] = {}
+    for eager in (False, True):
+        loaded = build_engine(
+            EngineConfig(
+                model_dir=smollm2_dir,
+                device="cuda",
+                dtype=dtype,
+                num_blocks=NUM_BLOCKS,
+                max_num_seqs=BATCH_SIZE,
+                enforce_eager=eager,
+            )
+        )
+        graphs = loaded.core.executor.graphs  # type: ignore[attr-defined]
+        assert graphs is not None and graphs.use_graphs is not eager
+        harness = Harness(
+            device="cuda",
+            hf=None,
+            core=loaded.core,
+            eos_token_id=loaded.info.eos_token_ids[0],
+            prompts=_tokenized_prompts(loaded.tokenizer),
+        )
+        names = list(harness.prompts)
+        got = {f"alone-{n}": harness.run_engine([n], tag="alone")[n] for n in names}
+        for start in range(0, len(names), BATCH_SIZE):
+            batch = harness.run_engine(names[start : start + BATCH_SIZE], tag="batch")
+            got |= {f"batch-{n}": tokens for n, tokens in batch.items()}
+        assert graphs.num_padded_steps > len(names), "decode steps did not take the graph path"
+        outputs[eager] = got
+        del loaded, harness
+        torch.cuda.empty_cache()
+    differing = [k for k in outputs[False] if outputs[False][k] != outputs[True][k]]
+    assert not differing, f"graphs on/off differ ({dtype}): {differing}"
