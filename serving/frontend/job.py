@@ -45,6 +45,9 @@ class Job:
     arrival_s: float = field(default_factory=time.monotonic)
     output_ids: list[int] = field(default_factory=list)
     num_cached_tokens: int | None = None
+    # The router's prediction, reported when a worker does not say (vLLM without
+    # --enable-prompt-tokens-details).
+    predicted_cached_tokens: int = 0
     num_migrations: int = 0
     finish_reason: str | None = None
     stop_reason: int | str | None = None

@@ -24,6 +24,7 @@ from serving.frontend.state import FrontendState
 from serving.frontend.worker_errors import WorkerFailed, passthrough_error
 from serving.frontend.workers import Worker
 from serving.protocol.openai import APIError
+from serving.router.indexer import cached_prompt_tokens
 from serving.router.policies import NoWorkersError
 
 logger = logging.getLogger(__name__)
@@ -78,6 +79,9 @@ async def segments(
         except NoWorkersError:
             raise _no_worker() from None
         worker = pool.workers[decision.worker_id]
+        job.predicted_cached_tokens = cached_prompt_tokens(
+            decision.num_cached_blocks, router.block_size, len(job.prompt_ids)
+        )
         tried.add(worker.worker_id)
         worker.num_requests += 1
         if worker.first_request_s is None:
@@ -165,7 +169,10 @@ async def stream_from_worker(
                 usage = chunk.get("usage")
                 if usage and job.num_cached_tokens is None:
                     details = usage.get("prompt_tokens_details") or {}
-                    job.num_cached_tokens = details.get("cached_tokens") or 0
+                    reported = details.get("cached_tokens")
+                    job.num_cached_tokens = (
+                        reported if reported is not None else job.predicted_cached_tokens
+                    )
                 if not chunk.get("choices"):
                     continue
                 choice = chunk["choices"][0]
