@@ -7,9 +7,11 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from serving.frontend.auth import KeysFileError, KeyStore, load_keys_file
 from serving.frontend.state import FrontendState
 from serving.frontend.workers import Worker, WorkerRegistrationError, WorkerSpec
 from serving.protocol.openai import APIError
+from serving.protocol.openapi_docs import error_responses
 
 
 class WorkerRegistration(BaseModel):
@@ -48,14 +50,37 @@ def _state(request: Request) -> FrontendState:
     return request.app.state.frontend  # type: ignore[no-any-return]
 
 
-def make_admin_router() -> APIRouter:
-    router = APIRouter(prefix="/admin")
+class WorkerInfo(BaseModel):
+    worker_id: str
+    url: str
+    model: str
+    worker_model_name: str
+    version: str
+    role: str
+    healthy: bool
+    kv_events_endpoint: str | None
+    replay_endpoint: str | None
+    num_event_batches: int
 
-    @router.get("/workers")
+
+class WorkerList(BaseModel):
+    workers: list[WorkerInfo]
+
+
+class KeysReloaded(BaseModel):
+    reloaded: bool = Field(description="False when no keys file is configured.")
+    keys: dict[str, int] = Field(description="Keys in use by role.")
+
+
+def make_admin_router() -> APIRouter:
+    """``/admin``: every route needs the admin credential (``GuardMiddleware``)."""
+    router = APIRouter(prefix="/admin", tags=["admin"])
+
+    @router.get("/workers", response_model=WorkerList)
     async def list_workers(request: Request) -> dict[str, Any]:
         return {"workers": [worker_json(w) for w in _state(request).models.workers()]}
 
-    @router.post("/workers", status_code=201)
+    @router.post("/workers", status_code=201, response_model=WorkerInfo)
     async def add_worker(body: WorkerRegistration, request: Request) -> dict[str, Any]:
         spec = WorkerSpec(body.url.rstrip("/"), body.kv_events_endpoint, body.replay_endpoint,
                           body.worker_id, body.role, body.model, body.version)  # fmt: skip
@@ -79,11 +104,33 @@ def make_admin_router() -> APIRouter:
             "blocks": {medium: sorted(hashes) for medium, hashes in held.items()},
         }
 
-    @router.delete("/workers/{worker_id}")
+    @router.delete(
+        "/workers/{worker_id}", response_model=WorkerInfo, responses=error_responses(404)
+    )
     async def remove_worker(worker_id: str, request: Request) -> dict[str, Any]:
         worker = _state(request).models.deregister(worker_id)
         if worker is None:
             raise APIError(f"no worker {worker_id!r}", status_code=404, param="worker_id")
         return worker_json(worker)
 
+    @router.post("/keys/reload", response_model=KeysReloaded)
+    async def reload_keys(request: Request) -> dict[str, Any]:
+        """Re-read the keys file now (it is also re-read when it changes); a bad file is a
+        400 naming the field, and the keys in use stay."""
+        gate = _state(request).gate
+        assert gate is not None
+        if gate.keys_file is None:
+            return {"reloaded": False, "keys": _key_counts(gate.keys)}
+        try:
+            gate.keys.replace_file(load_keys_file(gate.keys_file))
+        except KeysFileError as exc:
+            gate.metrics.keys_reloads.labels(outcome="error").inc()
+            raise APIError(str(exc), param="keys_file") from None
+        gate.reload_keys(force=True)
+        return {"reloaded": True, "keys": _key_counts(gate.keys)}
+
     return router
+
+
+def _key_counts(keys: KeyStore) -> dict[str, int]:
+    return {role: keys.count(role) for role in ("inference", "admin")}

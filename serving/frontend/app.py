@@ -1,6 +1,7 @@
 """The frontend's HTTP app: one OpenAI endpoint over many workers.
 
-Routes, authentication, error mapping and the lifespan (worker pool, health loop) live here;
+Routes, error mapping and the lifespan (workers, health loop, keys watcher) live here; keys,
+size limit and admission in ``guard`` (``auth``, ``admission`` are their pure cores);
 a request's path is ``job`` (parse and validate) -> ``responses`` (JSON or SSE) ->
 ``streaming`` (routing, migration, worker streams) with ``prefill`` for disaggregation;
 ``admin`` holds the control API, ``health`` the background upkeep.
@@ -17,9 +18,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.engine.tokenizer import encode_chat, encode_prompt
 from serving.frontend.admin import make_admin_router
+from serving.frontend.admission import Overloaded
+from serving.frontend.auth import ANONYMOUS, KeyStore, Principal, load_keys_file
+from serving.frontend.guard import Gate, GuardMiddleware, Ticket, endpoint_label
 from serving.frontend.health import health_loop, refresh_gauges, write_prometheus_targets
 from serving.frontend.job import COMPLETIONS_DEFAULT_MAX_TOKENS, Job, make_job
 from serving.frontend.models import ServedModel, make_http_client, register_all
@@ -31,6 +36,15 @@ from serving.protocol.openai import (
     CompletionRequest,
     model_card,
 )
+from serving.protocol.openapi_docs import (
+    METRICS_RESPONSES,
+    ChatCompletionResponse,
+    CompletionResponse,
+    HealthStatus,
+    ModelList,
+    completion_responses,
+    error_responses,
+)
 from serving.worker.app import validation_error
 
 __all__ = ["FrontendSettings", "FrontendState", "create_frontend_app", "write_prometheus_targets"]
@@ -41,6 +55,7 @@ def create_frontend_app(state: FrontendState) -> FastAPI:
     metrics = state.metrics
     for name in state.models.names:
         metrics.add_model(name)
+    gate = state.gate = state.gate or build_gate(state)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -48,6 +63,8 @@ def create_frontend_app(state: FrontendState) -> FastAPI:
         await register_all(state.models, state.initial_workers)
         write_prometheus_targets(state)
         state.background.append(asyncio.create_task(health_loop(state)))
+        if settings.keys_file is not None:
+            state.background.append(asyncio.create_task(_watch_keys(state)))
         try:
             yield
         finally:
@@ -58,44 +75,20 @@ def create_frontend_app(state: FrontendState) -> FastAPI:
             state.models.close()
             await state.http.aclose()
 
-    app = FastAPI(title="Strata frontend", lifespan=lifespan)
+    app = FastAPI(
+        title="Strata frontend",
+        description="OpenAI-compatible endpoint over Strata workers; `/admin` is the control API.",
+        lifespan=lifespan,
+        responses=error_responses(400, 401, 403, 413),
+    )
     app.state.frontend = state
+    app.add_middleware(GuardMiddleware, keys=gate.keys, metrics=metrics,
+                       max_request_bytes=settings.max_request_bytes)  # fmt: skip
+    install_error_handlers(app, state)
 
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        metrics.requests.labels(
-            model=_model_label(request), endpoint=request.url.path, status=str(exc.status_code)
-        ).inc()
-        return JSONResponse(exc.to_dict(), status_code=exc.status_code)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        metrics.requests.labels(
-            model=_model_label(request), endpoint=request.url.path, status="400"
-        ).inc()
-        return JSONResponse(validation_error(exc).to_dict(), status_code=400)
-
-    def _model_label(request: Request) -> str:
-        """The served model a failed request named, else "" (bounded: unknown names too)."""
-        name = getattr(request.state, "model", None)
-        return name if name in state.models.models else ""
-
-    @app.middleware("http")
-    async def _auth(request: Request, call_next: Any) -> Response:
-        key = settings.api_key
-        protected = request.url.path.startswith(("/v1/", "/admin/"))
-        if key and protected and request.headers.get("authorization") != f"Bearer {key}":
-            error = APIError(
-                "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
-                status_code=401,
-                type="authentication_error",
-                code="invalid_api_key",
-            )
-            return JSONResponse(error.to_dict(), status_code=401)
-        return await call_next(request)
-
-    @app.get("/health")
+    @app.get("/health", responses={200: {"model": HealthStatus}, 503: {"model": HealthStatus}})
     async def health() -> JSONResponse:
+        """200 while at least one worker is healthy (any model)."""
         healthy = state.models.healthy_ids()
         status = 200 if healthy else 503
         return JSONResponse(
@@ -103,20 +96,23 @@ def create_frontend_app(state: FrontendState) -> FastAPI:
             status_code=status,
         )
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses=METRICS_RESPONSES)
     async def prometheus() -> Response:
         refresh_gauges(state)
+        gate.refresh_gauges()
         body = b"".join(generate_latest(r) for r in [metrics.registry, *state.extra_registries])
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=ModelList)
     async def models() -> dict[str, Any]:
         cards = [model_card(m.name, m.max_model_len) for m in state.models.models.values()]
         return {"object": "list", "data": cards}
 
     app.include_router(make_admin_router())
+    cmpl_docs = {**completion_responses(CompletionResponse), **error_responses(404, 429, 503)}
+    chat_docs = {**completion_responses(ChatCompletionResponse), **error_responses(404, 429, 503)}
 
-    @app.post("/v1/completions", response_model=None)
+    @app.post("/v1/completions", response_model=None, responses=cmpl_docs)
     async def completions(body: CompletionRequest, raw: Request) -> Response:
         raw.state.model = body.model
         served = state.models.get(body.model)
@@ -126,9 +122,10 @@ def create_frontend_app(state: FrontendState) -> FastAPI:
             prompt_ids = list(body.prompt)
         job = _job(served, body, prompt_ids, raw, "cmpl", body.max_tokens,
                    COMPLETIONS_DEFAULT_MAX_TOKENS, body.logprobs)  # fmt: skip
-        return await respond(state, served, job, chat=False)
+        ticket = _admit(gate, raw, job)
+        return await respond(state, served, job, chat=False, ticket=ticket)
 
-    @app.post("/v1/chat/completions", response_model=None)
+    @app.post("/v1/chat/completions", response_model=None, responses=chat_docs)
     async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Response:
         raw.state.model = body.model
         served = state.models.get(body.model)
@@ -144,9 +141,71 @@ def create_frontend_app(state: FrontendState) -> FastAPI:
             raise APIError(str(exc), param="messages") from exc
         job = _job(served, body, prompt_ids, raw, "chatcmpl", body.effective_max_tokens,
                    None, body.num_logprobs)  # fmt: skip
-        return await respond(state, served, job, chat=True)
+        ticket = _admit(gate, raw, job)
+        return await respond(state, served, job, chat=True, ticket=ticket)
 
     return app
+
+
+def build_gate(state: FrontendState) -> Gate:
+    """Keys (``--api-key``, ``--admin-key``, the keys file: a bad file raises
+    ``KeysFileError``) and admission limits from the settings."""
+    settings = state.settings
+    keys = KeyStore(settings.api_key, settings.admin_key)
+    gate = Gate(
+        keys,
+        state.metrics,
+        state.models.names,
+        max_inflight_requests=settings.max_inflight_requests,
+        max_queued_prompt_tokens=settings.max_queued_prompt_tokens,
+        keys_file=settings.keys_file,
+    )
+    if settings.keys_file is not None:
+        load_keys_file(settings.keys_file)  # fail at start-up, naming the file and field
+        gate.reload_keys(force=True)
+    return gate
+
+
+async def _watch_keys(state: FrontendState) -> None:
+    """Re-read the keys file when it changes: keys and limits apply without a restart."""
+    assert state.gate is not None
+    while True:
+        await asyncio.sleep(state.settings.keys_reload_interval_s)
+        state.gate.reload_keys()
+
+
+def install_error_handlers(app: FastAPI, state: FrontendState) -> None:
+    """Every error as OpenAI JSON with its status (``Retry-After`` on 429), counted."""
+    metrics = state.metrics
+
+    def count(request: Request, status: int) -> None:
+        name = getattr(request.state, "model", None)
+        model = name if name in state.models.models else ""
+        endpoint = endpoint_label(request.url.path)
+        metrics.requests.labels(model=model, endpoint=endpoint, status=str(status)).inc()
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        count(request, exc.status_code)
+        headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, Overloaded) else None
+        return JSONResponse(exc.to_dict(), status_code=exc.status_code, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        count(request, 400)
+        return JSONResponse(validation_error(exc).to_dict(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        count(request, exc.status_code)
+        kind = "NotFoundError" if exc.status_code == 404 else "invalid_request_error"
+        error = APIError(str(exc.detail), status_code=exc.status_code, type=kind)
+        return JSONResponse(error.to_dict(), status_code=exc.status_code, headers=exc.headers)
+
+
+def _admit(gate: Gate, raw: Request, job: Job) -> Ticket:
+    principal = getattr(raw.state, "principal", None) or Principal(ANONYMOUS, "inference")
+    return gate.admit(principal, job.model, len(job.prompt_ids), job.max_tokens)
 
 
 def _job(

@@ -59,7 +59,44 @@ def serve(
             help="External worker: URL[;kv=tcp://h:p][;replay=tcp://h:p][;id=name][;role=R]."
         ),
     ] = None,
-    api_key: Annotated[str | None, typer.Option(envvar="STRATA_API_KEY")] = None,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="STRATA_API_KEY", help="One inference key (bearer).")
+    ] = None,
+    admin_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="STRATA_ADMIN_KEY",
+            help="Admin credential for /admin (worker registration, key reload); never an "
+            "inference key.",
+        ),
+    ] = None,
+    keys_file: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="STRATA_KEYS_FILE",
+            help="YAML keys file: sha256-hashed keys with role and requests/tokens per "
+            "minute, per-model limits; re-read when it changes (docs/frontend.md).",
+        ),
+    ] = None,
+    max_inflight_requests: Annotated[
+        int,
+        typer.Option(
+            envvar="STRATA_MAX_INFLIGHT_REQUESTS",
+            help="Per model: requests in flight beyond which 429 + Retry-After (0: no limit).",
+        ),
+    ] = 0,
+    max_queued_prompt_tokens: Annotated[
+        int,
+        typer.Option(
+            envvar="STRATA_MAX_QUEUED_PROMPT_TOKENS",
+            help="Per model: prompt tokens admitted but not at their first token, beyond "
+            "which 429 + Retry-After (0: no limit).",
+        ),
+    ] = 0,
+    max_request_bytes: Annotated[
+        int,
+        typer.Option(envvar="STRATA_MAX_REQUEST_BYTES", help="Request body limit (413)."),
+    ] = 8 * 1024 * 1024,
     served_model_name: Annotated[str | None, typer.Option()] = None,
     block_size: Annotated[
         int | None,
@@ -110,6 +147,13 @@ def serve(
         raise typer.BadParameter("--workers, --prefill and --decode must be >= 0")
     if prefill and not decode and not workers:
         raise typer.BadParameter("--prefill needs --decode or --workers to stream the output")
+    if min(max_inflight_requests, max_queued_prompt_tokens) < 0 or max_request_bytes <= 0:
+        raise typer.BadParameter(
+            "--max-inflight-requests, --max-queued-prompt-tokens must be >= 0, "
+            "--max-request-bytes > 0"
+        )
+    if keys_file is not None and not keys_file.is_file():
+        raise typer.BadParameter(f"--keys-file {keys_file}: no such file")
     if kv_transport not in ("auto", "nixl", "tcp"):
         raise typer.BadParameter("--kv-transport must be auto, nixl or tcp")
     if workers is None:
@@ -147,6 +191,11 @@ def serve(
         worker_devices=list(worker_device or []),
         log_dir=log_dir,
         vllm_python=vllm_python,
+        admin_key=admin_key,
+        keys_file=keys_file,
+        max_inflight_requests=max_inflight_requests,
+        max_queued_prompt_tokens=max_queued_prompt_tokens,
+        max_request_bytes=max_request_bytes,
     )
     try:
         run_serve(config)

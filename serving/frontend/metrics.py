@@ -143,8 +143,62 @@ class FrontendMetrics:
             ("model",),
             registry=r,
         )
+        self._add_admission_metrics(r)
         if model is not None:
             self.add_model(model)
+
+    def _add_admission_metrics(self, r: CollectorRegistry) -> None:
+        self.rejected = Counter(
+            "strata_frontend_rejected_requests",
+            "Requests refused at admission: 429 (inflight_limit, queued_tokens_limit, "
+            "key_requests_per_minute, key_tokens_per_minute) or 413 (request_too_large).",
+            ("model", "reason"),
+            registry=r,
+        )
+        self.queued_prompt_tokens = Gauge(
+            "strata_frontend_queued_prompt_tokens",
+            "Prompt tokens of admitted requests that have no first token yet.",
+            ("model",),
+            registry=r,
+        )
+        self.admission_limit = Gauge(
+            "strata_frontend_admission_limit",
+            "Admission limits per model (0: none): inflight_requests, queued_prompt_tokens.",
+            ("model", "limit"),
+            registry=r,
+        )
+        self.key_requests = Counter(
+            "strata_frontend_key_requests",
+            "Requests of rate-limited API keys (by key name): admitted or rejected.",
+            ("key", "outcome"),
+            registry=r,
+        )
+        self.key_tokens = Counter(
+            "strata_frontend_key_tokens",
+            "Tokens (prompt + output) used by rate-limited API keys.",
+            ("key",),
+            registry=r,
+        )
+        self.auth_failures = Counter(
+            "strata_frontend_auth_failures",
+            "Requests refused for their key: unauthorized (401) or forbidden (403).",
+            ("reason",),
+            registry=r,
+        )
+        self.api_keys = Gauge(
+            "strata_frontend_api_keys", "API keys configured, by role.", ("role",), registry=r
+        )
+        self.keys_reloads = Counter(
+            "strata_frontend_keys_reloads",
+            "Keys file reloads: ok, or error (the keys in use are kept).",
+            ("outcome",),
+            registry=r,
+        )
+        for reason in ("unauthorized", "forbidden"):
+            self.auth_failures.labels(reason=reason)
+        for outcome in ("ok", "error"):
+            self.keys_reloads.labels(outcome=outcome)
+        self.rejected.labels(model="", reason="request_too_large")
 
     def add_model(self, model: str) -> None:
         """Create the model's unlabelled-by-request series at 0, so rate() sees them from the
@@ -158,6 +212,10 @@ class FrontendMetrics:
         self.active_requests.labels(model=model)
         self.indexed_blocks.labels(model=model)
         self.workers_without_events.labels(model=model)
+        for reason in ("inflight_limit", "queued_tokens_limit", "key_requests_per_minute",
+                       "key_tokens_per_minute"):  # fmt: skip
+            self.rejected.labels(model=model, reason=reason)
+        self.queued_prompt_tokens.labels(model=model)
 
     def forget_worker(self, model: str, worker_id: str) -> None:
         for gauge in (

@@ -149,7 +149,7 @@ class ModelSet:
             raise WorkerRegistrationError(f"worker id {worker_id!r} is already registered")
         version = self._version(model, spec.version or DEFAULT_VERSION)
         spec = dataclasses.replace(spec, worker_id=worker_id, model=name)
-        worker = version.pool.add(spec, probe)
+        worker = await version.pool.add(spec, probe)
         self._prune(model)
         return worker
 

@@ -33,7 +33,7 @@ from serving.frontend.app import create_frontend_app
 from serving.frontend.metrics import FrontendMetrics
 from serving.frontend.models import ModelSet, ServedModel
 from serving.frontend.router import Router
-from serving.frontend.state import FrontendSettings, FrontendState
+from serving.frontend.state import DEFAULT_MAX_REQUEST_BYTES, FrontendSettings, FrontendState
 from serving.frontend.workers import WorkerSpec
 from serving.netutil import free_port, free_port_pair, wait_healthy
 from serving.router.disagg import (
@@ -139,6 +139,11 @@ class ServeConfig:
     vllm_python: str | None = None  # --engine vllm: the interpreter with vLLM (None: look)
     # More served models behind the same endpoint (the fields above describe the first).
     extra_models: list[ModelEntry] = field(default_factory=list)
+    admin_key: str | None = None
+    keys_file: Path | None = None
+    max_inflight_requests: int = 0
+    max_queued_prompt_tokens: int = 0
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
 
     @property
     def model_name(self) -> str:
@@ -356,6 +361,11 @@ def build_frontend_state(
     ]
     settings = FrontendSettings(
         api_key=config.api_key,
+        admin_key=config.admin_key,
+        keys_file=config.keys_file,
+        max_inflight_requests=config.max_inflight_requests,
+        max_queued_prompt_tokens=config.max_queued_prompt_tokens,
+        max_request_bytes=config.max_request_bytes,
         migration_limit=config.migration_limit,
         disagg=DisaggConfig(config.max_local_prefill_tokens, config.max_local_prefill_fraction),
     )

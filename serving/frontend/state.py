@@ -9,15 +9,25 @@ from typing import Any
 
 import httpx
 
+from serving.frontend.guard import Gate
 from serving.frontend.metrics import FrontendMetrics
 from serving.frontend.models import ModelSet
 from serving.frontend.workers import WorkerSpec
 from serving.router.disagg import DisaggConfig
 
+DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
+
 
 @dataclass(slots=True)
 class FrontendSettings:
     api_key: str | None = None
+    admin_key: str | None = None  # the admin credential for /admin (never an inference key)
+    keys_file: Path | None = None  # hashed keys and limits, re-read when it changes
+    keys_reload_interval_s: float = 1.0
+    # Admission, per served model (0: no limit); the keys file's `models:` overrides them.
+    max_inflight_requests: int = 0
+    max_queued_prompt_tokens: int = 0
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     migration_limit: int = 3
     health_interval_s: float = 2.0
     max_health_failures: int = 3
@@ -37,6 +47,7 @@ class FrontendState:
     settings: FrontendSettings
     models: ModelSet
     metrics: FrontendMetrics
+    gate: Gate | None = None  # admission and keys (built by create_frontend_app)
     http: httpx.AsyncClient | None = None
     initial_workers: list[WorkerSpec] = field(default_factory=list)
     # More registries to expose on /metrics (e.g. the workflow runner's, in `strata demo`).

@@ -194,10 +194,12 @@ class WorkerPool:
             if worker.url == spec.url:
                 return worker
         probe = await probe_worker(self.http, spec, self.block_size)
-        return self.add(spec, probe)
+        return await self.add(spec, probe)
 
-    def add(self, spec: WorkerSpec, probe: WorkerProbe) -> Worker:
-        """Add a probed worker and subscribe to its KV events (call from the event loop)."""
+    async def add(self, spec: WorkerSpec, probe: WorkerProbe) -> Worker:
+        """Add a probed worker and subscribe to its KV events; returns once the events its
+        publisher still buffers are replayed into the index (a restarted frontend routes
+        with the cache state it had)."""
         self._loop = asyncio.get_running_loop()
         worker_id = spec.worker_id or f"worker-{self._next_index}"
         self._next_index += 1
@@ -208,7 +210,7 @@ class WorkerPool:
                         spec.version or DEFAULT_VERSION)  # fmt: skip
         self.workers[worker_id] = worker
         self.on_added(worker)
-        self._subscribe(worker)
+        await self._subscribe(worker)
         logger.info(
             "worker %s added: %s (model %s, role %s, KV events %s)",
             worker_id,
@@ -252,7 +254,7 @@ class WorkerPool:
                     logger.info("worker %s is healthy again", worker.worker_id)
                     worker.healthy = True
                     self.on_added(worker)
-                    self._subscribe(worker)
+                    await self._subscribe(worker)
                 continue
             worker.num_health_failures += 1
             if worker.healthy:
@@ -266,18 +268,28 @@ class WorkerPool:
 
     # -- events --------------------------------------------------------------------------------
 
-    def _subscribe(self, worker: Worker) -> None:
+    async def _subscribe(self, worker: Worker) -> None:
+        """Connect to the worker's KV events, replay what its publisher buffers (from seq 0)
+        into the index, then follow the live stream in a thread."""
         if worker.kv_events_endpoint is None or self._loop is None:
             return
         loop = self._loop
         worker_id = worker.worker_id
         subscriber = KVEventSubscriber(worker.kv_events_endpoint, worker.replay_endpoint)
+        # The SUB socket is connected: live batches wait in it while the replay runs, and the
+        # subscriber drops those the replay already delivered.
+        replayed = await asyncio.to_thread(subscriber.catch_up)
+        if self.workers.get(worker_id) is not worker or not worker.healthy:
+            subscriber.close()  # left (or failed) while replaying
+            return
+        for _, batch in replayed:
+            self._apply(worker_id, batch)
 
         def forward(seq: int, batch: KVEventBatch) -> None:
             loop.call_soon_threadsafe(self._apply, worker_id, batch)
 
         worker.num_lost_batches = 0  # a new subscriber counts from zero
-        worker.subscriber = KVEventSubscriberThread(subscriber, forward)
+        worker.subscriber = KVEventSubscriberThread(subscriber, forward, catch_up=False)
         worker.subscriber.start()
 
     def _unsubscribe(self, worker: Worker) -> None:

@@ -5,14 +5,18 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
+from serving.engine.config import EngineConfig
 from serving.frontend.app import FrontendState, create_frontend_app
 from serving.frontend.router import Router
 from serving.frontend.serve import ServeConfig, build_frontend_state, entry_limits
 from serving.frontend.workers import WorkerPool, WorkerSpec
-from tests.worker.conftest import free_port, wait_healthy
+from serving.worker.config import WorkerConfig
+from serving.worker.server import build_state
+from tests.worker.conftest import ThreadServer, free_port, serve_in_thread, wait_healthy
 
 
 @dataclass
@@ -57,9 +61,12 @@ def start_frontend(
     health_interval_s: float = 0.2,
     kv_events_grace_s: float = 5.0,
     require_workers: bool = True,
+    **overrides: Any,
 ) -> FrontendServer:
+    """``overrides``: more ``ServeConfig`` fields (admin_key, keys_file, max_inflight_requests,
+    extra_models, ...)."""
     config = ServeConfig(model_dir=model_dir, router=router, api_key=api_key,  # type: ignore[arg-type]
-                         served_model_name="smollm2-135m-instruct")  # fmt: skip
+                         served_model_name="smollm2-135m-instruct", **overrides)  # fmt: skip
     specs = [WorkerSpec.parse(u) for u in worker_urls]
     state = build_frontend_state(config, specs, entry_limits(config, specs))
     state.settings.health_interval_s = health_interval_s
@@ -74,3 +81,21 @@ def start_frontend(
     if require_workers:
         wait_healthy(url, timeout_s=60)
     return FrontendServer(url=url, state=state, server=server, thread=thread)
+
+
+def mock_worker_in_thread(
+    model_dir: Path,
+    *,
+    name: str = "smollm2-135m-instruct",
+    speedup: float = 1.0,
+    kv_events: bool = True,
+) -> ThreadServer:
+    """A mock-engine worker served in this process, with KV events unless ``kv_events`` is
+    False (starts in a second, even on a loaded machine: nothing more to import)."""
+    config = WorkerConfig(
+        engine=EngineConfig(model_dir=model_dir, engine="mock", speedup=speedup),
+        kv_events_port=0 if kv_events else None,
+        kv_events_host="127.0.0.1",
+        served_model_name=[name],
+    )
+    return serve_in_thread(build_state(config))

@@ -1,4 +1,4 @@
-"""Frontend + router over real mock-engine worker processes (fast: no model compute)."""
+"""Frontend + router over real mock-engine workers (served in this process: fast, no compute)."""
 
 from __future__ import annotations
 
@@ -12,38 +12,16 @@ import openai
 import pytest
 
 from serving.engine.tokenizer import encode_chat
-from tests.frontend.conftest import FrontendServer, start_frontend
-from tests.worker.conftest import WorkerProcess, metric, scrape, start_worker_process
+from tests.frontend.conftest import FrontendServer, mock_worker_in_thread, start_frontend
+from tests.worker.conftest import ThreadServer, metric, scrape
 
 MODEL = "smollm2-135m-instruct"
-MOCK_ARGS = ["--engine", "mock", "--speedup", "50", "--served-model-name", MODEL]
 
 
 @pytest.fixture(scope="module")
-def mock_workers(
-    smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[list[WorkerProcess]]:
-    logs = tmp_path_factory.mktemp("mock-workers")
-    workers = [
-        start_worker_process(
-            [
-                "--model",
-                str(smollm2_dir),
-                "--engine",
-                "mock",
-                "--speedup",
-                "50",
-                "--kv-events-port",
-                "0",
-                "--served-model-name",
-                MODEL,
-                "--log-level",
-                "warning",
-            ],
-            logs / f"worker-{i}.log",
-        )
-        for i in range(2)
-    ]
+def mock_workers(smollm2_dir: Path) -> Iterator[list[ThreadServer]]:
+    """Two mock workers with KV events, served in this process (no start-up imports)."""
+    workers = [mock_worker_in_thread(smollm2_dir, name=MODEL, speedup=50) for _ in range(2)]
     yield workers
     for worker in workers:
         worker.stop()
@@ -68,7 +46,7 @@ def wait_for(predicate, timeout_s: float = 20.0) -> None:  # type: ignore[no-unt
 
 
 def test_kv_router_sends_a_shared_prefix_back_to_the_worker_that_holds_it(
-    smollm2_dir: Path, mock_workers: list[WorkerProcess]
+    smollm2_dir: Path, mock_workers: list[ThreadServer]
 ) -> None:
     frontend = start_frontend(smollm2_dir, [w.url for w in mock_workers], router="kv")
     try:
@@ -107,7 +85,7 @@ def test_kv_router_sends_a_shared_prefix_back_to_the_worker_that_holds_it(
         frontend.stop()
 
 
-def test_round_robin_alternates(smollm2_dir: Path, mock_workers: list[WorkerProcess]) -> None:
+def test_round_robin_alternates(smollm2_dir: Path, mock_workers: list[ThreadServer]) -> None:
     frontend = start_frontend(smollm2_dir, [w.url for w in mock_workers], router="round-robin")
     try:
         client = openai.OpenAI(base_url=frontend.base_url, api_key="x", max_retries=0)
@@ -119,7 +97,7 @@ def test_round_robin_alternates(smollm2_dir: Path, mock_workers: list[WorkerProc
 
 
 def test_chat_streaming_and_usage_through_the_frontend(
-    smollm2_dir: Path, mock_workers: list[WorkerProcess]
+    smollm2_dir: Path, mock_workers: list[ThreadServer]
 ) -> None:
     frontend = start_frontend(smollm2_dir, [w.url for w in mock_workers])
     try:
@@ -150,7 +128,7 @@ def test_chat_streaming_and_usage_through_the_frontend(
         frontend.stop()
 
 
-def test_errors_auth_and_bad_requests(smollm2_dir: Path, mock_workers: list[WorkerProcess]) -> None:
+def test_errors_auth_and_bad_requests(smollm2_dir: Path, mock_workers: list[ThreadServer]) -> None:
     frontend = start_frontend(smollm2_dir, [mock_workers[0].url], api_key="sekrit")
     try:
         anonymous = openai.OpenAI(base_url=frontend.base_url, api_key="wrong", max_retries=0)
@@ -172,7 +150,7 @@ def test_errors_auth_and_bad_requests(smollm2_dir: Path, mock_workers: list[Work
 
 
 def test_workers_register_and_deregister_at_run_time(
-    smollm2_dir: Path, mock_workers: list[WorkerProcess]
+    smollm2_dir: Path, mock_workers: list[ThreadServer]
 ) -> None:
     frontend = start_frontend(smollm2_dir, [mock_workers[0].url])
     try:
@@ -199,10 +177,7 @@ def test_workers_register_and_deregister_at_run_time(
 def test_kv_router_warns_loudly_about_a_worker_without_events(
     smollm2_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    silent = start_worker_process(
-        [*MOCK_ARGS, "--model", str(smollm2_dir)],
-        tmp_path / "silent.log",
-    )  # fmt: skip
+    silent = mock_worker_in_thread(smollm2_dir, name=MODEL, speedup=50, kv_events=False)
     frontend = start_frontend(smollm2_dir, [silent.url], kv_events_grace_s=0.0)
     try:
         client = openai.OpenAI(base_url=frontend.base_url, api_key="x", max_retries=0)
@@ -216,7 +191,7 @@ def test_kv_router_warns_loudly_about_a_worker_without_events(
         silent.stop()
 
 
-def test_session_affinity_by_header(smollm2_dir: Path, mock_workers: list[WorkerProcess]) -> None:
+def test_session_affinity_by_header(smollm2_dir: Path, mock_workers: list[ThreadServer]) -> None:
     frontend = start_frontend(smollm2_dir, [w.url for w in mock_workers], router="session")
     try:
         for session in ("alice", "bob", "carol", "dave"):
