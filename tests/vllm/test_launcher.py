@@ -118,3 +118,24 @@ def test_block_size_from_vllm_metrics_and_mixed_pools(monkeypatch: pytest.Monkey
     assert pool_block_size(["http://b"], 16) == 16
     with pytest.raises(MixedBlockSizeError, match="http://a: 32, http://c: 16"):
         pool_block_size(["http://a", "http://c"], 16)
+
+
+def test_deploy_step_starts_vllm_for_engine_vllm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from workflows.pipeline import PublishParams
+    from workflows.steps.deploy import DeployError, _worker_command
+
+    python = tmp_path / "python"
+    python.write_text("#!/bin/sh\n")
+    python.chmod(0o755)
+    monkeypatch.setenv("STRATA_VLLM_PYTHON", str(python))
+    cmd, env = _worker_command(PublishParams(name="m", engine="vllm"), tmp_path, 8001, 5557)
+    assert cmd[:3] == [str(python), "-m", "vllm.entrypoints.openai.api_server"]
+    assert cmd[cmd.index("--served-model-name") + 1] == "m"
+    assert env is not None and env["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    builtin, no_env = _worker_command(PublishParams(name="m"), tmp_path, 8001, 5557)
+    assert builtin[1:3] == ["-m", "serving.worker"] and no_env is None
+    monkeypatch.setenv("STRATA_VLLM_PYTHON", str(tmp_path / "missing"))
+    with pytest.raises(DeployError, match="engine vllm"):
+        _worker_command(PublishParams(name="m", engine="vllm"), tmp_path, 8001, 5557)

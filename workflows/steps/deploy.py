@@ -24,6 +24,12 @@ import httpx
 import psutil
 
 from serving.netutil import free_port, free_port_pair, is_healthy
+from serving.vllm_engine.launcher import (
+    VLLMNotFoundError,
+    find_vllm_python,
+    vllm_command,
+    vllm_env,
+)
 from workflows.pipeline import PublishParams
 
 logger = logging.getLogger(__name__)
@@ -71,18 +77,10 @@ def deploy_candidate(
         return existing
     directory.mkdir(parents=True, exist_ok=True)
     port, kv_port = free_port(), free_port_pair()
-    cmd = [
-        sys.executable, "-m", "serving.worker",
-        "--model", str(Path(staged_dir).absolute()),
-        "--engine", params.engine,
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--kv-events-port", str(kv_port),
-        "--served-model-name", params.name,
-        "--log-level", "warning",
-    ]  # fmt: skip
+    cmd, env = _worker_command(params, staged_dir, port, kv_port)
     log = (directory / "worker-0.log").open("a")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)  # fmt: skip
     log.close()
     endpoint = f"http://127.0.0.1:{port}"
     deployment = Deployment(name, endpoint, (proc.pid,), directory)
@@ -109,6 +107,32 @@ def deploy_candidate(
         time.sleep(0.2)
     logger.info("deployment %s serving at %s", name, endpoint)
     return deployment
+
+
+def _worker_command(
+    params: PublishParams, staged_dir: Path, port: int, kv_port: int
+) -> tuple[list[str], dict[str, str] | None]:
+    """The local worker's command line and environment: ``strata worker``, or for
+    ``engine: vllm`` a stock vLLM server (``serving/vllm_engine/launcher.py``)."""
+    model_dir = Path(staged_dir).absolute()
+    if params.engine == "vllm":
+        try:
+            python = find_vllm_python()
+        except VLLMNotFoundError as exc:
+            raise DeployError(f"engine vllm: {exc}") from None
+        cmd = vllm_command(python, model_dir=model_dir, served_model_name=params.name,
+                           port=port, kv_events_port=kv_port)  # fmt: skip
+        return cmd, vllm_env(os.environ)
+    return [
+        sys.executable, "-m", "serving.worker",
+        "--model", str(model_dir),
+        "--engine", params.engine,
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--kv-events-port", str(kv_port),
+        "--served-model-name", params.name,
+        "--log-level", "warning",
+    ], None  # fmt: skip
 
 
 def _deploy_kubernetes(
@@ -155,6 +179,8 @@ def stop_deployment(deployment: Deployment, timeout_s: float = 60.0) -> None:
             time.sleep(0.1)
         if _alive(pid):
             _signal(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)  # a session leader's children (vLLM's engine core)
     (deployment.directory / "deployment.json").unlink(missing_ok=True)
 
 
