@@ -257,7 +257,10 @@ class WorkerSupervisor:
                 )  # fmt: skip
             worker.start()
             self.workers.append(worker)
-        deadline = time.monotonic() + cfg.startup_timeout_s
+        timeout_s = cfg.startup_timeout_s
+        if any(w.own_group for w in self.workers):  # vLLM starts in minutes on CPU
+            timeout_s = max(timeout_s, vllm_launcher.STARTUP_TIMEOUT_S)
+        deadline = time.monotonic() + timeout_s
         for worker in self.workers:
             _wait_healthy(worker, deadline)
         self._thread.start()

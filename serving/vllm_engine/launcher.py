@@ -192,3 +192,8 @@ def _has_vllm(python: Path) -> bool:
         )
     except (OSError, subprocess.SubprocessError):
         return False
+
+
+# A vLLM server's start on CPU: imports, weights, KV-cache set-up (6-11 min seen on two shared
+# cores with --enforce-eager; torch.compile's warm-up adds more).
+STARTUP_TIMEOUT_S = 1800.0
