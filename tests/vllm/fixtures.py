@@ -42,7 +42,9 @@ NOT_INSTALLED = (
     "vLLM is not installed: `make vllm-install` builds .venv-vllm (make install and make test "
     "do), or set STRATA_VLLM_PYTHON to an interpreter that has vLLM"
 )
-START_TIMEOUT_S = 1200.0  # two vLLM processes importing on two shared cores
+START_TIMEOUT_S = 1800.0  # two vLLM processes importing on two shared cores
+# pytest-timeout for tests that use the pool: the first one is charged its start.
+POOL_TIMEOUT_S = START_TIMEOUT_S + 900
 # Every vLLM worker of the tests: no torch.compile warm-up (minutes on CPU), a small KV cache
 # (evictions happen), a context that fits it.
 NUM_GPU_BLOCKS = 96

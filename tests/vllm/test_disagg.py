@@ -23,10 +23,17 @@ import httpx
 import pytest
 
 from tests.engine.test_hf_equality import CHAT_PROMPTS, COMPLETION_PROMPTS
-from tests.vllm.fixtures import MODEL, VLLMPool, start_strata_serve, stop_strata_serve
+from tests.vllm.fixtures import (
+    MODEL,
+    POOL_TIMEOUT_S,
+    VLLMPool,
+    start_strata_serve,
+    stop_strata_serve,
+)
 from tests.worker.conftest import labelled, metric, scrape
 
-pytestmark = pytest.mark.slow
+# The first test to use the session pool also pays for its start (minutes on two cores).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(POOL_TIMEOUT_S)]
 
 MAX_TOKENS = 16
 

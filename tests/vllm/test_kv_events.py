@@ -11,9 +11,10 @@ import pytest
 from serving.protocol.kv_events import BlockStored, decode_batch
 from serving.router.indexer import KVIndexer
 from serving.router.subscriber import KVEventSubscriber
-from tests.vllm.fixtures import MODEL, KVEventCapture, VLLMWorker
+from tests.vllm.fixtures import MODEL, POOL_TIMEOUT_S, KVEventCapture, VLLMWorker
 
-pytestmark = pytest.mark.slow
+# The first test to use the session pool also pays for its start (minutes on two cores).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(POOL_TIMEOUT_S)]
 
 BLOCK_SIZE = 32
 

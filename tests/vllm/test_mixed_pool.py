@@ -17,6 +17,7 @@ import pytest
 
 from tests.vllm.fixtures import (
     MODEL,
+    POOL_TIMEOUT_S,
     VLLMPool,
     start_strata_serve,
     stop_strata_serve,
@@ -24,7 +25,8 @@ from tests.vllm.fixtures import (
 )
 from tests.worker.conftest import WorkerProcess, metric, scrape, start_worker_process, wait_until
 
-pytestmark = pytest.mark.slow
+# The first test to use the session pool also pays for its start (minutes on two cores).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(POOL_TIMEOUT_S)]
 
 BLOCK_SIZE = 32
 

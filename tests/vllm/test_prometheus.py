@@ -33,9 +33,14 @@ from tests.observability.prometheus_stack import (
     wait_for_scrapes_and_rules,
     wait_until_up,
 )
-from tests.vllm.fixtures import MODEL, VLLMPool
+from tests.vllm.fixtures import MODEL, POOL_TIMEOUT_S, VLLMPool
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(PROMETHEUS is None, reason=NO_PROMETHEUS)]
+# The first test to use the session pool also pays for its start (minutes on two cores).
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.timeout(POOL_TIMEOUT_S),
+    pytest.mark.skipif(PROMETHEUS is None, reason=NO_PROMETHEUS),
+]
 
 RATE_INTERVAL = "2m"
 DASHBOARDS = ("Strata / Serving", "Strata / Workers and KV cache")

@@ -27,10 +27,18 @@ import pytest
 from serving.protocol.block_hash import hash_token_blocks
 from serving.protocol.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, decode_batch
 from tests.engine.test_hf_equality import CHAT_PROMPTS
-from tests.vllm.fixtures import MODEL, NUM_GPU_BLOCKS, KVEventCapture, VLLMPool, VLLMWorker
+from tests.vllm.fixtures import (
+    MODEL,
+    NUM_GPU_BLOCKS,
+    POOL_TIMEOUT_S,
+    KVEventCapture,
+    VLLMPool,
+    VLLMWorker,
+)
 from tests.worker.conftest import labelled, metric, scrape, wait_until
 
-pytestmark = pytest.mark.slow
+# The first test to use the session pool also pays for its start (minutes on two cores).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(POOL_TIMEOUT_S)]
 
 MAX_TOKENS = 24
 BLOCK_SIZE = 32
