@@ -159,23 +159,26 @@ def test_router_index_equals_vllms_blocks_after_evictions(vllm_pool: VLLMPool) -
     rng = random.Random(15)
     prefixes = [[rng.randrange(1000, 40000) for _ in range(rng.randrange(4, 8) * BLOCK_SIZE)]
                 for _ in range(4)]  # fmt: skip
-    # ~24 x 200 tokens through a pool of 2 x 96 blocks of 32: both workers evict.
-    for _ in range(24):
+    # 32 requests of 4-7 shared and 2-8 unique blocks through 2 x 64 blocks: the cache evicts.
+    for _ in range(32):
         prefix = rng.choice(prefixes)
-        suffix = [rng.randrange(1000, 40000) for _ in range(rng.randrange(10, 70))]
+        suffix = [rng.randrange(1000, 40000) for _ in range(rng.randrange(64, 256))]
         _complete(vllm_pool.url, prefix + suffix)
 
-    references = {}
+    references: dict[str, set[int]] = {}
+    num_removed = 0
     for worker in vllm_pool.workers:
         frames = _all_frames(worker)
         last_seq = int.from_bytes(frames[-1][1], "big")
         wait_until(lambda w=worker, n=last_seq + 1: _applied_batches(vllm_pool.url, w.worker_id)
                    >= n, f"{worker.worker_id}'s KV events applied", timeout_s=60)  # fmt: skip
         events = [e for f in frames for e in decode_batch(f[2]).events]
-        assert any(isinstance(e, BlockRemoved) for e in events), "the workload evicted nothing"
+        num_removed += sum(len(e.block_hashes) for e in events if isinstance(e, BlockRemoved))
         references[worker.worker_id] = reference_router_blocks([f[2] for f in frames], BLOCK_SIZE)
         assert 0 < len(references[worker.worker_id]) <= NUM_GPU_BLOCKS
         assert _router_blocks(vllm_pool.url, worker.worker_id) == references[worker.worker_id]
+
+    assert num_removed > 0, "the workload evicted nothing"
 
     # Prefixes a worker holds are routed back to it; what the router predicted is what vLLM hit.
     probed = 0
@@ -217,13 +220,13 @@ def _leading(hashes: list[int], held: set[int]) -> list[int]:
 
 
 def test_sigkilled_vllm_worker_streams_migrate_and_complete(vllm_pool: VLLMPool) -> None:
-    victim, survivor = vllm_pool.workers[1], vllm_pool.workers[0]
+    victim = vllm_pool.workers[1]
     prompts = [[{"role": "user", "content": f"Count from {i} to {i + 40}, one number a line."}]
                for i in range(4)]  # fmt: skip
     expected = []
-    for messages in prompts:
+    for messages in prompts:  # vLLM alone; it also caches the prompts on the victim
         body = {"model": MODEL, "messages": messages, "temperature": 0, "max_tokens": 48}
-        answer = httpx.post(f"{survivor.url}/v1/chat/completions", json=body, timeout=600)
+        answer = httpx.post(f"{victim.url}/v1/chat/completions", json=body, timeout=600)
         expected.append(answer.json()["choices"][0]["message"]["content"])
     client = openai.OpenAI(base_url=vllm_pool.base_url, api_key="x", max_retries=0)
     texts: list[list[str]] = [[] for _ in prompts]
