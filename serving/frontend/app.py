@@ -43,6 +43,7 @@ from serving.protocol.openapi_docs import (
     HealthStatus,
     ModelList,
     completion_responses,
+    drop_validation_422,
     error_responses,
 )
 from serving.worker.app import validation_error
@@ -85,6 +86,7 @@ def create_frontend_app(state: FrontendState) -> FastAPI:
     app.add_middleware(GuardMiddleware, keys=gate.keys, metrics=metrics,
                        max_request_bytes=settings.max_request_bytes)  # fmt: skip
     install_error_handlers(app, state)
+    drop_validation_422(app)
 
     @app.get("/health", responses={200: {"model": HealthStatus}, 503: {"model": HealthStatus}})
     async def health() -> JSONResponse:

@@ -151,3 +151,23 @@ METRICS_RESPONSES: dict[int | str, dict[str, Any]] = {
         "content": {PROMETHEUS_TEXT: {"schema": {"type": "string"}}},
     }
 }
+
+
+def drop_validation_422(app: Any) -> None:
+    """FastAPI documents a 422 on every route with parameters; Strata's handlers answer 400
+    (OpenAI's status for a bad request) instead, so the 422 entries are removed."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    operation.get("responses", {}).pop("422", None)
+            schemas = schema.get("components", {}).get("schemas", {})
+            for name in ("HTTPValidationError", "ValidationError"):
+                schemas.pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi

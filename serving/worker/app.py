@@ -19,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.engine.factory import ModelInfo
 from serving.engine.kv_transfer import KVLease, RemotePrefill, wants_remote_decode
@@ -37,12 +38,25 @@ from serving.protocol.openai import (
     now_s,
     usage_dict,
 )
+from serving.protocol.openapi_docs import (
+    METRICS_RESPONSES,
+    ChatCompletionResponse,
+    CompletionResponse,
+    HealthStatus,
+    ModelList,
+    completion_responses,
+    drop_validation_422,
+    error_responses,
+)
 from serving.worker.engine_loop import AsyncEngine, EngineDeadError
 
 logger = logging.getLogger(__name__)
 
 # OpenAI's documented default for the legacy completions endpoint.
 _COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+# What the generation routes answer, for the OpenAPI spec (tests/frontend/test_openapi_fuzz.py).
+_CMPL_DOCS = {**completion_responses(CompletionResponse), **error_responses(404, 503)}
+_CHAT_DOCS = {**completion_responses(ChatCompletionResponse), **error_responses(404, 503)}
 
 
 @dataclass(slots=True)
@@ -66,8 +80,9 @@ def create_app(state: WorkerState, on_shutdown: Callable[[], Any] | None = None)
             if on_shutdown is not None:
                 on_shutdown()
 
-    app = FastAPI(title="Strata worker", lifespan=lifespan)
+    app = FastAPI(title="Strata worker", lifespan=lifespan, responses=error_responses(400))
     app.state.worker = state
+    drop_validation_422(app)
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -77,7 +92,13 @@ def create_app(state: WorkerState, on_shutdown: Callable[[], Any] | None = None)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse(validation_error(exc).to_dict(), status_code=400)
 
-    @app.get("/health")
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "NotFoundError" if exc.status_code == 404 else "invalid_request_error"
+        error = APIError(str(exc.detail), status_code=exc.status_code, type=kind)
+        return JSONResponse(error.to_dict(), status_code=exc.status_code, headers=exc.headers)
+
+    @app.get("/health", responses={200: {"model": HealthStatus}, 503: {"model": HealthStatus}})
     async def health() -> JSONResponse:
         if not state.engine.is_alive:
             return JSONResponse({"status": "dead"}, status_code=503)
@@ -85,7 +106,7 @@ def create_app(state: WorkerState, on_shutdown: Callable[[], Any] | None = None)
             return JSONResponse({"status": "draining"}, status_code=503)
         return JSONResponse({"status": "ok", **state.extra_health})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses=METRICS_RESPONSES)
     async def metrics() -> Response:
         registry = state.engine.metrics.registry
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
@@ -99,7 +120,7 @@ def create_app(state: WorkerState, on_shutdown: Callable[[], Any] | None = None)
             "kv_transport": state.extra_health.get("kv_transport"),
         }
 
-    @app.post("/v1/kv/leases/{request_id}/renew")
+    @app.post("/v1/kv/leases/{request_id}/renew", responses=error_responses(404))
     async def renew_lease(request_id: str, raw: Request) -> dict[str, Any]:
         """Push a lease's expiry out (body ``{"lease_s": s}`` optional: the default lease)."""
         lease_s = None
@@ -115,19 +136,19 @@ def create_app(state: WorkerState, on_shutdown: Callable[[], Any] | None = None)
             raise _lease_not_found(request_id)
         return _lease_dict(lease, state.engine.core.clock())
 
-    @app.delete("/v1/kv/leases/{request_id}", status_code=204)
+    @app.delete("/v1/kv/leases/{request_id}", status_code=204, responses=error_responses(404))
     async def release_lease(request_id: str) -> Response:
         """Free a lease's blocks now (the decode side gave up; also done by notification)."""
         if not await state.engine.lease_op(request_id, release=True):
             raise _lease_not_found(request_id)
         return Response(status_code=204)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=ModelList)
     async def models() -> dict[str, Any]:
         cards = [model_card(n, state.info.max_model_len) for n in state.served_model_names]
         return {"object": "list", "data": cards}
 
-    @app.post("/v1/completions", response_model=None)
+    @app.post("/v1/completions", response_model=None, responses=_CMPL_DOCS)
     async def completions(body: CompletionRequest, raw: Request) -> Response:
         _check_model(state, body.model)
         if isinstance(body.prompt, str):
@@ -149,7 +170,7 @@ def create_app(state: WorkerState, on_shutdown: Callable[[], Any] | None = None)
             return await _sse(_completion_stream(state, body, request))
         return JSONResponse(await _completion_response(state, body, request))
 
-    @app.post("/v1/chat/completions", response_model=None)
+    @app.post("/v1/chat/completions", response_model=None, responses=_CHAT_DOCS)
     async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Response:
         _check_model(state, body.model)
         if state.tokenizer is None:
