@@ -159,7 +159,7 @@ def test_router_index_equals_vllms_blocks_after_evictions(vllm_pool: VLLMPool) -
     rng = random.Random(15)
     prefixes = [[rng.randrange(1000, 40000) for _ in range(rng.randrange(4, 8) * BLOCK_SIZE)]
                 for _ in range(4)]  # fmt: skip
-    # 32 requests of 4-7 shared and 2-8 unique blocks through 2 x 64 blocks: the cache evicts.
+    # 32 requests of 4-7 shared and 2-8 unique blocks through 2 x 72 blocks: the cache evicts.
     for _ in range(32):
         prefix = rng.choice(prefixes)
         suffix = [rng.randrange(1000, 40000) for _ in range(rng.randrange(64, 256))]
