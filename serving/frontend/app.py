@@ -24,6 +24,9 @@ from serving.engine.tokenizer import encode_chat, encode_prompt
 from serving.frontend.admin import make_admin_router
 from serving.frontend.admission import Overloaded
 from serving.frontend.auth import ANONYMOUS, KeyStore, Principal, load_keys_file
+from serving.frontend.discovery import Discovery, DiscoverySource
+from serving.frontend.discovery.file import FileSource
+from serving.frontend.discovery.kubernetes import KubernetesSource
 from serving.frontend.guard import Gate, GuardMiddleware, Ticket, endpoint_label
 from serving.frontend.health import health_loop, refresh_gauges, write_prometheus_targets
 from serving.frontend.job import COMPLETIONS_DEFAULT_MAX_TOKENS, Job, make_job
@@ -42,6 +45,7 @@ from serving.protocol.openapi_docs import (
     CompletionResponse,
     HealthStatus,
     ModelList,
+    Readiness,
     completion_responses,
     drop_validation_422,
     error_responses,
@@ -62,6 +66,10 @@ def create_frontend_app(state: FrontendState) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.http = state.models.http = make_http_client()
         await register_all(state.models, state.initial_workers)
+        source = state.discovery_source or make_discovery_source(settings)
+        if source is not None:
+            state.discovery = Discovery(state.models, source)
+            state.background.append(asyncio.create_task(state.discovery.run()))
         write_prometheus_targets(state)
         state.background.append(asyncio.create_task(health_loop(state)))
         if settings.keys_file is not None:
@@ -97,6 +105,24 @@ def create_frontend_app(state: FrontendState) -> FastAPI:
             {"status": "ok" if healthy else "no healthy workers", "workers": len(healthy)},
             status_code=status,
         )
+
+    @app.get("/ready", responses={200: {"model": Readiness}, 503: {"model": Readiness}})
+    async def ready() -> JSONResponse:
+        """200 once discovery's first sync is applied (workers registered, their KV events
+        replayed) and every served model has a healthy worker: the readiness probe."""
+        reasons = []
+        if state.discovery is not None and not state.discovery.synced.is_set():
+            reasons.append(f"{state.discovery.source.name} discovery has not synced yet")
+        for model in state.models.models.values():
+            if not any(w.healthy for w in model.workers()):
+                reasons.append(f"no healthy worker for model {model.name!r}")
+        return JSONResponse({"status": "not ready" if reasons else "ready", "reasons": reasons},
+                            status_code=503 if reasons else 200)  # fmt: skip
+
+    @app.get("/live", response_model=HealthStatus)
+    async def live() -> dict[str, str]:
+        """200 while the process serves: the liveness probe (workers do not matter)."""
+        return {"status": "ok"}
 
     @app.get("/metrics", response_class=Response, responses=METRICS_RESPONSES)
     async def prometheus() -> Response:
@@ -147,6 +173,16 @@ def create_frontend_app(state: FrontendState) -> FastAPI:
         return await respond(state, served, job, chat=True, ticket=ticket)
 
     return app
+
+
+def make_discovery_source(settings: FrontendSettings) -> DiscoverySource | None:
+    if settings.discovery == "file":
+        if settings.discovery_file is None:
+            raise ValueError("--discovery file needs --discovery-file PATH")
+        return FileSource(settings.discovery_file)
+    if settings.discovery == "kubernetes":
+        return KubernetesSource(settings.kube_namespace, settings.kube_selector)
+    return None
 
 
 def build_gate(state: FrontendState) -> Gate:

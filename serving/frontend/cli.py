@@ -97,6 +97,28 @@ def serve(
         int,
         typer.Option(envvar="STRATA_MAX_REQUEST_BYTES", help="Request body limit (413)."),
     ] = 8 * 1024 * 1024,
+    discovery: Annotated[
+        str,
+        typer.Option(
+            envvar="STRATA_DISCOVERY",
+            help="Workers besides --worker-url and registration: static | file (a watched "
+            "--discovery-file) | kubernetes (EndpointSlices, --kube-selector).",
+        ),
+    ] = "static",
+    discovery_file: Annotated[
+        Path | None,
+        typer.Option(envvar="STRATA_DISCOVERY_FILE", help="YAML/JSON list of workers, watched."),
+    ] = None,
+    kube_namespace: Annotated[
+        str | None,
+        typer.Option(
+            envvar="STRATA_KUBE_NAMESPACE", help="EndpointSlices' namespace (default: the pod's)."
+        ),
+    ] = None,
+    kube_selector: Annotated[
+        str,
+        typer.Option(envvar="STRATA_KUBE_SELECTOR", help="Label selector of worker slices."),
+    ] = "app.kubernetes.io/component=worker",
     served_model_name: Annotated[str | None, typer.Option()] = None,
     block_size: Annotated[
         int | None,
@@ -154,6 +176,10 @@ def serve(
         )
     if keys_file is not None and not keys_file.is_file():
         raise typer.BadParameter(f"--keys-file {keys_file}: no such file")
+    if discovery not in ("static", "file", "kubernetes"):
+        raise typer.BadParameter("--discovery must be static, file or kubernetes")
+    if (discovery == "file") != (discovery_file is not None):
+        raise typer.BadParameter("--discovery file goes with --discovery-file PATH")
     if kv_transport not in ("auto", "nixl", "tcp"):
         raise typer.BadParameter("--kv-transport must be auto, nixl or tcp")
     if workers is None:
@@ -196,6 +222,10 @@ def serve(
         max_inflight_requests=max_inflight_requests,
         max_queued_prompt_tokens=max_queued_prompt_tokens,
         max_request_bytes=max_request_bytes,
+        discovery=discovery,  # type: ignore[arg-type]
+        discovery_file=discovery_file,
+        kube_namespace=kube_namespace,
+        kube_selector=kube_selector,
     )
     try:
         run_serve(config)

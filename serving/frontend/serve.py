@@ -24,6 +24,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import httpx
 import uvicorn
@@ -144,6 +145,11 @@ class ServeConfig:
     max_inflight_requests: int = 0
     max_queued_prompt_tokens: int = 0
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    # Worker discovery besides --worker-url and registration (see FrontendSettings).
+    discovery: Literal["static", "file", "kubernetes"] = "static"
+    discovery_file: Path | None = None
+    kube_namespace: str | None = None
+    kube_selector: str = "app.kubernetes.io/component=worker"
 
     @property
     def model_name(self) -> str:
@@ -369,6 +375,10 @@ def build_frontend_state(
         max_inflight_requests=config.max_inflight_requests,
         max_queued_prompt_tokens=config.max_queued_prompt_tokens,
         max_request_bytes=config.max_request_bytes,
+        discovery=config.discovery,
+        discovery_file=config.discovery_file,
+        kube_namespace=config.kube_namespace,
+        kube_selector=config.kube_selector,
         migration_limit=config.migration_limit,
         disagg=DisaggConfig(config.max_local_prefill_tokens, config.max_local_prefill_fraction),
     )
@@ -385,9 +395,10 @@ def run_serve(config: ServeConfig) -> None:
     try:
         specs = supervisor.start() if config.roles else []
         specs += [WorkerSpec.parse(text) for text in config.worker_urls]
-        if not specs:
+        if not specs and config.discovery == "static":
             raise RuntimeError(
-                "no workers: use --workers N, --prefill P --decode D and/or --worker-url URL"
+                "no workers: use --workers N, --prefill P --decode D, --worker-url URL "
+                "and/or --discovery file|kubernetes"
             )
         config.block_size = pool_block_size([s.url for s in specs], config.block_size)
         state = build_frontend_state(config, specs, entry_limits(config, specs))

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 
+from serving.frontend.discovery import Discovery, DiscoverySource
 from serving.frontend.guard import Gate
 from serving.frontend.metrics import FrontendMetrics
 from serving.frontend.models import ModelSet
@@ -28,6 +29,11 @@ class FrontendSettings:
     max_inflight_requests: int = 0
     max_queued_prompt_tokens: int = 0
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    # Worker discovery beside HTTP registration: static (none) | file | kubernetes.
+    discovery: Literal["static", "file", "kubernetes"] = "static"
+    discovery_file: Path | None = None
+    kube_namespace: str | None = None  # None: the pod's own namespace, else "default"
+    kube_selector: str = "app.kubernetes.io/component=worker"
     migration_limit: int = 3
     health_interval_s: float = 2.0
     max_health_failures: int = 3
@@ -48,6 +54,9 @@ class FrontendState:
     models: ModelSet
     metrics: FrontendMetrics
     gate: Gate | None = None  # admission and keys (built by create_frontend_app)
+    # Where workers come from besides registration (None: from the settings, if any).
+    discovery_source: DiscoverySource | None = None
+    discovery: Discovery | None = None  # running once the app has started
     http: httpx.AsyncClient | None = None
     initial_workers: list[WorkerSpec] = field(default_factory=list)
     # More registries to expose on /metrics (e.g. the workflow runner's, in `strata demo`).

@@ -104,6 +104,11 @@ class HealthStatus(_Open):
     status: str
 
 
+class Readiness(_Open):
+    status: Literal["ready", "not ready"]
+    reasons: list[str]
+
+
 _ERROR_TEXT = {
     400: "Invalid request (OpenAI error JSON; `param` names the field).",
     401: "Missing or unknown API key.",

@@ -11,6 +11,7 @@ import uvicorn
 
 from serving.engine.config import EngineConfig
 from serving.frontend.app import FrontendState, create_frontend_app
+from serving.frontend.discovery import DiscoverySource
 from serving.frontend.router import Router
 from serving.frontend.serve import ServeConfig, build_frontend_state, entry_limits
 from serving.frontend.workers import WorkerPool, WorkerSpec
@@ -51,6 +52,13 @@ class FrontendServer:
         self.server.should_exit = True
         self.thread.join(60)
 
+    def kill(self) -> None:
+        """Stop at once: open connections are cut, nothing drains (a crash, as far as
+        clients and workers can tell; the next frontend starts from nothing)."""
+        self.server.force_exit = True
+        self.server.should_exit = True
+        self.thread.join(60)
+
 
 def start_frontend(
     model_dir: Path,
@@ -61,6 +69,8 @@ def start_frontend(
     health_interval_s: float = 0.2,
     kv_events_grace_s: float = 5.0,
     require_workers: bool = True,
+    port: int | None = None,
+    discovery_source: DiscoverySource | None = None,
     **overrides: Any,
 ) -> FrontendServer:
     """``overrides``: more ``ServeConfig`` fields (admin_key, keys_file, max_inflight_requests,
@@ -71,7 +81,8 @@ def start_frontend(
     state = build_frontend_state(config, specs, entry_limits(config, specs))
     state.settings.health_interval_s = health_interval_s
     state.settings.kv_events_grace_s = kv_events_grace_s
-    port = free_port()
+    state.discovery_source = discovery_source
+    port = port or free_port()
     server = uvicorn.Server(
         uvicorn.Config(create_frontend_app(state), host="127.0.0.1", port=port, log_level="warning")
     )

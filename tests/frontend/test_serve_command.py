@@ -53,3 +53,42 @@ def test_without_devices_workers_keep_the_default(
     prefill = parsed(worker_command(config, 0, "prefill", 9000, 9100), monkeypatch)
     assert prefill.engine.device == "cpu"
     assert prefill.resolved_kv_transport == "auto"
+
+
+def test_serve_flags_for_many_models_discovery_keys_and_limits(
+    smollm2_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The flags the Helm chart sets reach ``ServeConfig``; bad combinations name the flag."""
+    import serving.frontend.serve
+    from serving.frontend.cli import serve
+
+    seen: list[ServeConfig] = []
+    monkeypatch.setattr(serving.frontend.serve, "run_serve", seen.append)
+    app = typer.Typer()
+    app.command()(serve)
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("keys: []\n")
+    args = ["--model", str(smollm2_dir), "--served-model-name", "smol",
+            "--model", f"{smollm2_dir};name=mock;engine=mock;workers=2",
+            "--discovery", "kubernetes", "--kube-namespace", "strata",
+            "--admin-key", "sk-admin", "--keys-file", str(keys),
+            "--max-inflight-requests", "8", "--max-queued-prompt-tokens", "4096"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    config = seen[0]
+    assert [(e.name, e.engine, e.num_workers) for e in config.entries] == [
+        ("smol", "builtin", 1), ("mock", "mock", 2)
+    ]  # fmt: skip
+    assert (config.discovery, config.kube_namespace, config.admin_key) == (
+        "kubernetes", "strata", "sk-admin"
+    )  # fmt: skip
+    assert (config.keys_file, config.max_inflight_requests) == (keys, 8)
+    assert config.kube_selector == "app.kubernetes.io/component=worker"
+    for bad, message in (
+        (["--discovery", "file"], "--discovery-file"),
+        (["--model", f"{smollm2_dir};engine=nope"], "engine must be one of"),
+        (["--model", f"{smollm2_dir};name=smol"], "must differ"),
+    ):
+        result = CliRunner().invoke(app, [*args[:4], *bad])
+        said = " ".join(result.output.replace("│", " ").split())  # rich wraps the box
+        assert result.exit_code != 0 and message in said, said

@@ -1,0 +1,100 @@
+"""Worker discovery: sources that say which workers exist, and one reconciler that applies it.
+
+A ``DiscoverySource`` pushes the complete set of workers it knows (``WorkerSpec`` values)
+whenever that set changes: ``FileSource`` (a watched YAML/JSON file), ``KubernetesSource``
+(EndpointSlices watched through the official client). HTTP registration (``/admin/workers``)
+and ``--worker-url`` need no source: they call ``ModelSet.register`` directly.
+
+``Discovery`` registers new workers, deregisters those a source dropped (only the ones it
+registered itself: HTTP registrations are never touched), retries workers that were not
+reachable yet, and sets ``synced`` once the first set has been applied (every listed worker
+registered, its KV events replayed, or found unreachable and left for a retry), so a restarted
+frontend reports ready only when it knows its workers and their caches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from serving.frontend.models import ModelSet
+from serving.frontend.workers import WorkerRegistrationError, WorkerSpec
+
+logger = logging.getLogger(__name__)
+
+Publish = Callable[[list[WorkerSpec]], Awaitable[None]]
+
+
+class DiscoverySource(Protocol):
+    name: str
+
+    async def run(self, publish: Publish) -> None:
+        """Call ``publish`` with the full set of workers now and after every change; runs
+        until cancelled. Errors reading the source are logged and the last set stays."""
+
+
+class Discovery:
+    """Applies a source's worker sets to the ``ModelSet``; owns the workers it registered."""
+
+    def __init__(
+        self, models: ModelSet, source: DiscoverySource, *, retry_interval_s: float = 1.0
+    ) -> None:
+        self.models = models
+        self.source = source
+        self.retry_interval_s = retry_interval_s
+        self.synced = asyncio.Event()
+        self._desired: dict[str, WorkerSpec] = {}  # url -> spec
+        self._owned: dict[str, str] = {}  # url -> worker id
+        self._changed = asyncio.Event()
+        self._first_set_seen = False
+
+    async def run(self) -> None:
+        """The source's loop and the reconcile loop; runs until cancelled."""
+        reconcile = asyncio.create_task(self._reconcile_loop())
+        try:
+            await self.source.run(self.publish)
+        finally:
+            reconcile.cancel()
+
+    async def publish(self, specs: list[WorkerSpec]) -> None:
+        self._desired = {spec.url: spec for spec in specs}
+        self._first_set_seen = True
+        self._changed.set()
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), self.retry_interval_s)
+            self._changed.clear()
+            if self._first_set_seen:
+                await self.reconcile()
+
+    async def reconcile(self) -> None:
+        """One pass: drop what left, add what is new (unreachable ones wait for the next)."""
+        for url, worker_id in list(self._owned.items()):
+            if url not in self._desired or self.models.locate(worker_id) is None:
+                del self._owned[url]
+                if url not in self._desired and self.models.deregister(worker_id) is not None:
+                    logger.info("%s discovery: worker %s (%s) left", self.source.name,
+                                worker_id, url)  # fmt: skip
+        pending = [s for url, s in self._desired.items() if url not in self._owned]
+        await asyncio.gather(*(self._add(spec) for spec in pending))
+        if not self.synced.is_set():  # every listed worker tried once (added, or retried later)
+            self.synced.set()
+            logger.info("%s discovery: first sync, %d of %d worker(s) added", self.source.name,
+                        len(self._owned), len(self._desired))  # fmt: skip
+
+    async def _add(self, spec: WorkerSpec) -> bool:
+        if self.models.find_url(spec.url) is not None:  # registered by hand or statically
+            return True
+        try:
+            worker = await self.models.register(spec)
+        except WorkerRegistrationError as exc:
+            logger.warning("%s discovery: %s not added yet: %s", self.source.name, spec.url, exc)
+            return False
+        if spec.url in self._desired:
+            self._owned[spec.url] = worker.worker_id
+        return True
