@@ -181,12 +181,26 @@ def _paged_batch(
     )
 
 
+def _rows(kv_cache: torch.Tensor, unit: int) -> torch.Tensor:
+    """One layer's storage seen as rows of ``unit`` elements, from its first block (a view).
+
+    In a block-major pool a block's K (then V) of one layer is contiguous, so a K/V block
+    (``unit = block_size * heads * dim``) or one token's K/V (``unit = heads * dim``) is one row:
+    row ``b * (stride(0) // unit) + kv * (stride(1) // unit) [+ offset]``.
+    """
+    num_rows = (kv_cache.shape[0] - 1) * (kv_cache.stride(0) // unit)
+    num_rows += 2 * (kv_cache.stride(1) // unit)
+    return kv_cache.as_strided((num_rows, unit), (unit, 1))
+
+
 def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor) -> None:
     """Store the new ``k``/``v`` ``[T, Hkv, D]`` at their flat slots (the reference path)."""
-    block_size = kv_cache.shape[2]
-    blocks, offsets = slots // block_size, slots % block_size
-    kv_cache[:, 0].index_put_((blocks, offsets), k)
-    kv_cache[:, 1].index_put_((blocks, offsets), v)
+    block_size, num_kv_heads, head_dim = kv_cache.shape[2:]
+    unit = num_kv_heads * head_dim
+    rows = _rows(kv_cache, unit)
+    k_rows = (slots // block_size) * (kv_cache.stride(0) // unit) + slots % block_size
+    rows.index_copy_(0, k_rows, k.reshape(-1, unit))
+    rows.index_copy_(0, k_rows + kv_cache.stride(1) // unit, v.reshape(-1, unit))
 
 
 def paged_attention(
@@ -253,12 +267,15 @@ def causal_attention(
 def _gather(
     kv_cache: torch.Tensor, block_ids: torch.Tensor, num_seqs: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V of the blocks, each ``[num_seqs, num_kv_heads, tokens, head_dim]`` (copies)."""
+    """K and V of the blocks, each ``[num_seqs, num_kv_heads, tokens, head_dim]`` (one copy)."""
     ids = block_ids.reshape(-1)
-    num_kv_heads, head_dim = kv_cache.shape[3:]
-    k = kv_cache[:, 0].index_select(0, ids).view(num_seqs, -1, num_kv_heads, head_dim)
-    v = kv_cache[:, 1].index_select(0, ids).view(num_seqs, -1, num_kv_heads, head_dim)
-    return k.transpose(1, 2), v.transpose(1, 2)
+    block_size, num_kv_heads, head_dim = kv_cache.shape[2:]
+    unit = block_size * num_kv_heads * head_dim
+    k_rows = ids * (kv_cache.stride(0) // unit)
+    rows = torch.cat((k_rows, k_rows + kv_cache.stride(1) // unit))
+    kv = _rows(kv_cache, unit).index_select(0, rows)
+    kv = kv.view(2, num_seqs, -1, num_kv_heads, head_dim).transpose(2, 3)
+    return kv[0], kv[1]
 
 
 def _decode_attention(
