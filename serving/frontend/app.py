@@ -24,7 +24,7 @@ from serving.engine.tokenizer import encode_chat, encode_prompt
 from serving.frontend.admin import make_admin_router
 from serving.frontend.admission import Overloaded
 from serving.frontend.auth import ANONYMOUS, KeyStore, Principal, load_keys_file
-from serving.frontend.discovery import Discovery, DiscoverySource
+from serving.frontend.discovery import Discovery, DiscoverySource, StaticSource
 from serving.frontend.discovery.file import FileSource
 from serving.frontend.discovery.kubernetes import KubernetesSource
 from serving.frontend.guard import Gate, GuardMiddleware, Ticket, endpoint_label
@@ -66,6 +66,9 @@ def create_frontend_app(state: FrontendState) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.http = state.models.http = make_http_client()
         await register_all(state.models, state.initial_workers)
+        if state.initial_workers:  # bring them back after a restart (e.g. the supervisor's)
+            static = Discovery(state.models, StaticSource(state.initial_workers))
+            state.background.append(asyncio.create_task(static.run()))
         source = state.discovery_source or make_discovery_source(settings)
         if source is not None:
             state.discovery = Discovery(state.models, source)

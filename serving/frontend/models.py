@@ -87,6 +87,9 @@ class ModelSet:
         self.block_size = block_size
         self.http: httpx.AsyncClient | None = None
         self._next_index = 0
+        # Called with a worker's URL when it is deregistered on purpose (an operator, the
+        # planner, a discovery source): discovery then does not add it back.
+        self.on_deregistered: list[Callable[[str], None]] = []
 
     @property
     def names(self) -> list[str]:
@@ -160,6 +163,9 @@ class ModelSet:
         model, version, _ = found
         worker = version.pool.deregister(worker_id)
         self._prune(model)
+        if worker is not None:
+            for listener in self.on_deregistered:
+                listener(worker.url)
         return worker
 
     def mark_failed(self, worker_id: str, reason: str) -> None:

@@ -18,11 +18,16 @@ from pathlib import Path
 
 import httpx
 import pytest
+import uvicorn
 from kubernetes import client as kube_client
 
+from serving.engine.config import EngineConfig
 from serving.frontend.discovery import DiscoverySource
 from serving.frontend.discovery.file import FileSource
 from serving.frontend.discovery.kubernetes import KubernetesSource
+from serving.worker.app import create_app
+from serving.worker.config import WorkerConfig
+from serving.worker.server import build_state
 from tests.frontend.conftest import FrontendServer, mock_worker_in_thread, start_frontend
 from tests.frontend.fake_endpointslices import FakeEndpointSlices, slice_for
 from tests.worker.conftest import ThreadServer, free_port
@@ -196,3 +201,32 @@ def test_kubernetes_discovery_survives_a_frontend_restart(
                  "the deleted slice's worker to leave")  # fmt: skip
     finally:
         frontend.stop()
+
+
+def test_a_static_worker_dropped_by_health_checks_comes_back(smollm2_dir: Path) -> None:
+    """A listed worker (``--worker-url``, a local worker of ``strata serve``) that died long
+    enough to be dropped is registered again when its restarted process answers."""
+    worker = mock_worker_in_thread(smollm2_dir, name=MODEL, speedup=50)
+    port = int(worker.url.rsplit(":", 1)[1])
+    frontend = start_frontend(smollm2_dir, [worker.url])
+    restarted = None
+    try:
+        worker.stop()
+        wait_for(lambda: not list(frontend.state.models.workers()), "the dead worker to go")
+        config = uvicorn.Config(create_app(build_state(WorkerConfig(
+            engine=EngineConfig(model_dir=smollm2_dir, engine="mock", speedup=50),
+            kv_events_port=0, kv_events_host="127.0.0.1", served_model_name=[MODEL],
+        ))), host="127.0.0.1", port=port, log_level="warning")  # fmt: skip
+        restarted = uvicorn.Server(config)
+        threading.Thread(target=restarted.run, daemon=True).start()
+        wait_for(lambda: is_ready(frontend.url), "the restarted worker to be back")
+        assert cached_tokens(frontend.url, [1, 2, 3]) == 0  # it serves again
+        # An operator's DELETE is final: the static list does not bring it back.
+        (found,) = frontend.state.models.workers()
+        assert httpx.delete(f"{frontend.url}/admin/workers/{found.worker_id}").status_code == 200
+        time.sleep(1.5)  # a reconcile pass (every 1 s) at least
+        assert not list(frontend.state.models.workers())
+    finally:
+        frontend.stop()
+        if restarted is not None:
+            restarted.should_exit = True

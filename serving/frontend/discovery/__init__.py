@@ -36,6 +36,20 @@ class DiscoverySource(Protocol):
         until cancelled. Errors reading the source are logged and the last set stays."""
 
 
+class StaticSource:
+    """A fixed list (``--worker-url``, ``strata serve``'s local workers): a worker dropped
+    after failed health checks is registered again once it answers (a restarted process)."""
+
+    name = "static"
+
+    def __init__(self, specs: list[WorkerSpec]) -> None:
+        self.specs = list(specs)
+
+    async def run(self, publish: Publish) -> None:
+        await publish(self.specs)
+        await asyncio.Event().wait()  # the list never changes
+
+
 class Discovery:
     """Applies a source's worker sets to the ``ModelSet``; owns the workers it registered."""
 
@@ -50,6 +64,8 @@ class Discovery:
         self._owned: dict[str, str] = {}  # url -> worker id
         self._changed = asyncio.Event()
         self._first_set_seen = False
+        self._warned: set[str] = set()
+        models.on_deregistered.append(self.forget)
 
     async def run(self) -> None:
         """The source's loop and the reconcile loop; runs until cancelled."""
@@ -63,6 +79,12 @@ class Discovery:
         self._desired = {spec.url: spec for spec in specs}
         self._first_set_seen = True
         self._changed.set()
+
+    def forget(self, url: str) -> None:
+        """An operator removed the worker (``DELETE /admin/workers``): do not add it back
+        until the source lists it again in a new set."""
+        self._desired.pop(url, None)
+        self._owned.pop(url, None)
 
     async def _reconcile_loop(self) -> None:
         while True:
@@ -93,8 +115,12 @@ class Discovery:
         try:
             worker = await self.models.register(spec)
         except WorkerRegistrationError as exc:
-            logger.warning("%s discovery: %s not added yet: %s", self.source.name, spec.url, exc)
+            if spec.url not in self._warned:  # once per outage, not every retry
+                self._warned.add(spec.url)
+                logger.warning("%s discovery: %s not added yet (retrying): %s",
+                               self.source.name, spec.url, exc)  # fmt: skip
             return False
+        self._warned.discard(spec.url)
         if spec.url in self._desired:
             self._owned[spec.url] = worker.worker_id
         return True
