@@ -151,6 +151,8 @@ def publish(
     ] = None,
 ) -> None:
     """Publish a model: stage, verify, register, deploy, evaluate, benchmark, promote."""
+    if resume is not None and (not local or source or name):
+        _fail("--resume RUN_ID goes with --local alone (the run keeps its parameters)")
     if not (render or local or argo_server):
         _fail("nothing to do: pass --render DIR, --local or --argo-server URL")
     if local and argo_server:
@@ -158,8 +160,6 @@ def publish(
     if render is not None:
         _render(render)
     if resume is not None:
-        if not local or source or name:
-            _fail("--resume RUN_ID goes with --local alone (the run keeps its parameters)")
         _resume_local(resume)
         return
     if not (local or argo_server):

@@ -732,6 +732,9 @@ def test_publish_submits_to_the_argo_server(argo_server: RecordingArgoServer) ->
         (["--local", "--argo-server", "http://a"], "pick one"),
         (["--argo-server", "http://a", "--name", "m"], "--source and --name"),
         (["--argo-server", "http://a", "--name", "m", "--source", "s3://b/m/"], "--namespace"),
+        (["--resume", "local-1"], "--resume RUN_ID goes with --local alone"),
+        (["--local", "--resume", "local-1", "--name", "m"], "goes with --local alone"),
+        (["--local", "--resume", "local-no-such-run"], "no saved run 'local-no-such-run'"),
     ],
 )
 def test_publish_usage_errors(args: list[str], message: str) -> None:
