@@ -31,7 +31,7 @@ class WorkerRegistration(BaseModel):
     )
 
 
-def worker_json(worker: Worker) -> dict[str, Any]:
+def worker_json(worker: Worker, active_requests: int = 0) -> dict[str, Any]:
     return {
         "worker_id": worker.worker_id,
         "url": worker.url,
@@ -43,7 +43,18 @@ def worker_json(worker: Worker) -> dict[str, Any]:
         "kv_events_endpoint": worker.kv_events_endpoint,
         "replay_endpoint": worker.replay_endpoint,
         "num_event_batches": worker.num_event_batches,
+        "draining": worker.draining,
+        "active_requests": active_requests,
     }
+
+
+def _workers_json(state: FrontendState) -> list[dict[str, Any]]:
+    """Every worker with the requests the frontend streams from it now (the router's count)."""
+    return [
+        worker_json(worker, version.router.load.num_active_requests(worker.worker_id))
+        for _, version in state.models.versions()
+        for worker in version.pool.workers.values()
+    ]
 
 
 def _state(request: Request) -> FrontendState:
@@ -61,6 +72,8 @@ class WorkerInfo(BaseModel):
     kv_events_endpoint: str | None
     replay_endpoint: str | None
     num_event_batches: int
+    draining: bool = False
+    active_requests: int = 0
 
 
 class WorkerList(BaseModel):
@@ -78,7 +91,7 @@ def make_admin_router() -> APIRouter:
 
     @router.get("/workers", response_model=WorkerList)
     async def list_workers(request: Request) -> dict[str, Any]:
-        return {"workers": [worker_json(w) for w in _state(request).models.workers()]}
+        return {"workers": _workers_json(_state(request))}
 
     @router.post("/workers", status_code=201, response_model=WorkerInfo)
     async def add_worker(body: WorkerRegistration, request: Request) -> dict[str, Any]:
@@ -103,6 +116,17 @@ def make_admin_router() -> APIRouter:
             "block_size": router.block_size,
             "blocks": {medium: sorted(hashes) for medium, hashes in held.items()},
         }
+
+    @router.post("/workers/{worker_id}/drain")
+    async def drain_worker(worker_id: str, request: Request) -> dict[str, Any]:
+        """Stop routing new requests to the worker (the planner's scale-down); its streams go
+        on. ``active_requests`` falls to 0 when they have ended; then stop and DELETE it."""
+        found = _state(request).models.locate(worker_id)
+        if found is None:
+            raise APIError(f"no worker {worker_id!r}", status_code=404, param="worker_id")
+        _, version, worker = found
+        version.pool.drain(worker_id)
+        return worker_json(worker, version.router.load.num_active_requests(worker_id))
 
     @router.delete(
         "/workers/{worker_id}", response_model=WorkerInfo, responses=error_responses(404)

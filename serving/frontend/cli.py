@@ -151,6 +151,22 @@ def serve(
             "(default: .venv-vllm, else the one behind `vllm` on PATH).",
         ),
     ] = None,
+    planner: Annotated[
+        bool,
+        typer.Option(
+            "--planner",
+            envvar="STRATA_PLANNER",
+            help="Run the planner here: it adds and drains local workers of the first model.",
+        ),
+    ] = False,
+    planner_config: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="STRATA_PLANNER_CONFIG",
+            help="Planner config (YAML, docs/planner.md); default: from these flags and the "
+            "profile .strata/profiles/<model>.json.",
+        ),
+    ] = None,
 ) -> None:
     """Start local workers and the frontend (KV-aware router inside) until Ctrl-C."""
     from serving.frontend.serve import ModelEntry, ServeConfig, parse_model_entry, run_serve
@@ -226,6 +242,8 @@ def serve(
         discovery_file=discovery_file,
         kube_namespace=kube_namespace,
         kube_selector=kube_selector,
+        planner=planner or planner_config is not None,
+        planner_config=planner_config,
     )
     try:
         run_serve(config)

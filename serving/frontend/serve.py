@@ -150,6 +150,10 @@ class ServeConfig:
     discovery_file: Path | None = None
     kube_namespace: str | None = None
     kube_selector: str = "app.kubernetes.io/component=worker"
+    # The planner in this process (serving/planner/serve_planner.py): it adds and drains local
+    # workers of the first model.
+    planner: bool = False
+    planner_config: Path | None = None
 
     @property
     def model_name(self) -> str:
@@ -243,6 +247,7 @@ class WorkerSupervisor:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
         self.workers: list[_LocalWorker] = []
+        self._next_index = 0
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="supervisor", daemon=True)
 
@@ -250,19 +255,8 @@ class WorkerSupervisor:
         cfg = self.config
         cfg.log_dir.mkdir(parents=True, exist_ok=True)
         local = [(entry, role) for entry in cfg.entries for role in entry.roles]
-        for i, (entry, role) in enumerate(local):
-            port, kv_port = free_port(), free_port_pair()
-            cmd = worker_command(cfg, i, role, port, kv_port, entry)
-            log_path = cfg.log_dir / f"worker-{i}.log"
-            worker = _LocalWorker(i, role, entry.name, port, kv_port, cmd, log_path)
-            if entry.engine == "vllm":
-                worker.own_group = True
-                worker.env = vllm_launcher.vllm_env(
-                    os.environ, index=i, num_workers=len(cfg.roles),
-                    nixl_side_channel_port=None if role == "both" else free_port(),
-                )  # fmt: skip
-            worker.start()
-            self.workers.append(worker)
+        for entry, role in local:
+            self.workers.append(self._new_worker(entry, role))
         timeout_s = cfg.startup_timeout_s
         if any(w.own_group for w in self.workers):  # vLLM starts in minutes on CPU
             timeout_s = max(timeout_s, vllm_launcher.STARTUP_TIMEOUT_S)
@@ -274,6 +268,38 @@ class WorkerSupervisor:
             WorkerSpec(w.url, worker_id=w.worker_id, role=w.role, model=w.model)
             for w in self.workers
         ]
+
+    def _new_worker(self, entry: ModelEntry, role: str) -> _LocalWorker:
+        cfg, i = self.config, self._next_index
+        self._next_index += 1
+        port, kv_port = free_port(), free_port_pair()
+        cmd = worker_command(cfg, i, role, port, kv_port, entry)
+        log_path = cfg.log_dir / f"worker-{i}.log"
+        worker = _LocalWorker(i, role, entry.name, port, kv_port, cmd, log_path)
+        if entry.engine == "vllm":
+            worker.own_group = True
+            worker.env = vllm_launcher.vllm_env(
+                os.environ, index=i, num_workers=len(cfg.roles),
+                nixl_side_channel_port=None if role == "both" else free_port(),
+            )  # fmt: skip
+        worker.start()
+        return worker
+
+    # The planner's local connector (serving/planner/connectors/local.py) adds and removes
+    # workers of the first model at run time.
+    def spawn(self, role: str) -> _LocalWorker:
+        worker = self._new_worker(self.config.entries[0], role)
+        self.workers = [*self.workers, worker]
+        return worker
+
+    def wait_worker_healthy(self, worker: _LocalWorker, timeout_s: float) -> None:
+        _wait_healthy(worker, time.monotonic() + timeout_s)
+
+    def stop_worker(self, worker: _LocalWorker, timeout_s: float) -> None:
+        """SIGTERM (the worker finishes its requests), SIGKILL after ``timeout_s``; never
+        restarted."""
+        self.workers = [w for w in self.workers if w is not worker]
+        _terminate([worker], timeout_s)
 
     def _watch(self) -> None:
         while not self._stopping.wait(0.5):
@@ -296,21 +322,25 @@ class WorkerSupervisor:
 
     def stop(self, timeout_s: float = 30.0) -> None:
         self._stopping.set()
-        for worker in self.workers:
-            if worker.proc is not None and worker.proc.poll() is None:
-                worker.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        for worker in self.workers:
-            if worker.proc is None:
-                continue
-            try:
-                worker.proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                worker.proc.kill()
-                worker.proc.wait()
-            if worker.own_group:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(worker.proc.pid, signal.SIGKILL)  # whatever it left behind
+        _terminate(self.workers, timeout_s)
+
+
+def _terminate(workers: list[_LocalWorker], timeout_s: float) -> None:
+    for worker in workers:
+        if worker.proc is not None and worker.proc.poll() is None:
+            worker.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for worker in workers:
+        if worker.proc is None:
+            continue
+        try:
+            worker.proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            worker.proc.kill()
+            worker.proc.wait()
+        if worker.own_group:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(worker.proc.pid, signal.SIGKILL)  # whatever it left behind
 
 
 def _wait_healthy(worker: _LocalWorker, deadline: float) -> None:
@@ -392,6 +422,7 @@ def build_frontend_state(
 
 def run_serve(config: ServeConfig) -> None:
     supervisor = WorkerSupervisor(config)
+    planner = None
     try:
         specs = supervisor.start() if config.roles else []
         specs += [WorkerSpec.parse(text) for text in config.worker_urls]
@@ -409,6 +440,10 @@ def run_serve(config: ServeConfig) -> None:
             )
             state.settings.self_address = f"{config.host}:{config.port}"
         state.extra_registries.extend(config.extra_metric_registries)
+        if config.planner:
+            from serving.planner.serve_planner import start_planner
+
+            planner = start_planner(config, supervisor, state)
         app = create_frontend_app(state)
         server = uvicorn.Server(
             uvicorn.Config(
@@ -432,5 +467,7 @@ def run_serve(config: ServeConfig) -> None:
         signal.signal(signal.SIGTERM, lambda signum, frame: None)
         server.run()
     finally:
+        if planner is not None:
+            planner.stop()
         supervisor.stop()
         logger.info("all workers stopped (pid %d)", os.getpid())

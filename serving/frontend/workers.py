@@ -85,6 +85,8 @@ class Worker:
     served_model: str = ""  # the frontend's model name it serves (may differ from model_name)
     version: str = DEFAULT_VERSION
     healthy: bool = True
+    # Scale-down (the planner): no new requests; the streams it has go on. See drain().
+    draining: bool = False
     num_health_failures: int = 0
     num_event_batches: int = 0
     num_lost_batches: int = 0  # already counted in the metrics
@@ -176,16 +178,29 @@ class WorkerPool:
     def healthy_ids(self) -> list[str]:
         return [w.worker_id for w in self.workers.values() if w.healthy]
 
-    def decode_ids(self) -> list[str]:
-        """Healthy workers that serve client streams (decode and aggregated ones).
+    def routable_ids(self) -> list[str]:
+        """Healthy workers that take new requests (a draining one only finishes its own)."""
+        return [w.worker_id for w in self.workers.values() if w.healthy and not w.draining]
 
-        When only prefill workers are healthy they serve whole requests rather than none.
+    def decode_ids(self) -> list[str]:
+        """Routable workers that serve client streams (decode and aggregated ones).
+
+        When only prefill workers are routable they serve whole requests rather than none.
         """
-        ids = [i for i in self.healthy_ids() if self.workers[i].role != "prefill"]
-        return ids or self.healthy_ids()
+        ids = [i for i in self.routable_ids() if self.workers[i].role != "prefill"]
+        return ids or self.routable_ids()
 
     def prefill_ids(self) -> list[str]:
-        return [i for i in self.healthy_ids() if self.workers[i].role == "prefill"]
+        return [i for i in self.routable_ids() if self.workers[i].role == "prefill"]
+
+    def drain(self, worker_id: str) -> Worker | None:
+        """Route no new request to the worker; its streams go on, and migrate to others if
+        it stops before they end (the planner's scale-down: drain, wait, stop, deregister)."""
+        worker = self.workers.get(worker_id)
+        if worker is not None and not worker.draining:
+            worker.draining = True
+            logger.info("worker %s draining: no new requests", worker_id)
+        return worker
 
     async def register(self, spec: WorkerSpec) -> Worker:
         """Probe the worker, subscribe to its events, and add it. Idempotent per URL."""

@@ -7,7 +7,8 @@ NOTE: one tick.
 1. Metrics missing (``traffic is None``): every role holds its current size (never below its
    minimum) and the reason says why. Nothing else changes.
 2. Feed the predictors (request rate; mean prompt and output length) and, with enough requests
-   in the window, the correction factors: observed TTFT / ITL over what the capacity model
+   in the window and no role queueing (a short pool's latencies measure the shortage, not the
+   model's error), the correction factors: observed TTFT / ITL over what the capacity model
    expects at this load (as Dynamo's planner does), smoothed and clamped to [0.5, 3].
 3. Slow loop, every ``model_interval_s``: per role, the peak predicted rate until a replica
    ordered now would serve and the next re-size (``lookahead: lead_time``; ``none`` sizes for
@@ -19,7 +20,8 @@ NOTE: one tick.
    first slow loop after which no worker of the role queued.
 5. The total GPU budget, shared in proportion to what each role wants above its minimum.
 6. Hysteresis: up at once (at most ``max_step_up``); down only to the highest target of the
-   last ``scale_down_stabilization_s`` and by at most ``max_step_down`` per tick.
+   last ``scale_down_stabilization_s`` (never less than the role's lead time: a replica let go
+   now could not be back sooner) and by at most ``max_step_down`` per tick.
 """
 
 from __future__ import annotations
@@ -199,6 +201,10 @@ def _update_corrections(
     cfg = state.config
     if traffic.num_requests < cfg.scaling.min_requests_for_correction:
         return
+    # Queues say the pool is short: latencies then measure the shortage, not the model's error.
+    for role_obs in observation.roles.values():
+        if role_obs.num_waiting / max(role_obs.ready, 1) > cfg.scaling.queue_per_replica_up:
+            return
     prefill_role: Role = "prefill" if "prefill" in cfg.roles else "both"
     decode_role: Role = "decode" if "decode" in cfg.roles else "both"
     updates = {}
@@ -337,7 +343,9 @@ def _stabilize(
     if not history:  # a (re)started planner waits a whole window before it scales down
         history.append((time_s, current))
     history.append((time_s, desired))
-    while history and history[0][0] < time_s - scaling.scale_down_stabilization_s:
+    # Never shorter than the lead time: what goes now could not come back sooner than that.
+    window_s = max(scaling.scale_down_stabilization_s, state.lead_time_s[role])
+    while history and history[0][0] < time_s - window_s:
         history.popleft()
     if desired > current:
         target = min(desired, current + scaling.max_step_up)
@@ -346,8 +354,7 @@ def _stabilize(
         floor = max(d for _, d in history)
         target = max(floor, current - scaling.max_step_down)
         if target >= current:
-            target, why = current, f"; down held (wanted {floor} in the last "
-            why += f"{scaling.scale_down_stabilization_s:.0f} s)"
+            target, why = current, f"; down held (wanted {floor} in the last {window_s:.0f} s)"
         else:
             why = f"; down {current - target}"
     else:

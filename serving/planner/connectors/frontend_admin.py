@@ -25,8 +25,13 @@ class FrontendAdmin:
     def workers(self) -> list[dict[str, Any]]:
         return self._call("GET", "/admin/workers")["workers"]
 
-    def register(self, url: str, role: str, worker_id: str) -> dict[str, Any]:
-        return self._call("POST", "/admin/workers", {"url": url, "role": role, "id": worker_id})
+    def register(
+        self, url: str, role: str, worker_id: str, model: str | None = None
+    ) -> dict[str, Any]:
+        body = {"url": url, "role": role, "worker_id": worker_id}
+        if model is not None:
+            body["model"] = model
+        return self._call("POST", "/admin/workers", body)
 
     def drain(self, worker_id: str) -> dict[str, Any]:
         return self._call("POST", f"/admin/workers/{worker_id}/drain")
