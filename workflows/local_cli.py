@@ -73,7 +73,7 @@ def up(
             envvar="STRATA_LOCAL_TIMEOUT_S",
             show_envvar=True,
         ),
-    ] = 90.0,
+    ] = 300.0,
 ) -> None:
     """Start the services that are not running and wait until each is healthy."""
     try:

@@ -129,7 +129,8 @@ def start_local_services(
     mlflow_port: int = DEFAULT_PORTS["mlflow"],
     prometheus_port: int = DEFAULT_PORTS["prometheus"],
     with_prometheus: bool = True,
-    startup_timeout_s: float = 90.0,
+    # MLflow's first start (creating its tables) took over 90 s on a busy 2-core laptop.
+    startup_timeout_s: float = 300.0,
     grafana_port: int | None = None,
 ) -> LocalServices:
     """Start whichever services are not already running under ``root`` and wait until each
@@ -195,7 +196,7 @@ def start_grafana(
     port: int,
     prometheus_url: str,
     *,
-    startup_timeout_s: float = 90.0,
+    startup_timeout_s: float = 300.0,
     started: list[str] | None = None,
 ) -> str | None:
     """Start Grafana (``workflows.local_grafana``) unless it runs; its URL, or None when this
@@ -207,7 +208,7 @@ def start_grafana(
     for sub in ("run", "logs", "grafana/data", "grafana/logs"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     # Pulling the image on a first container start takes a while: allow for it.
-    timeout_s = startup_timeout_s * (4 if launch.how == "container" else 1)
+    timeout_s = startup_timeout_s * (2 if launch.how == "container" else 1)
     spec = _Spec("grafana", port, launch.argv, launch.env)
     return _ensure_running(root, spec, timeout_s, started if started is not None else [])
 
