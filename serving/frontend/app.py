@@ -10,6 +10,7 @@ a request's path is ``job`` (parse and validate) -> ``responses`` (JSON or SSE) 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -228,7 +229,14 @@ def install_error_handlers(app: FastAPI, state: FrontendState) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         count(request, exc.status_code)
-        headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, Overloaded) else None
+        headers = None
+        if isinstance(exc, Overloaded):
+            headers = {"Retry-After": str(exc.retry_after_s)}
+            arrival_s = getattr(request.state, "arrival_s", None)
+            if arrival_s is not None:
+                metrics.rejection_seconds.labels(model=request.state.model).observe(
+                    time.perf_counter() - arrival_s
+                )
         return JSONResponse(exc.to_dict(), status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(RequestValidationError)

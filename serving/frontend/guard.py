@@ -178,6 +178,7 @@ class GuardMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        arrival_s = time.perf_counter()
         path: str = scope["path"]
         admin = path.startswith("/admin/") or path == "/admin"
         if not (admin or path.startswith("/v1/")):
@@ -196,7 +197,8 @@ class GuardMiddleware:
                              else "insufficient_permissions")  # fmt: skip
             await _send_error(send, error, path, self.metrics)
             return
-        scope.setdefault("state", {})["principal"] = principal
+        state = scope.setdefault("state", {})
+        state["principal"], state["arrival_s"] = principal, arrival_s
         receive = await self._limit_body(headers, receive, send, path)
         if receive is not None:
             await self.app(scope, receive, send)

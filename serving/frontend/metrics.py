@@ -155,6 +155,13 @@ class FrontendMetrics:
             ("model", "reason"),
             registry=r,
         )
+        self.rejection_seconds = Histogram(
+            "strata_frontend_rejection_seconds",
+            "Time from a request's arrival at the frontend to its 429 (admission refused).",
+            ("model",),
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=r,
+        )
         self.queued_prompt_tokens = Gauge(
             "strata_frontend_queued_prompt_tokens",
             "Prompt tokens of admitted requests that have no first token yet.",
