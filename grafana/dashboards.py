@@ -98,6 +98,74 @@ def _serving() -> Dashboard:
                 width=24,
                 description="Share of requests within the SLO thresholds (target 99%).",
             ),
+            *_admission_panels(fe),
+        ),
+    )
+
+
+def _admission_panels(fe: str) -> tuple[Panel | Row, ...]:
+    """The frontend's admission control and API keys (Serving dashboard)."""
+    limit = f"{fe}_admission_limit"
+    return (
+        Row("Admission and API keys"),
+        Panel(
+            "Refused requests by reason",
+            (
+                Query(
+                    f"sum by (reason) ({rate(f'{fe}_rejected_requests_total', MODEL)})",
+                    "{{reason}}",
+                ),
+            ),
+            unit="reqps",
+            stack=True,
+            width=8,
+            description="429 with Retry-After: inflight_limit, queued_tokens_limit (the "
+            "model's), key_requests_per_minute, key_tokens_per_minute (the API key's); 413: "
+            "request_too_large.",
+        ),
+        Panel(
+            "Requests in flight vs limit",
+            (
+                Query(f"sum({fe}_active_requests{{{MODEL}}})", "in flight"),
+                Query(f'sum({limit}{{{MODEL}, limit="inflight_requests"}}) > 0', "limit"),
+            ),
+            width=8,
+            description="Per model, beyond the limit new requests get 429 at once.",
+        ),
+        Panel(
+            "Queued prompt tokens vs limit",
+            (
+                Query(f"sum({fe}_queued_prompt_tokens{{{MODEL}}})", "queued"),
+                Query(f'sum({limit}{{{MODEL}, limit="queued_prompt_tokens"}}) > 0', "limit"),
+            ),
+            width=8,
+            description="Prompt tokens of admitted requests still waiting for a first token.",
+        ),
+        Panel(
+            "Time to 429",
+            quantiles(f"{fe}_rejection_seconds_bucket", MODEL, qs=(0.5, 0.99)),
+            unit="s",
+            width=8,
+            description="Arrival at the frontend to its 429 answer (target: under 50 ms).",
+        ),
+        Panel(
+            "Requests per API key",
+            (
+                Query(
+                    f"sum by (key, outcome) ({rate(f'{fe}_key_requests_total', MODEL)})",
+                    "{{key}} {{outcome}}",
+                ),
+            ),
+            unit="reqps",
+            width=8,
+            description="Keys with rate limits (keys file): admitted and rejected.",
+        ),
+        Panel(
+            "Tokens per API key",
+            (Query(f"sum by (key) ({rate(f'{fe}_key_tokens_total', MODEL)})", "{{key}}"),),
+            unit="suffix: tok/s",
+            width=8,
+            description="Prompt plus output tokens used by rate-limited keys.",
         ),
     )
 
@@ -549,15 +617,27 @@ def _planner() -> Dashboard:
     return Dashboard(
         uid="strata-planner",
         title="Strata / Planner",
-        description="Replicas per role, predicted vs observed load, SLO attainment.",
+        description="Replicas per role, predicted vs observed load, lead time, SLO attainment "
+        "and what it costs.",
         model_values="label_values(strata_frontend_requests_total, model)",
         panels=(
             Panel(
                 "Replicas per role",
                 (
-                    Query(f"sum by (role) ({p}_replicas{{{MODEL}}})", "{{role}} current"),
+                    Query(f"sum by (role) ({p}_replicas{{{MODEL}}})", "{{role}} serving"),
                     Query(f"sum by (role) ({p}_desired_replicas{{{MODEL}}})", "{{role}} desired"),
                 ),
+                description="Serving replicas and the planner's target (it orders replicas one "
+                "lead time ahead of the load it predicts).",
+            ),
+            Panel(
+                "Replicas starting and draining",
+                (
+                    Query(f"sum by (role) ({p}_replicas_starting{{{MODEL}}})", "{{role}} starting"),
+                    Query(f"sum by (role) ({p}_replicas_draining{{{MODEL}}})", "{{role}} draining"),
+                ),
+                description="Starting: ordered, not serving yet (the lead time). Draining: no new "
+                "requests, finishing their streams before they stop.",
             ),
             Panel(
                 "Scaling decisions",
@@ -595,15 +675,45 @@ def _planner() -> Dashboard:
                 ),
             ),
             Panel(
-                "SLO attainment",
-                slo_attainment_queries(),
-                unit="percentunit",
-            ),
-            Panel(
                 "Scale-up lead time",
                 (Query(f"max by (role) ({p}_lead_time_seconds{{{MODEL}}})", "{{role}}"),),
                 unit="s",
-                description="Measured time from a scale-up to a serving replica.",
+                description="Scale-up decision to a serving replica: measured once replicas "
+                "have come up, else node provisioning + weights (MLflow) + warm-up.",
+            ),
+            Panel(
+                "SLO attainment",
+                slo_attainment_queries(),
+                unit="percentunit",
+                width=8,
+            ),
+            Panel(
+                "Serving cost",
+                (Query(f"sum({p}_cost_usd_per_hour{{{MODEL}}})", "USD per hour"),),
+                unit="currencyUSD",
+                width=8,
+                description="GPU-hours of the replicas serving, starting and draining, at the "
+                "configured price per GPU-hour of each role's instance type.",
+            ),
+            Panel(
+                "Cost per million output tokens",
+                (Query(f"avg({p}_cost_per_million_output_tokens_usd{{{MODEL}}})", "USD"),),
+                unit="currencyUSD",
+                width=8,
+                description="Serving cost over the planner's metrics window / output tokens.",
+            ),
+            Panel(
+                "Capacity correction",
+                (Query(f"avg by (kind) ({p}_correction_factor{{{MODEL}}})", "{{kind}}"),),
+                description="Observed / expected TTFT and ITL (the profile's capacity is divided "
+                "by it; above 1: replicas serve less than profiled).",
+            ),
+            Panel(
+                "Metrics source",
+                (Query(f"min({p}_metrics_source_up{{{MODEL}}})", "up"),),
+                kind="stat",
+                thresholds=((None, "red"), (1, "green")),
+                description="0: the planner has no traffic figures and holds every size.",
             ),
         ),
     )

@@ -31,11 +31,11 @@ Send = Callable[[Message], Awaitable[None]]
 class Ticket:
     """One admitted request's claims: released at its first token and at its end."""
 
-    __slots__ = ("_charge", "_done", "_gate", "_model", "_prompt_tokens", "_queued")
+    __slots__ = ("_charge", "_done", "_gate", "_model", "_name", "_prompt_tokens", "_queued")
 
-    def __init__(self, gate: Gate, model: ModelAdmission, charge: KeyCharge | None,
+    def __init__(self, gate: Gate, name: str, model: ModelAdmission, charge: KeyCharge | None,
                  num_prompt_tokens: int) -> None:  # fmt: skip
-        self._gate, self._model, self._charge = gate, model, charge
+        self._gate, self._name, self._model, self._charge = gate, name, model, charge
         self._prompt_tokens = num_prompt_tokens
         self._queued = True
         self._done = False
@@ -55,7 +55,9 @@ class Ticket:
         self._model.finish()
         if self._charge is not None:
             self._gate.limiter.settle(self._charge, num_used_tokens)
-            self._gate.metrics.key_tokens.labels(key=self._charge.key).inc(num_used_tokens)
+            self._gate.metrics.key_tokens.labels(model=self._name, key=self._charge.key).inc(
+                num_used_tokens
+            )
 
 
 class Gate:
@@ -102,11 +104,15 @@ class Gate:
             admission.first_token(num_prompt_tokens)
             admission.finish()
             self.metrics.rejected.labels(model=model, reason=exc.reason).inc()
-            self.metrics.key_requests.labels(key=principal.name, outcome="rejected").inc()
+            self.metrics.key_requests.labels(
+                model=model, key=principal.name, outcome="rejected"
+            ).inc()
             raise
         if charge is not None:
-            self.metrics.key_requests.labels(key=principal.name, outcome="admitted").inc()
-        return Ticket(self, admission, charge, num_prompt_tokens)
+            self.metrics.key_requests.labels(
+                model=model, key=principal.name, outcome="admitted"
+            ).inc()
+        return Ticket(self, model, admission, charge, num_prompt_tokens)
 
     def refresh_gauges(self) -> None:
         for name, admission in self.models.items():

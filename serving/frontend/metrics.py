@@ -177,13 +177,13 @@ class FrontendMetrics:
         self.key_requests = Counter(
             "strata_frontend_key_requests",
             "Requests of rate-limited API keys (by key name): admitted or rejected.",
-            ("key", "outcome"),
+            ("model", "key", "outcome"),
             registry=r,
         )
         self.key_tokens = Counter(
             "strata_frontend_key_tokens",
             "Tokens (prompt + output) used by rate-limited API keys.",
-            ("key",),
+            ("model", "key"),
             registry=r,
         )
         self.auth_failures = Counter(
@@ -223,6 +223,7 @@ class FrontendMetrics:
                        "key_tokens_per_minute"):  # fmt: skip
             self.rejected.labels(model=model, reason=reason)
         self.queued_prompt_tokens.labels(model=model)
+        self.rejection_seconds.labels(model=model)
 
     def forget_worker(self, model: str, worker_id: str) -> None:
         for gauge in (

@@ -54,6 +54,8 @@ _NOT_RUNNING = {
 _DISAGG_ONLY = {
     "strata_frontend_remote_prefill_seconds": "only a disaggregated stack prefills on a prefill "
     "worker (test_prometheus_disagg.py checks this panel with data)",
+    "strata_frontend_key_": "only a frontend with rate-limited keys (a keys file) has per-key "
+    "series (tests/frontend/test_admission.py checks them)",
 }
 
 
