@@ -7,37 +7,6 @@ integration test skips panels on them by name, and docs/observability.md lists t
 from __future__ import annotations
 
 PLANNED_METRICS: dict[str, tuple[str, str, str]] = {
-    "strata_planner_replicas": ("gauge", "model, role", "Replicas running per role."),
-    "strata_planner_desired_replicas": (
-        "gauge",
-        "model, role",
-        "Replicas the planner decided on, per role.",
-    ),
-    "strata_planner_scaling_decisions_total": (
-        "counter",
-        "model, role, direction",
-        "Planner decisions; direction is up|down.",
-    ),
-    "strata_planner_predicted_request_rate": (
-        "gauge",
-        "model",
-        "Requests per second the planner predicts for its next interval.",
-    ),
-    "strata_planner_predicted_input_tokens": (
-        "gauge",
-        "model",
-        "Predicted mean prompt tokens per request (ISL).",
-    ),
-    "strata_planner_predicted_output_tokens": (
-        "gauge",
-        "model",
-        "Predicted mean output tokens per request (OSL).",
-    ),
-    "strata_planner_lead_time_seconds": (
-        "gauge",
-        "model, role",
-        "Measured time from a scale-up decision to a serving replica.",
-    ),
     "strata_kv_tier_used_blocks": ("gauge", "model, tier", "KV blocks held per tier (G1-G4)."),
     "strata_kv_tier_capacity_blocks": ("gauge", "model, tier", "KV block capacity per tier."),
     "strata_kv_tier_hit_blocks_total": (

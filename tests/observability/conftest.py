@@ -106,6 +106,7 @@ def planned_metric(name: str) -> str | None:
 
 def _registries() -> dict[str, Any]:
     from serving.frontend.metrics import FrontendMetrics
+    from serving.planner.metrics import PlannerMetrics
     from serving.worker.metrics import WorkerMetrics
     from workflows.metrics import WORKFLOW_REGISTRY
 
@@ -113,6 +114,7 @@ def _registries() -> dict[str, Any]:
         "worker": WorkerMetrics("m").registry,
         "frontend": FrontendMetrics("m").registry,
         "workflow": WORKFLOW_REGISTRY,
+        "planner": PlannerMetrics("m", ("prefill", "decode", "both")).registry,
     }
 
 

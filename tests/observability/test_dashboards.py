@@ -102,7 +102,8 @@ def _model_matchers() -> dict[str, str]:
     series, ``model`` on frontend and router series and on planned metrics."""
     matchers = {}
     for component, label, matcher in (("worker", "model_name", 'model_name=~"$model"'),
-                                      ("frontend", "model", 'model=~"$model"')):  # fmt: skip
+                                      ("frontend", "model", 'model=~"$model"'),
+                                      ("planner", "model", 'model=~"$model"')):  # fmt: skip
         for name, labels in exposed_series_labels(component).items():
             if label in labels:
                 matchers[name] = matcher
