@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -93,6 +94,9 @@ def demo(
     from workflows.steps.deploy import deploy_candidate
 
     logging.basicConfig(level="WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # SIGTERM (a test's teardown, `kill`) unwinds like Ctrl-C: the publish's exit handler and the
+    # clean-up below stop the candidate and production workers instead of leaving them running.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     services = start_local_services(
         s3_port=s3_port,
         mlflow_port=mlflow_port,
@@ -132,6 +136,10 @@ def demo(
         for running in list_deployments():
             stop_deployment(running)
         typer.echo("stopped the model deployments; `strata local down` stops S3 and MLflow")
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _current_production(params: PublishParams) -> VersionInfo | None:

@@ -108,20 +108,29 @@ def run_workflow(
         f"[bold]workflow {spec.name}[/] ({params.name}): {verb} run {params.run_id}, "
         f"{len(spec.steps)} steps"
     )
-    for step in spec.order():
-        status = statuses[step.name]
-        if step.name in saved:
-            status.phase, status.outputs, status.reused = "Succeeded", saved[step.name], True
-            status.message = "reused from the earlier attempt"
-            console.print(f"  [green]{step.name}: Succeeded[/] (reused)")
-            continue
-        if any(statuses[d].phase != "Succeeded" for d in step.depends):
-            status.phase = "Omitted"
-            status.message = "an upstream step did not succeed"
-            continue
-        kwargs = {arg: statuses[src].outputs[key] for arg, (src, key) in step.inputs.items()}
-        _run_step(step, params, kwargs, status, console, backoff)
-        _save_state(state_path, spec, params, statuses, None)
+    try:
+        for step in spec.order():
+            status = statuses[step.name]
+            if step.name in saved:
+                status.phase, status.outputs, status.reused = "Succeeded", saved[step.name], True
+                status.message = "reused from the earlier attempt"
+                console.print(f"  [green]{step.name}: Succeeded[/] (reused)")
+                continue
+            if any(statuses[d].phase != "Succeeded" for d in step.depends):
+                status.phase = "Omitted"
+                status.message = "an upstream step did not succeed"
+                continue
+            kwargs = {arg: statuses[src].outputs[key] for arg, (src, key) in step.inputs.items()}
+            _run_step(step, params, kwargs, status, console, backoff)
+            _save_state(state_path, spec, params, statuses, None)
+    except (
+        BaseException
+    ):  # Ctrl-C, SIGTERM turned into SystemExit: still clean up, as Argo's stop does
+        if spec.on_exit is not None:
+            console.print("  [red]interrupted[/]: running the exit handler")
+            _run_step(spec.on_exit, params, {"status": "Failed"}, StepStatus(spec.on_exit.name),
+                      console, backoff)  # fmt: skip
+        raise
     phase = "Succeeded" if all(s.phase == "Succeeded" for s in statuses.values()) else "Failed"
     exit_status = None
     if spec.on_exit is not None:

@@ -216,3 +216,22 @@ def test_local_gate_holds_on_a_busy_laptop_the_cluster_keeps_its_slo() -> None:
         "TTFT p95 20000.0 ms > SLO 5000.0 ms", "ITL p95 900.0 ms > SLO 500.0 ms",
     ]  # fmt: skip
     assert PublishParams(name="m", slo_ttft_p95_ms=100.0).slo_ms() == (100.0, LOCAL_SLO_MS[1])
+
+
+def test_an_interrupted_run_still_runs_the_exit_handler() -> None:
+    """Ctrl-C (or SIGTERM turned into SystemExit, as `strata demo` does) in the middle of a
+    step: the exit handler runs with "Failed" before the interruption goes on."""
+    seen: list[str] = []
+
+    def interrupted(params: PublishParams) -> dict:
+        raise KeyboardInterrupt
+
+    def on_exit(params: PublishParams, status: str) -> dict:
+        seen.append(status)
+        return {}
+
+    spec = WorkflowSpec("w", (StepSpec("deploy", interrupted),),
+                        on_exit=StepSpec("cleanup", on_exit))  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        run_workflow(spec, PARAMS, console=quiet())
+    assert seen == ["Failed"]
