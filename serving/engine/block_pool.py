@@ -6,6 +6,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from serving.engine.kv_offload import NewBlock
 from serving.protocol.kv_events import (
     AllBlocksCleared,
     BlockRemoved,
@@ -52,6 +53,8 @@ class BlockPool:
         )
         self._hash_to_block: dict[int, KVCacheBlock] = {}
         self._events: list[KVCacheEvent] = []
+        # Blocks indexed since the last take, for lower KV tiers; None: nobody asks.
+        self._new_blocks: list[NewBlock] | None = None
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -132,6 +135,16 @@ class BlockPool:
             if newly_indexed:
                 block.block_hash = block_hash
                 self._hash_to_block[block_hash] = block
+                if self._new_blocks is not None:
+                    bs = self.block_size
+                    self._new_blocks.append(
+                        NewBlock(
+                            block.block_id,
+                            block_hash,
+                            block_hashes[i - 1] if i > 0 else None,
+                            tuple(token_ids[i * bs : (i + 1) * bs]),
+                        )
+                    )
                 if run_start is None:
                     run_start = i
             elif run_start is not None:
@@ -160,10 +173,31 @@ class BlockPool:
             return False
         for block in self.blocks:
             block.block_hash = None
+        if self._new_blocks is None:
+            self._events.append(AllBlocksCleared())
+        elif self._hash_to_block:  # lower tiers keep their blocks: clear only this medium
+            self._events.append(
+                BlockRemoved(block_hashes=list(self._hash_to_block), medium=DEVICE_MEDIUM)
+            )
         self._hash_to_block.clear()
-        self._events.append(AllBlocksCleared())
         return True
 
     def take_events(self) -> list[KVCacheEvent]:
         events, self._events = self._events, []
         return events
+
+    def record_event(self, event: KVCacheEvent) -> None:
+        """Queue an event of another tier in order with this pool's own (one stream)."""
+        self._events.append(event)
+
+    def track_new_blocks(self) -> None:
+        """From now on, remember blocks as they get indexed (``take_new_blocks``)."""
+        if self._new_blocks is None:
+            self._new_blocks = []
+
+    def take_new_blocks(self) -> list[NewBlock]:
+        """Blocks indexed since the last call (full, and computed once their step ran)."""
+        if not self._new_blocks:
+            return []
+        blocks, self._new_blocks = self._new_blocks, []
+        return blocks

@@ -12,9 +12,10 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from serving.engine.kv_cache_manager import KVCacheManager
+from serving.engine.kv_offload import KVOnboard
 from serving.engine.kv_transfer import DEFAULT_LEASE_S, KVLease, RemotePrefill
 from serving.engine.outputs import EngineCoreOutput, EngineStepResult, SchedulerStats
 from serving.engine.request import Request, RequestStatus
@@ -80,6 +81,17 @@ class EngineCore:
         )
         self.scheduler = Scheduler(self.scheduler_config, self.kv_cache_manager, clock=clock)
         self.clock = clock
+        # KV tiers below the device (serving.kvcache.stack.TierStack), if any.
+        self.tiers: Any = None
+
+    def attach_tiers(self, stack: Any) -> None:
+        """Put lower KV tiers behind the block pool: prefix lookups continue in them, new
+        blocks are copied down, and their events join the pool's KV events in order."""
+        pool = self.kv_cache_manager.block_pool
+        pool.track_new_blocks()
+        stack.emit = pool.record_event
+        self.tiers = stack
+        self.scheduler.tiers = stack
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -132,7 +144,38 @@ class EngineCore:
             stats=stats,
             step_duration_s=runner_output.step_duration_s,
             kv_pulls=scheduler_output.kv_pulls,
+            kv_onboards=scheduler_output.kv_onboards,
+            tier_jobs=self._offload_new_blocks(),
         )
+
+    # -- KV tiers --------------------------------------------------------------------------------
+
+    def _offload_new_blocks(self) -> list[Any]:
+        """After a step: plan copies of the blocks it filled; hold them until copied."""
+        if self.tiers is None:
+            return []
+        pool = self.kv_cache_manager.block_pool
+        held = self.tiers.on_blocks_computed(pool.take_new_blocks())
+        pool.touch(pool.blocks[block_id] for block_id in held)
+        return self.tiers.take_jobs()
+
+    def finish_kv_onboard(self, onboard: KVOnboard, result: Any) -> bool:
+        """An onboard from ``step().kv_onboards`` ended (``serving.kvcache.stack.OnboardResult``):
+        its loaded blocks count as computed, failed ones are dropped from their tier."""
+        self.tiers.finish_onboard(onboard, result)
+        num_loaded = min(result.num_loaded_blocks * self.limits.block_size, onboard.num_tokens)
+        return self.scheduler.finish_kv_onboard(onboard.request_id, num_loaded)
+
+    def finish_tier_job(self, job_id: int, *, succeeded: bool) -> None:
+        """A store job from ``tier_jobs`` ended: the block it copied from may be reused now."""
+        block_id = self.tiers.finish_store(job_id, succeeded)
+        if block_id is not None:
+            pool = self.kv_cache_manager.block_pool
+            pool.free_blocks([pool.blocks[block_id]])
+
+    def take_tier_jobs(self) -> list[Any]:
+        """Jobs planned outside a step (copies down after a store, drops after an onboard)."""
+        return self.tiers.take_jobs() if self.tiers is not None else []
 
     # -- disaggregation ------------------------------------------------------------------------
 

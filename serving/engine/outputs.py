@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from serving.engine.kv_offload import KVOnboard
 from serving.engine.kv_transfer import KVPull
 from serving.engine.scheduler_output import TokenLogprobs
 
@@ -61,3 +62,7 @@ class EngineStepResult:
     step_duration_s: float | None = None
     # Remote prefill KV the owner must pull, then report with ``EngineCore.finish_kv_pull``.
     kv_pulls: list[KVPull] = field(default_factory=list)
+    # Lower-tier KV to copy in (``EngineCore.finish_kv_onboard``) and tier copies to run
+    # (``serving.kvcache.stack.StoreJob``/``DropJob``, reported with ``finish_tier_job``).
+    kv_onboards: list[KVOnboard] = field(default_factory=list)
+    tier_jobs: list[Any] = field(default_factory=list)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from serving.engine.block_pool import KVCacheBlock
 from serving.engine.kv_cache_manager import KVCacheBlocks, KVCacheManager, cdiv
+from serving.engine.kv_offload import KVOnboard, TierHook, TierLookupResult
 from serving.engine.kv_transfer import (
     DEFAULT_LEASE_S,
     KVLease,
@@ -72,6 +73,8 @@ class Scheduler:
         self.waiting_for_kv: dict[str, _PendingPull] = {}
         # Prefill side: finished requests' blocks kept for a decode worker, by request id.
         self.leases: dict[str, _HeldBlocks] = {}
+        # KV tiers below the device (serving.kvcache), set by EngineCore.attach_tiers.
+        self.tiers: TierHook | None = None
 
     # -- admission ---------------------------------------------------------------------------
 
@@ -133,6 +136,24 @@ class Scheduler:
             request.num_computed_tokens = pending.num_computed_after_pull
         else:
             request.num_computed_tokens = pending.num_local_hit_tokens
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+        return True
+
+    def finish_kv_onboard(self, request_id: str, num_loaded_tokens: int) -> bool:
+        """An onboard planned by ``schedule`` ended with ``num_loaded_tokens`` of its tokens in
+        place (fewer than planned when a block failed its checks: the rest is recomputed).
+        Returns False for an unknown id; a request aborted meanwhile is freed here."""
+        pending = self.waiting_for_kv.pop(request_id, None)
+        if pending is None:
+            return False
+        request = pending.request
+        if request.is_finished:
+            self._free_request(request)
+            return True
+        request.num_computed_tokens = pending.num_local_hit_tokens + num_loaded_tokens
+        if request.num_cached_tokens is None:
+            request.num_cached_tokens = request.num_computed_tokens
         request.status = RequestStatus.RUNNING
         self.running.append(request)
         return True
@@ -200,6 +221,7 @@ class Scheduler:
             break  # the request itself was preempted: nothing after it can run either
 
         pulls: list[KVPull] = []
+        onboards: list[KVOnboard] = []
         while (
             not preempted
             and self.waiting
@@ -215,10 +237,26 @@ class Scheduler:
                 pulls.append(pull)
                 self.times[request.request_id].first_scheduled_s = now
                 continue
+            lookup = None
+            if self.tiers is not None:
+                max_hit_blocks = (request.num_tokens - 1) // self.kv.block_size
+                lookup = self.tiers.lookup(request.block_hashes[:max_hit_blocks], len(hits))
+                if lookup.num_onboard_blocks:
+                    onboard = self._plan_onboard(request, hits, num_hit_tokens, lookup)
+                    if onboard is None:
+                        break
+                    onboards.append(onboard)
+                    times = self.times[request.request_id]
+                    if times.first_scheduled_s is None:
+                        times.first_scheduled_s = now
+                    continue
             num_new = min(request.num_tokens - num_hit_tokens, budget)
             if self.kv.allocate_slots(request, num_new, hits) is None:
                 break
             self.waiting.popleft()
+            if lookup is not None:
+                assert self.tiers is not None
+                self.tiers.commit(lookup, None)
             if request.num_preemptions == 0:
                 # As vLLM counts them: a victim re-finding its own blocks is not a cache hit.
                 self.kv.record_prefix_lookup(request.num_tokens, num_hit_tokens)
@@ -240,6 +278,7 @@ class Scheduler:
             preempted_req_ids=preempted,
             kv_usage=self.kv.usage,
             kv_pulls=pulls,
+            kv_onboards=onboards,
         )
 
     def update_from_output(
@@ -359,6 +398,42 @@ class Scheduler:
             first_token=first_token,
             num_tokens=num_pulled_tokens,
         )
+
+    def _plan_onboard(
+        self, request: Request, hits: KVCacheBlocks, num_hit_tokens: int, lookup: TierLookupResult
+    ) -> KVOnboard | None:
+        """Give a request blocks for its prefix found in lower tiers; it waits for the copy.
+
+        Only the onboarded blocks are allocated now (chunked prefill allocates the rest once
+        it runs); they stay unindexed until they count as computed. None: no room now.
+        """
+        assert self.tiers is not None
+        num_blocks = lookup.num_onboard_blocks
+        block_size = self.kv.block_size
+        first_block = num_hit_tokens // block_size
+        computed_after = (first_block + num_blocks) * block_size
+        num_new = computed_after - num_hit_tokens
+        if self.kv.allocate_slots(request, num_new, hits, cache_blocks=False) is None:
+            return None
+        self.waiting.popleft()
+        if request.num_preemptions == 0:
+            self.kv.record_prefix_lookup(request.num_tokens, num_hit_tokens)
+        request.num_computed_tokens = num_hit_tokens
+        request.status = RequestStatus.WAITING_FOR_REMOTE_KVS
+        local_ids = self.kv.get_block_ids(request.request_id)[first_block:]
+        self.waiting_for_kv[request.request_id] = _PendingPull(
+            request, num_hit_tokens, computed_after
+        )
+        onboard = KVOnboard(
+            request_id=request.request_id,
+            block_hashes=lookup.onboard_hashes(),
+            tiers=lookup.run_tiers[:num_blocks],
+            local_block_ids=tuple(local_ids[:num_blocks]),
+            first_token=first_block * block_size,
+            num_tokens=num_new,
+        )
+        self.tiers.commit(lookup, onboard)
+        return onboard
 
     def _lease(self, request: Request) -> dict:
         """Keep a finished prefill request's blocks for a decode worker; its response params.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from serving.engine.kv_offload import KVOnboard
 from serving.engine.kv_transfer import KVPull
 from serving.engine.request import SamplingParams
 
@@ -52,6 +53,8 @@ class SchedulerOutput:
     # Remote prefill KV to pull before these requests can run (disaggregated decode); the
     # owner runs them outside the step and reports back with ``finish_kv_pull``.
     kv_pulls: list[KVPull] = field(default_factory=list)
+    # Lower-tier KV to copy in before these requests can run (``finish_kv_onboard``).
+    kv_onboards: list[KVOnboard] = field(default_factory=list)
 
     @property
     def total_num_scheduled_tokens(self) -> int:

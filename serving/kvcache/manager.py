@@ -1,0 +1,266 @@
+"""Moves KV block bytes between the engine's pool and the tier stores, off the engine thread.
+
+The engine thread plans (``TierStack``); this shell executes and reports back through ``post``
+(the worker's engine inbox), never touching the stack itself:
+
+* ``StoreJob`` -> one writer thread per tier, in order (deletions of evicted blocks, then the
+  write), -> ``StoreDone``. A block leaving the device is hashed once (``header.make_header``)
+  and its header travels with it down the tiers.
+* ``KVOnboard`` -> the blocks are read in parallel, their headers and checksums checked, and
+  the good ones copied into their device blocks (on a side CUDA stream on a GPU) ->
+  ``OnboardDone`` with the leading run that landed and every block that failed.
+* ``DropJob`` -> the tier's writer thread deletes the bad blocks.
+* shared stores (G4) are listed every ``list_interval_s`` -> ``Listed``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from serving.engine.kv_offload import KVOnboard
+from serving.kvcache.header import (
+    BlockHeader,
+    BlockRejected,
+    ModelIdentity,
+    check_header,
+    make_header,
+    verify_payload,
+)
+from serving.kvcache.stack import DropJob, OnboardResult, StoreJob, TierJob
+from serving.kvcache.tier import KVTier, TierIOError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreDone:
+    job_id: int
+    tier: str
+    succeeded: bool
+    num_bytes: int
+    duration_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class OnboardDone:
+    onboard: KVOnboard
+    result: OnboardResult
+
+
+@dataclass(frozen=True, slots=True)
+class Listed:
+    tier: str
+    block_hashes: tuple[int, ...]
+
+
+TierMessage = StoreDone | OnboardDone | Listed
+
+
+class KVTierManager:
+    """Owns the stores, their threads and the listing thread; reports through ``post``.
+
+    ``block_view(block_id)`` returns a device block's bytes in place (``KVPool.block_bytes_view``).
+    """
+
+    def __init__(
+        self,
+        stores: Sequence[KVTier],
+        *,
+        block_view: Callable[[int], torch.Tensor],
+        identity: ModelIdentity,
+        post: Callable[[TierMessage], None] | None = None,
+        list_interval_s: float = 5.0,
+        num_read_threads: int = 8,
+    ) -> None:
+        self.stores = {store.name: store for store in stores}
+        self.block_view = block_view
+        self.identity = identity
+        self.post: Callable[[TierMessage], None] = post or (lambda message: None)
+        self._writers = {
+            name: ThreadPoolExecutor(1, thread_name_prefix=f"kv-{name}-write")
+            for name in self.stores
+        }
+        self._onboards = ThreadPoolExecutor(2, thread_name_prefix="kv-onboard")
+        self._reads = ThreadPoolExecutor(num_read_threads, thread_name_prefix="kv-read")
+        self._cuda_stream = None
+        self._closed = threading.Event()
+        self._list_interval_s = list_interval_s
+        self._lister: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start listing shared stores (the first listing is posted right away)."""
+        shared = [s for s in self.stores.values() if s.shared]
+        if shared and self._lister is None:
+            self._lister = threading.Thread(
+                target=self._list_loop, args=(shared,), name="kv-list", daemon=True
+            )
+            self._lister.start()
+
+    def close(self) -> None:
+        self._closed.set()
+        for pool in (*self._writers.values(), self._onboards, self._reads):
+            pool.shutdown(wait=False, cancel_futures=True)
+        for store in self.stores.values():
+            store.close()
+
+    # -- submitting ------------------------------------------------------------------------------
+
+    def submit(self, jobs: Sequence[TierJob]) -> None:
+        for job in jobs:
+            writer = self._writers[job.tier]
+            if isinstance(job, StoreJob):
+                writer.submit(self._guard, self._run_store, job)
+            else:
+                writer.submit(self._guard, self._run_drop, job)
+
+    def submit_onboard(self, onboard: KVOnboard) -> None:
+        self._onboards.submit(self._guard, self._run_onboard, onboard)
+
+    def _guard(self, fn: Callable[..., None], job: object) -> None:
+        try:
+            fn(job)
+        except Exception:  # a bug: say so loudly, the engine keeps going
+            logger.exception("KV tier job %r failed", job)
+
+    # -- stores ----------------------------------------------------------------------------------
+
+    def _run_store(self, job: StoreJob) -> None:
+        started_s = time.perf_counter()
+        store = self.stores[job.tier]
+        num_bytes = 0
+        succeeded = False
+        try:
+            for block_hash in job.evict_hashes:
+                store.delete(block_hash)
+            if job.source_tier == "G1":
+                assert job.source_block_id is not None
+                payload = self._device_to_host(job.source_block_id)
+                info = job.info
+                header = make_header(
+                    job.block_hash, info.parent_hash, info.token_ids, _bytes(payload), self.identity
+                ).encode()
+            else:
+                found = self.stores[job.source_tier].read(job.block_hash)
+                if found is None:
+                    raise TierIOError(f"block {job.block_hash:016x} left {job.source_tier}")
+                header, payload = found
+            store.write(job.block_hash, header, payload)
+            num_bytes = len(header) + payload.numel()
+            succeeded = True
+        except Exception as exc:
+            logger.warning(
+                "KV tier %s: storing block %016x failed: %s", job.tier, job.block_hash, exc
+            )
+            with contextlib.suppress(Exception):  # best effort: the stack forgets it anyway
+                store.delete(job.block_hash)
+        self.post(
+            StoreDone(job.job_id, job.tier, succeeded, num_bytes, time.perf_counter() - started_s)
+        )
+
+    def _run_drop(self, job: DropJob) -> None:
+        store = self.stores[job.tier]
+        for block_hash in job.block_hashes:
+            try:
+                store.delete(block_hash)
+            except TierIOError as exc:
+                logger.warning("KV tier %s: cannot delete a bad block: %s", job.tier, exc)
+
+    def _device_to_host(self, block_id: int) -> torch.Tensor:
+        view = self.block_view(block_id)
+        if view.device.type == "cpu":
+            return view  # the engine holds the block until the job is reported: stable
+        stream = self._stream(view.device)
+        with torch.cuda.stream(stream):
+            host = view.to("cpu", non_blocking=True)
+        stream.synchronize()
+        return host
+
+    def _stream(self, device: torch.device) -> torch.cuda.Stream:
+        if self._cuda_stream is None:
+            self._cuda_stream = torch.cuda.Stream(device=device)
+        return self._cuda_stream
+
+    # -- onboarding ------------------------------------------------------------------------------
+
+    def _run_onboard(self, onboard: KVOnboard) -> None:
+        started_s = time.perf_counter()
+        futures: list[Future[tuple[str | None, int]]] = [
+            self._reads.submit(self._load_block, block_hash, tier, block_id)
+            for block_hash, tier, block_id in zip(
+                onboard.block_hashes, onboard.tiers, onboard.local_block_ids, strict=True
+            )
+        ]
+        rejected: list[tuple[int, str]] = []
+        num_bytes_by_tier: dict[str, int] = {}
+        for position, future in enumerate(futures):
+            try:
+                reason, num_bytes = future.result()
+            except Exception as exc:  # a bug in a read: the block is recomputed
+                logger.exception("KV onboard of block %d failed", position)
+                reason, num_bytes = f"io: {exc}", 0
+            if reason is not None:
+                rejected.append((position, reason.split(":")[0]))
+            tier = onboard.tiers[position]
+            num_bytes_by_tier[tier] = num_bytes_by_tier.get(tier, 0) + num_bytes
+        if self._cuda_stream is not None:
+            self._cuda_stream.synchronize()
+        num_loaded = rejected[0][0] if rejected else len(futures)
+        result = OnboardResult(
+            onboard.request_id,
+            num_loaded,
+            tuple(rejected),
+            tuple(num_bytes_by_tier.items()),
+            time.perf_counter() - started_s,
+        )
+        self.post(OnboardDone(onboard, result))
+
+    def _load_block(self, block_hash: int, tier: str, block_id: int) -> tuple[str | None, int]:
+        """Read, check and copy one block; (None, bytes) or (reason, bytes read)."""
+        try:
+            found = self.stores[tier].read(block_hash)
+        except TierIOError as exc:
+            logger.warning("KV tier %s: %s", tier, exc)
+            return "io", 0
+        if found is None:
+            return "missing", 0
+        raw_header, payload = found
+        try:
+            header = BlockHeader.decode(raw_header)
+            check_header(header, block_hash, self.identity)
+            verify_payload(header, _bytes(payload))
+        except BlockRejected as exc:
+            logger.warning("KV tier %s: block refused, recomputing it: %s", tier, exc)
+            return exc.reason, payload.numel()
+        dest = self.block_view(block_id)
+        if dest.numel() != payload.numel():
+            return "header", payload.numel()
+        if dest.device.type == "cpu":
+            dest.copy_(payload)
+        else:
+            with torch.cuda.stream(self._stream(dest.device)):
+                dest.copy_(payload, non_blocking=True)
+        return None, payload.numel()
+
+    # -- listing ---------------------------------------------------------------------------------
+
+    def _list_loop(self, stores: list[KVTier]) -> None:
+        while not self._closed.is_set():
+            for store in stores:
+                try:
+                    self.post(Listed(store.name, tuple(store.list_hashes())))
+                except TierIOError as exc:
+                    logger.warning("KV tier %s: %s", store.name, exc)
+            self._closed.wait(self._list_interval_s)
+
+
+def _bytes(payload: torch.Tensor) -> memoryview:
+    """A host uint8 tensor's bytes without a copy (for hashing)."""
+    return memoryview(payload.numpy()).cast("B")
