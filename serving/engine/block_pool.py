@@ -67,6 +67,11 @@ class BlockPool:
         """Fraction of blocks in use by requests (0..1); free cached blocks count as free."""
         return 1.0 - len(self._free) / self.num_blocks
 
+    @property
+    def num_cached_blocks(self) -> int:
+        """Blocks findable by hash (in use or free)."""
+        return len(self._hash_to_block)
+
     def get_cached_block(self, block_hash: int) -> KVCacheBlock | None:
         return self._hash_to_block.get(block_hash)
 

@@ -10,6 +10,7 @@ import typer
 from pydantic import ValidationError
 
 from serving.engine.config import EngineConfig
+from serving.kvcache.config import KVTierConfig
 from serving.worker.config import WorkerConfig
 from serving.worker.efa import SYSFS_INFINIBAND
 
@@ -90,6 +91,39 @@ def worker(
     efa_sysfs_dir: Annotated[
         Path, typer.Option(envvar="STRATA_EFA_SYSFS_DIR", help="Where RDMA devices are listed.")
     ] = SYSFS_INFINIBAND,
+    kv_host_gib: Annotated[
+        float, typer.Option(envvar="STRATA_KV_HOST_GIB", help="KV tier G2: host memory (GiB).")
+    ] = 0.0,
+    kv_disk_gib: Annotated[
+        float, typer.Option(envvar="STRATA_KV_DISK_GIB", help="KV tier G3: local disk (GiB).")
+    ] = 0.0,
+    kv_disk_dir: Annotated[
+        Path | None,
+        typer.Option(envvar="STRATA_KV_DISK_DIR", help="KV tier G3: this worker's directory."),
+    ] = None,
+    kv_s3_uri: Annotated[
+        str | None,
+        typer.Option(
+            envvar="STRATA_KV_S3_URI",
+            help="KV tier G4: s3://bucket/prefix shared by every worker of this model version "
+            "(endpoint and credentials from the AWS variables, e.g. AWS_ENDPOINT_URL_S3).",
+        ),
+    ] = None,
+    kv_s3_gib: Annotated[
+        float | None,
+        typer.Option(envvar="STRATA_KV_S3_GIB", help="KV tier G4: cap on this worker's writes."),
+    ] = None,
+    kv_offload_min_uses: Annotated[
+        int,
+        typer.Option(
+            envvar="STRATA_KV_OFFLOAD_MIN_USES",
+            help="Requests that must use a KV block before a deeper tier (G3, G4) gets a copy.",
+        ),
+    ] = 2,
+    kv_s3_list_interval: Annotated[
+        float,
+        typer.Option(help="Seconds between listings of the S3 tier (others' blocks)."),
+    ] = 5.0,
     log_level: Annotated[str, typer.Option()] = "info",
 ) -> None:
     """Run one inference worker: OpenAI HTTP API, KV events over ZMQ, Prometheus metrics."""
@@ -131,6 +165,15 @@ def worker(
             mock_kv_bandwidth_gbps=mock_kv_bandwidth_gbps,
             efa=efa,
             efa_sysfs_dir=efa_sysfs_dir,
+            kv_tiers=KVTierConfig(
+                host_gib=kv_host_gib,
+                disk_gib=kv_disk_gib,
+                disk_dir=kv_disk_dir,
+                s3_uri=kv_s3_uri,
+                s3_gib=kv_s3_gib,
+                min_uses=kv_offload_min_uses,
+                s3_list_interval_s=kv_s3_list_interval,
+            ),
         )
     except ValidationError as exc:
         raise typer.BadParameter(_describe(exc)) from None

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from serving.engine.config import EngineConfig
+from serving.kvcache.config import KVTierConfig
 from serving.worker.efa import SYSFS_INFINIBAND, EFAMode
 
 WorkerRole = Literal["prefill", "decode", "both"]
@@ -40,6 +41,8 @@ class WorkerConfig(BaseModel):
     # EFA at start (serving/worker/efa.py): off | required | fallback.
     efa: EFAMode = "off"
     efa_sysfs_dir: Path = SYSFS_INFINIBAND
+    # KV tiers below the device (G2 host, G3 disk, G4 S3); all off by default.
+    kv_tiers: KVTierConfig = Field(default_factory=KVTierConfig)
 
     @property
     def resolved_kv_transport(self) -> KVTransportKind:

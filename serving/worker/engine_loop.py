@@ -22,6 +22,7 @@ from serving.engine.core import EngineCore
 from serving.engine.kv_transfer import KVLease, KVPull
 from serving.engine.output_processor import OutputProcessor, RequestOutput
 from serving.engine.request import Request, RequestStatus
+from serving.kvcache.loop import TIER_MESSAGES, TierLoop
 from serving.worker.kv_connector import KVConnector, PullResult
 from serving.worker.kv_events import NullEventPublisher, ZmqEventPublisher
 from serving.worker.metrics import WorkerMetrics
@@ -74,8 +75,13 @@ class AsyncEngine:
         metrics: WorkerMetrics,
         publisher: ZmqEventPublisher | NullEventPublisher | None = None,
         connector: KVConnector | None = None,
+        tiers: TierLoop | None = None,
     ) -> None:
         self.core = core
+        # KV tiers below the device: their threads report through the inbox.
+        self.tiers = tiers
+        if tiers is not None:
+            tiers.manager.post = self._post
         self.output_processor = output_processor
         self.metrics = metrics
         self.publisher = publisher or NullEventPublisher()
@@ -98,6 +104,8 @@ class AsyncEngine:
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        if self.tiers is not None:
+            self.tiers.manager.start()
         self._thread = threading.Thread(target=self._run, name="engine-core", daemon=True)
         self._thread.start()
 
@@ -107,6 +115,8 @@ class AsyncEngine:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
         self._pull_pool.shutdown(wait=False, cancel_futures=True)
+        if self.tiers is not None:
+            self.tiers.manager.close()
         self.publisher.close()
         if self.connector is not None:
             self.connector.close()
@@ -179,6 +189,8 @@ class AsyncEngine:
                 if errors:
                     self._send(errors)
                 self._maintain_leases()
+                if self.tiers is not None:
+                    self._pump_tiers()
                 if not self.core.has_unfinished_requests():
                     self.metrics.record_step(self.core.scheduler.make_stats())
                     self._wake.wait(_LEASE_POLL_S if self.leases_snapshot else _IDLE_WAIT_S)
@@ -205,6 +217,10 @@ class AsyncEngine:
                 continue
             if isinstance(message, _LeaseOp):
                 self._lease_op(message)
+                continue
+            if isinstance(message, TIER_MESSAGES):
+                assert self.tiers is not None
+                self.tiers.on_message(message)
                 continue
             request = message.request
             try:
@@ -257,6 +273,15 @@ class AsyncEngine:
         self.leases_snapshot = self.core.leases
         self.metrics.kv_leases.set(len(self.leases_snapshot))
 
+    def _pump_tiers(self) -> None:
+        """Copies planned between steps go out; tier events made there are published."""
+        assert self.tiers is not None
+        self.tiers.pump()
+        if not self.core.has_unfinished_requests():
+            events = self.core.take_kv_events()
+            if events:
+                self.publisher.publish(events)
+
     def _start_pulls(self, pulls: list[KVPull]) -> None:
         for pull in pulls:
             if self.connector is None:
@@ -285,6 +310,8 @@ class AsyncEngine:
         result = self.core.step()
         if result.kv_pulls:
             self._start_pulls(result.kv_pulls)
+        if self.tiers is not None:
+            self.tiers.after_step(result, time.monotonic() - started_s)
         outputs, stopped = self.output_processor.process(result.outputs)
         if stopped:
             self.core.abort_requests(stopped, RequestStatus.FINISHED_STOPPED)

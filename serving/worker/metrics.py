@@ -137,12 +137,16 @@ class WorkerMetrics:
         ).set(1)
         # One name for every KV byte movement: tier changes (offload/onboard, later) and
         # worker-to-worker pulls (direction "receive" into the device tier G1).
-        self._transfer_bytes = Counter(
+        self.transfer_bytes_family = Counter(
             "strata_kv_transfer_bytes",
-            "KV bytes moved: pulled from prefill workers (direction=receive, tier=G1).",
+            "KV bytes moved: pulled from prefill workers (direction=receive, tier=G1), and "
+            "between KV tiers (transport=tier, direction=onboard|offload).",
             (*_LABELS, "transport", "tier", "direction"),
             registry=r,
-        ).labels(**self.labels, transport=transport, tier="G1", direction="receive")
+        )
+        self._transfer_bytes = self.transfer_bytes_family.labels(
+            **self.labels, transport=transport, tier="G1", direction="receive"
+        )
         self._transfer_seconds = Histogram(
             "strata_kv_transfer_seconds",
             "Time of one request's KV pull (connect, transfer, release notification).",

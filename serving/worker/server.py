@@ -8,6 +8,9 @@ import uvicorn
 
 from serving.engine.factory import LoadedEngine, build_engine
 from serving.engine.output_processor import OutputProcessor
+from serving.kvcache.build import build_tiers
+from serving.kvcache.loop import TierLoop
+from serving.kvcache.metrics import TierMetrics
 from serving.worker.app import WorkerState, create_app
 from serving.worker.config import WorkerConfig
 from serving.worker.efa import check_efa
@@ -59,7 +62,9 @@ def build_state(config: WorkerConfig, loaded: LoadedEngine | None = None) -> Wor
         transport_fallback=connector.is_fallback if connector else False,
         efa=efa.state,
     )
-    engine = AsyncEngine(loaded.core, processor, metrics, publisher, connector)
+    tiers = _make_tiers(config, loaded, metrics)
+    extra["kv_tiers"] = [s.name for s in tiers.manager.stores.values()] if tiers else []
+    engine = AsyncEngine(loaded.core, processor, metrics, publisher, connector, tiers)
     return WorkerState(
         engine=engine,
         info=loaded.info,
@@ -67,6 +72,21 @@ def build_state(config: WorkerConfig, loaded: LoadedEngine | None = None) -> Wor
         served_model_names=config.model_names,
         extra_health=extra,
     )
+
+
+def _make_tiers(
+    config: WorkerConfig, loaded: LoadedEngine, metrics: WorkerMetrics
+) -> TierLoop | None:
+    manager = build_tiers(config.kv_tiers, loaded.core, config.engine.model_dir)
+    if manager is None:
+        return None
+    tier_metrics = TierMetrics(
+        metrics.registry,
+        metrics.labels,
+        list(manager.stores),
+        transfer_bytes=metrics.transfer_bytes_family,
+    )
+    return TierLoop(loaded.core, manager, tier_metrics)
 
 
 def _make_connector(config: WorkerConfig, loaded: LoadedEngine) -> KVConnector | None:
