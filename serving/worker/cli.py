@@ -49,6 +49,21 @@ def worker(
     ] = "auto",
     gpu_memory_utilization: Annotated[float, typer.Option()] = 0.9,
     no_prefix_caching: Annotated[bool, typer.Option("--no-prefix-caching")] = False,
+    enforce_eager: Annotated[
+        bool,
+        typer.Option(
+            "--enforce-eager",
+            envvar="STRATA_ENFORCE_EAGER",
+            help="CUDA: run decode steps eagerly instead of replaying CUDA graphs (as vLLM's).",
+        ),
+    ] = False,
+    kernels: Annotated[
+        str,
+        typer.Option(
+            envvar="STRATA_KERNELS",
+            help="auto (Triton kernels on CUDA, the PyTorch path on CPU) | torch | triton.",
+        ),
+    ] = "auto",
     speedup: Annotated[float, typer.Option(help="Mock engine: divide modelled times.")] = 1.0,
     timing_profile: Annotated[
         Path | None, typer.Option(help="Mock engine: measured timing profile (JSON).")
@@ -146,6 +161,8 @@ def worker(
                 max_num_batched_tokens=max_num_batched_tokens,
                 max_model_len=max_model_len,
                 enable_prefix_caching=not no_prefix_caching,
+                enforce_eager=enforce_eager,
+                kernels=kernels,
                 speedup=speedup,
                 timing_profile=timing_profile,
                 vocab_size=vocab_size,
