@@ -93,6 +93,13 @@ class PredictorConfig(_Strict):
     bucket_s: float = Field(default=60.0, gt=0, description="Observations are averaged per bucket.")
     season_s: float = Field(default=86_400.0, gt=0, description="holt_winters: the cycle.")
     damped_trend: bool = True
+    quantile: float | None = Field(
+        default=0.8,
+        gt=0.5,
+        lt=1,
+        description="Size for this quantile of the load predicted a lead time ahead (Holt's "
+        "prediction interval widens with the horizon); null: the point forecast.",
+    )
 
 
 class ScalingConfig(_Strict):
@@ -132,7 +139,6 @@ class MetricsSourceConfig(_Strict):
     frontend_url: str = Field(
         default="http://127.0.0.1:8000", description="scrape: the frontend's base URL."
     )
-    api_key: str | None = Field(default=None, description="Frontend admin/API bearer token.")
     window_s: float = Field(default=60.0, gt=0, description="Rates and percentiles over this.")
     timeout_s: float = Field(default=5.0, gt=0)
 
@@ -179,7 +185,7 @@ class PlannerConfig(_Strict):
         default=0.0, ge=0, description="Disaggregated: KV pull time counted in TTFT."
     )
     metrics_port: int | None = Field(
-        default=9090, description="`strata planner` serves /metrics here (None: off)."
+        default=9464, description="`strata planner` serves /metrics here (None: off)."
     )
 
     @model_validator(mode="after")

@@ -11,17 +11,19 @@ NOTE: one tick.
    model's error), the correction factors: observed TTFT / ITL over what the capacity model
    expects at this load (as Dynamo's planner does), smoothed and clamped to [0.5, 3].
 3. Slow loop, every ``model_interval_s``: per role, the peak predicted rate until a replica
-   ordered now would serve and the next re-size (``lookahead: lead_time``; ``none`` sizes for
-   the observed rate: a reactive planner), times the correction, over one replica's capacity
-   (``capacity.py``), clamped to ``[min_replicas, max_replicas]`` and the role's GPU budget.
+   ordered now would serve and the next re-size (``lookahead: lead_time``; the upper
+   ``predictor.quantile`` of the prediction, whose interval widens with the lead time; ``none``
+   sizes for the observed rate: a reactive planner), times the correction, over one replica's
+   capacity (``capacity.py``), clamped to ``[min_replicas, max_replicas]`` and the role's GPU
+   budget.
 4. Fast loop, every tick: a role whose workers queue more than ``queue_per_replica_up``
    requests per replica for ``queue_ticks_up`` ticks gets one replica more than it has (while
    none of its replicas is starting), whatever the model says; that floor is dropped at the
    first slow loop after which no worker of the role queued.
 5. The total GPU budget, shared in proportion to what each role wants above its minimum.
 6. Hysteresis: up at once (at most ``max_step_up``); down only to the highest target of the
-   last ``scale_down_stabilization_s`` (never less than the role's lead time: a replica let go
-   now could not be back sooner) and by at most ``max_step_down`` per tick.
+   last ``scale_down_stabilization_s`` (looking ahead, never less than the role's lead time: a
+   replica let go now could not be back sooner) and by at most ``max_step_down`` per tick.
 """
 
 from __future__ import annotations
@@ -248,8 +250,10 @@ def _model_targets(
         if cfg.scaling.lookahead == "lead_time":
             horizon_s = state.lead_time_s[role] + cfg.scaling.model_interval_s
             horizons = [horizon_s * i / 8 for i in range(9)]
-            rate = max(state.rate.forecast(time_s, horizons))
-            how = f"peak of {state.rate.mode} over the next {horizon_s:.0f} s"
+            quantile = cfg.predictor.quantile
+            rate = max(state.rate.forecast(time_s, horizons, quantile))
+            band = f"p{quantile * 100:.0f} " if quantile else ""
+            how = f"{band}peak of {state.rate.mode} over the next {horizon_s:.0f} s"
         else:
             rate = observed.request_rate
             how = "observed"
@@ -343,8 +347,10 @@ def _stabilize(
     if not history:  # a (re)started planner waits a whole window before it scales down
         history.append((time_s, current))
     history.append((time_s, desired))
-    # Never shorter than the lead time: what goes now could not come back sooner than that.
-    window_s = max(scaling.scale_down_stabilization_s, state.lead_time_s[role])
+    # Looking ahead, never shorter than the lead time: what goes now could not be back sooner.
+    window_s = scaling.scale_down_stabilization_s
+    if scaling.lookahead == "lead_time":
+        window_s = max(window_s, state.lead_time_s[role])
     while history and history[0][0] < time_s - window_s:
         history.popleft()
     if desired > current:

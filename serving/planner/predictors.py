@@ -15,6 +15,7 @@ buckets and otherwise the model is re-run with the last parameters (~ms).
 from __future__ import annotations
 
 import math
+import statistics
 import warnings
 from abc import ABC, abstractmethod
 from collections import deque
@@ -32,8 +33,12 @@ class Predictor(ABC):
     def observe(self, time_s: float, value: float) -> None: ...
 
     @abstractmethod
-    def forecast(self, time_s: float, horizons_s: Sequence[float]) -> list[float]:
-        """Predicted values at ``time_s + h`` for each ``h`` (never negative)."""
+    def forecast(
+        self, time_s: float, horizons_s: Sequence[float], quantile: float | None = None
+    ) -> list[float]:
+        """Predicted values at ``time_s + h`` for each ``h`` (never negative). With
+        ``quantile``, the upper end of the prediction interval where the predictor has one
+        (Holt: it widens with the horizon); the point forecast otherwise."""
 
     @property
     def mode(self) -> str:
@@ -50,7 +55,9 @@ class ConstantPredictor(Predictor):
     def observe(self, time_s: float, value: float) -> None:
         self.last = value
 
-    def forecast(self, time_s: float, horizons_s: Sequence[float]) -> list[float]:
+    def forecast(
+        self, time_s: float, horizons_s: Sequence[float], quantile: float | None = None
+    ) -> list[float]:
         return [max(self.last or 0.0, 0.0)] * len(horizons_s)
 
 
@@ -66,7 +73,9 @@ class MovingAveragePredictor(Predictor):
         while self.samples and self.samples[0][0] < time_s - self.window_s:
             self.samples.popleft()
 
-    def forecast(self, time_s: float, horizons_s: Sequence[float]) -> list[float]:
+    def forecast(
+        self, time_s: float, horizons_s: Sequence[float], quantile: float | None = None
+    ) -> list[float]:
         if not self.samples:
             return [0.0] * len(horizons_s)
         mean = sum(v for _, v in self.samples) / len(self.samples)
@@ -90,6 +99,7 @@ class _BucketedPredictor(Predictor):
         self._params: dict[str, float] | None = None
         self._since_fit = 0
         self._cache: tuple[int, np.ndarray] | None = None
+        self._sigma = 0.0  # std of the one-step-ahead errors of the last fit
 
     def observe(self, time_s: float, value: float) -> None:
         index = math.floor(time_s / self.bucket_s)
@@ -105,14 +115,32 @@ class _BucketedPredictor(Predictor):
         self._count += 1
         self._last = value
 
-    def forecast(self, time_s: float, horizons_s: Sequence[float]) -> list[float]:
+    def forecast(
+        self, time_s: float, horizons_s: Sequence[float], quantile: float | None = None
+    ) -> list[float]:
         if len(self.buckets) < self.min_buckets or self._bucket is None:
             return [max(self._last, 0.0)] * len(horizons_s)
         # The last completed bucket ends where the current one starts.
         last_end_s = self._bucket * self.bucket_s
         steps = [(time_s + h - last_end_s) / self.bucket_s + 0.5 for h in horizons_s]
         path = self._path(max(1, math.ceil(max(steps))))
-        return [max(float(np.interp(s, np.arange(1, len(path) + 1), path)), 0.0) for s in steps]
+        points = [float(np.interp(s, np.arange(1, len(path) + 1), path)) for s in steps]
+        if quantile is not None:
+            z = statistics.NormalDist().inv_cdf(quantile)
+            points = [
+                p + z * self._sigma * self._spread(s) for p, s in zip(points, steps, strict=True)
+            ]
+        return [max(p, 0.0) for p in points]
+
+    def _spread(self, steps: float) -> float:
+        """The h-step forecast error's std over the one-step one, for Holt's linear method
+        (Hyndman & Athanasopoulos, FPP3 table 8.8): sqrt(1 + (h-1)(a^2 + a*b*h + b^2*h(2h-1)/6));
+        the damped trend's is slightly narrower."""
+        params = self._params or {}
+        a = params.get("smoothing_level", 0.5)
+        b = a * params.get("smoothing_trend", 0.0)  # ETS beta = alpha * statsmodels' beta*
+        h = max(steps, 1.0)
+        return math.sqrt(1 + (h - 1) * (a * a + a * b * h + b * b * h * (2 * h - 1) / 6))
 
     def _path(self, num_steps: int) -> np.ndarray:
         key = len(self.buckets) + 1_000_000 * self._since_fit
@@ -141,6 +169,8 @@ class _BucketedPredictor(Predictor):
                 self._since_fit = 0
             else:
                 fitted = model.fit(**self._params, optimized=False)
+            residuals = np.asarray(fitted.resid, dtype=np.float64)
+            self._sigma = float(np.std(residuals[1:])) if len(residuals) > 2 else 0.0
             return np.asarray(fitted.forecast(num_steps), dtype=np.float64)
 
 
