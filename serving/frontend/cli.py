@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from serving.kvcache.config import parse_tier_weights
 from serving.router.disagg import (
     DEFAULT_MAX_LOCAL_PREFILL_FRACTION,
     DEFAULT_MAX_LOCAL_PREFILL_TOKENS,
@@ -131,6 +132,30 @@ def serve(
     kv_prefill_scale: Annotated[
         float, typer.Option(help="kv router: weight of an uncached prompt block vs decode load.")
     ] = DEFAULT_PREFILL_SCALE,
+    kv_host_gib: Annotated[
+        float, typer.Option(envvar="STRATA_KV_HOST_GIB", help="Local workers' KV tier G2 (GiB).")
+    ] = 0.0,
+    kv_disk_gib: Annotated[
+        float, typer.Option(envvar="STRATA_KV_DISK_GIB", help="Local workers' KV tier G3 (GiB).")
+    ] = 0.0,
+    kv_disk_dir: Annotated[
+        Path | None,
+        typer.Option(envvar="STRATA_KV_DISK_DIR", help="G3 root: a directory per worker inside."),
+    ] = None,
+    kv_s3_uri: Annotated[
+        str | None,
+        typer.Option(
+            envvar="STRATA_KV_S3_URI",
+            help="G4 root s3://bucket/prefix; each served model's workers share <uri>/<model>.",
+        ),
+    ] = None,
+    kv_tier_weight: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="kv router: credit of a cached block by medium, MEDIUM=WEIGHT (repeatable; "
+            "defaults GPU=1, and measured ones for CPU, DISK, S3: docs/kv-tiers.md)."
+        ),
+    ] = None,
     worker_arg: Annotated[
         list[str] | None,
         typer.Option(help="Extra argument for every local worker, e.g. --worker-arg=--speedup=10"),
@@ -244,9 +269,21 @@ def serve(
         kube_selector=kube_selector,
         planner=planner or planner_config is not None,
         planner_config=planner_config,
+        kv_host_gib=kv_host_gib,
+        kv_disk_gib=kv_disk_gib,
+        kv_disk_dir=kv_disk_dir,
+        kv_s3_uri=kv_s3_uri,
+        kv_tier_weights=_tier_weights(kv_tier_weight),
     )
     try:
         run_serve(config)
     except (RuntimeError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+
+
+def _tier_weights(values: list[str] | None) -> dict[str, float]:
+    try:
+        return parse_tier_weights(list(values or []))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None

@@ -36,13 +36,19 @@ from serving.frontend.models import ModelSet, ServedModel
 from serving.frontend.router import Router
 from serving.frontend.state import DEFAULT_MAX_REQUEST_BYTES, FrontendSettings, FrontendState
 from serving.frontend.workers import WorkerSpec
+from serving.kvcache.config import tier_worker_args
 from serving.netutil import free_port, free_port_pair, wait_healthy
 from serving.router.disagg import (
     DEFAULT_MAX_LOCAL_PREFILL_FRACTION,
     DEFAULT_MAX_LOCAL_PREFILL_TOKENS,
     DisaggConfig,
 )
-from serving.router.policies import DEFAULT_PREFILL_SCALE, KVCostConfig, PolicyName
+from serving.router.policies import (
+    DEFAULT_PREFILL_SCALE,
+    DEFAULT_TIER_WEIGHTS,
+    KVCostConfig,
+    PolicyName,
+)
 from serving.vllm_engine import launcher as vllm_launcher
 from serving.vllm_engine.discovery import pool_block_size
 
@@ -147,6 +153,13 @@ class ServeConfig:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     # Worker discovery besides --worker-url and registration (see FrontendSettings).
     discovery: Literal["static", "file", "kubernetes"] = "static"
+    # KV tiers of local workers (serving/kvcache): sizes, G3's root dir, G4's root prefix;
+    # the kv router's credit per cached block by medium (merged over the defaults).
+    kv_host_gib: float = 0.0
+    kv_disk_gib: float = 0.0
+    kv_disk_dir: Path | None = None
+    kv_s3_uri: str | None = None
+    kv_tier_weights: dict[str, float] = field(default_factory=dict)
     discovery_file: Path | None = None
     kube_namespace: str | None = None
     kube_selector: str = "app.kubernetes.io/component=worker"
@@ -224,6 +237,10 @@ def worker_command(
             block_size=cfg.block_size, role=role, extra_args=cfg.worker_args,
         )  # fmt: skip
     role_args = [] if role == "both" else ["--role", role, "--kv-transport", cfg.kv_transport]
+    role_args += tier_worker_args(
+        host_gib=cfg.kv_host_gib, disk_gib=cfg.kv_disk_gib, disk_dir=cfg.kv_disk_dir,
+        s3_uri=cfg.kv_s3_uri, worker_index=index, model_name=entry.name,
+    )  # fmt: skip
     if cfg.worker_devices:
         role_args += ["--device", cfg.worker_devices[index % len(cfg.worker_devices)]]
     return [
@@ -390,7 +407,11 @@ def build_frontend_state(
 ) -> FrontendState:
     """``limits``: served model name -> (max_model_len, vocab_size) (``entry_limits``)."""
     metrics = FrontendMetrics(config.model_name)
-    cost = KVCostConfig(block_size=config.block_size, prefill_scale=config.kv_prefill_scale)
+    cost = KVCostConfig(
+        block_size=config.block_size,
+        prefill_scale=config.kv_prefill_scale,
+        tier_weights={**DEFAULT_TIER_WEIGHTS, **config.kv_tier_weights},
+    )
 
     def make_router(model: str) -> Router:
         return Router(config.router, config.block_size, metrics, cost=cost, model=model)

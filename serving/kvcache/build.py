@@ -14,7 +14,12 @@ from serving.kvcache.disk import DiskTier
 from serving.kvcache.header import ModelIdentity, model_digest
 from serving.kvcache.host import HostTier
 from serving.kvcache.manager import KVTierManager
-from serving.kvcache.policy import CUDA_HOST_BANDWIDTH_BYTES_PER_S, CostModel
+from serving.kvcache.policy import (
+    CUDA_HOST_BANDWIDTH_BYTES_PER_S,
+    CUDA_PREFILL_TOKENS_PER_S,
+    DEFAULT_PREFILL_TOKENS_PER_S,
+    CostModel,
+)
 from serving.kvcache.s3 import S3Tier
 from serving.kvcache.stack import TierIndex, TierStack
 from serving.kvcache.tier import KVTier
@@ -74,7 +79,13 @@ def build_tiers(
         s3_blocks = _blocks(config.s3_gib, modelled_block_bytes) if config.s3_gib else None
         stores.append(S3Tier(config.s3_uri, s3_blocks))
     bandwidths = {"G2": CUDA_HOST_BANDWIDTH_BYTES_PER_S} if on_cuda else None
-    cost = CostModel.make(core.limits.block_size, modelled_block_bytes, bandwidths=bandwidths)
+    cost = CostModel.make(
+        core.limits.block_size,
+        modelled_block_bytes,
+        bandwidths=bandwidths,
+        prefill_tokens_per_s=CUDA_PREFILL_TOKENS_PER_S if on_cuda else DEFAULT_PREFILL_TOKENS_PER_S,
+    )
+    cost.check = config.cost_check
     stack = TierStack(
         [TierIndex(s.name, s.capacity_blocks, shared=s.shared) for s in stores],
         cost,

@@ -43,6 +43,7 @@ class TierLoop:
                 self.stack.cost.observe_transfer(tier, num_bytes, result.duration_s)
         elif isinstance(message, Listed):
             self.stack.apply_listing(message.tier, message.block_hashes)
+            self.metrics.record_listing(message.tier)
 
     def after_step(self, result: EngineStepResult, wall_s: float) -> None:
         for onboard in result.kv_onboards:

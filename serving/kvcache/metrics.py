@@ -96,6 +96,11 @@ class TierMetrics:
             extra=(),
             buckets=ESTIMATE_BUCKETS_S,
         ).labels(**labels)
+        self.listings = family(
+            Counter,
+            "strata_kv_tier_listings",
+            "Listings of a shared tier's store applied (other workers' blocks become findable).",
+        )
         self.transfer_seconds = family(
             Histogram,
             "strata_kv_tier_transfer_seconds",
@@ -142,6 +147,9 @@ class TierMetrics:
     def set_occupancy(self, tier: str, used: int, capacity: int | None) -> None:
         self.used.labels(**self.labels, tier=tier).set(used)
         self.capacity.labels(**self.labels, tier=tier).set(capacity or 0)
+
+    def record_listing(self, tier: str) -> None:
+        self.listings.labels(**self.labels, tier=tier).inc()
 
     def record_onboard(self, num_bytes_by_tier: dict[str, int], seconds: float) -> None:
         """One onboard: its time under the tier that moved most of its bytes."""

@@ -27,7 +27,9 @@ DEFAULT_TIER_BANDWIDTH_BYTES_PER_S: dict[str, float] = {"G2": 10e9, "G3": 1.5e9,
 CUDA_HOST_BANDWIDTH_BYTES_PER_S = 25e9
 DEFAULT_TIER_LATENCY_S: dict[str, float] = {"G2": 20e-6, "G3": 200e-6, "G4": 0.02}
 DEFAULT_TIER_CONCURRENCY: dict[str, int] = {"G2": 1, "G3": 1, "G4": 8}
-DEFAULT_PREFILL_TOKENS_PER_S = 2000.0
+# Until the worker has measured its own prefill: a small model on CPU, a big one on a GPU.
+DEFAULT_PREFILL_TOKENS_PER_S = 1000.0
+CUDA_PREFILL_TOKENS_PER_S = 20000.0
 _EMA_WEIGHT = 0.3
 _MIN_MEASURED_BYTES = 1 << 16  # smaller transfers measure latency, not bandwidth
 _MIN_MEASURED_TOKENS = 32
@@ -61,6 +63,8 @@ class CostModel:
     block_bytes: int
     speeds: dict[str, TierSpeed] = field(default_factory=dict)
     prefill_s_per_token: float = 1.0 / DEFAULT_PREFILL_TOKENS_PER_S
+    # False: onboard every block found, whatever the estimates say (they are still reported).
+    check: bool = True
 
     @classmethod
     def make(
@@ -107,6 +111,9 @@ class CostModel:
             if recompute_s - onboard_s > best_saving:
                 best_saving = recompute_s - onboard_s
                 best = OnboardDecision(i + 1, onboard_s, recompute_s)
+        if not self.check:
+            n = len(run_tiers)
+            return OnboardDecision(n, self.onboard_s(counts), self.recompute_s(n))
         if not best.onboard:
             all_onboard_s = self.onboard_s(counts)
             return OnboardDecision(0, all_onboard_s, self.recompute_s(len(run_tiers)))

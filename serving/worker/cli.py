@@ -135,6 +135,14 @@ def worker(
             help="Requests that must use a KV block before a deeper tier (G3, G4) gets a copy.",
         ),
     ] = 2,
+    kv_cost_check: Annotated[
+        bool,
+        typer.Option(
+            envvar="STRATA_KV_COST_CHECK",
+            help="Onboard a prefix from a lower KV tier only when moving it is estimated faster "
+            "than recomputing it (off: always onboard what is found).",
+        ),
+    ] = True,
     kv_s3_list_interval: Annotated[
         float,
         typer.Option(help="Seconds between listings of the S3 tier (others' blocks)."),
@@ -190,6 +198,7 @@ def worker(
                 s3_gib=kv_s3_gib,
                 min_uses=kv_offload_min_uses,
                 s3_list_interval_s=kv_s3_list_interval,
+                cost_check=kv_cost_check,
             ),
         )
     except ValidationError as exc:
