@@ -126,7 +126,33 @@ def render_environment(env: EnvironmentValues) -> dict[Path, str]:
                 files[Path(chart_name) / rest] = text.lstrip("\n")
     if env.workflows is not None:
         files[Path("argo-workflows") / "values.yaml"] = (PLATFORM_DIR / ARGO_VALUES).read_text()
+    check_planner_config(parse_objects(files))
     return files
+
+
+def check_planner_config(objects: list[dict[str, Any]]) -> None:
+    """The planner's ConfigMap parses as ``strata planner`` will read it (and its inline
+    profile as a profile), so a bad ``planner.config`` key fails at render, not in the pod."""
+    from serving.planner.config import ConfigError, parse_config
+    from serving.planner.profile import PerfProfile
+
+    for obj in objects:
+        labels = obj.get("metadata", {}).get("labels") or {}
+        if obj["kind"] != "ConfigMap" or labels.get("app.kubernetes.io/component") != "planner":
+            continue
+        where = f"section 'strata' (strata chart): planner ConfigMap {obj['metadata']['name']}"
+        data = obj.get("data") or {}
+        try:
+            parse_config(yaml.safe_load(data["config.yaml"]), source=f"{where}, config.yaml")
+            if "profile.json" in data:
+                PerfProfile.model_validate_json(data["profile.json"])
+        except ConfigError as exc:
+            raise PlatformError(str(exc)) from None
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = ".".join(str(p) for p in first["loc"])
+            raise PlatformError(f"{where}, profile.json (planner.profile): {field}: "
+                                f"{first['msg']}") from None  # fmt: skip
 
 
 def parse_objects(files: dict[Path, str]) -> list[dict[str, Any]]:

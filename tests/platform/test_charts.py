@@ -124,7 +124,8 @@ def test_charts_pass_helm_lint_strict(rendered_envs: dict[str, Rendered], env: s
         ({"strata": {"workers": {"gpuFamily": "p6b200"}}}, "at '/workers/gpuFamily'"),
         ({"strata": {"frontend": {"replicas": "two"}}}, "at '/frontend/replicas'"),
         ({"strata": {"workers": {"efa": "maybe"}}}, "at '/workers/efa'"),
-        ({"strata": {"planner": {"enabled": True}}}, "at '/planner/enabled'"),
+        ({"strata": {"kvTiers": {"s3Uri": "s3:/kv"}}}, "at '/kvTiers/s3Uri'"),
+        ({"strata": {"planner": {"mode": "auto"}}}, "at '/planner/mode'"),
         ({"strata": {"modle": {"name": "x"}}}, "'modle' not allowed"),
         (
             {
@@ -294,6 +295,8 @@ def test_components_and_roles_are_labelled(rendered_envs: dict[str, Rendered], e
     expected = {("frontend", None)} | {
         ("worker", p["role"]) for p in rendered.env.strata["workers"]["pools"]
     }
+    if rendered.env.strata.get("planner", {}).get("enabled"):
+        expected.add(("planner", None))
     seen = set()
     for deployment in rendered.of_kind("Deployment"):
         labels = deployment["spec"]["template"]["metadata"]["labels"]
@@ -333,6 +336,8 @@ def test_every_deployment_has_a_disruption_budget_and_drains(
         b["spec"]["selector"]["matchLabels"] for b in rendered.of_kind("PodDisruptionBudget")
     ]
     for deployment in rendered.of_kind("Deployment"):
+        if deployment["metadata"]["labels"]["app.kubernetes.io/component"] == "planner":
+            continue  # one replica, Recreate, no /health (test_chart_wiring.py)
         assert deployment["spec"]["selector"]["matchLabels"] in budgets
         pod = deployment["spec"]["template"]["spec"]
         c = container(deployment)
@@ -370,14 +375,27 @@ def test_monitoring_objects_carry_the_generated_dashboards_and_rules(
     assert pod_monitor["spec"]["podMetricsEndpoints"][0]["port"] == "http"
 
 
-def test_off_features_render_nothing_and_on_features_are_rejected_until_wired() -> None:
-    rendered = render_with("g6-aggregated", strata={"monitoring": {"dashboards": False}})
+def test_off_features_render_nothing(rendered_envs: dict[str, Rendered]) -> None:
+    rendered = rendered_envs["g6-aggregated"]  # planner, discovery and KV tiers off
+    components = {d["metadata"]["labels"]["app.kubernetes.io/component"]
+                  for d in rendered.of_kind("Deployment")}  # fmt: skip
+    assert components == {"frontend", "worker"}
+    labels = [o["metadata"]["labels"] for o in rendered.objects if o["kind"].startswith("Role")]
+    assert {la["app.kubernetes.io/name"] for la in labels} == {"strata-workflows"}
+    for deployment in rendered.of_kind("Deployment"):
+        args = container(deployment)["args"]
+        assert not any(a.startswith(("--kv-host", "--kv-disk", "--kv-s3", "--discovery"))
+                       for a in args)  # fmt: skip
+        if args[0] == "serve":
+            assert [a for a in args if a.startswith("--worker-url=")]
+            assert deployment["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+    rendered = render_with(
+        "g6-aggregated", strata={"monitoring": {"dashboards": False}}, karpenter=None,
+        storage=None, workflows=None,
+    )  # fmt: skip
     assert not any(
         cm["metadata"]["labels"].get("grafana_dashboard") for cm in rendered.of_kind("ConfigMap")
     )
-    for feature in ("kvTiers", "discovery", "planner"):
-        with pytest.raises(PlatformError, match=f"at '/{feature}/enabled'"):
-            render_with("g6-aggregated", strata={feature: {"enabled": True}})
 
 
 def test_storage_backends_bind_the_claim_the_workers_mount(

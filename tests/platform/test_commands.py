@@ -81,6 +81,15 @@ def test_worker_command_lines_parse_with_the_worker_cli(
                  deployment["spec"]["template"]["spec"]["containers"][0]["ports"]}  # fmt: skip
         assert ports["http"] == config.port
         assert ports["kv-events"] == config.kv_events_port
+        tiers = rendered.env.strata.get("kvTiers", {})
+        assert config.kv_tiers.enabled == bool(tiers.get("enabled"))
+        if tiers.get("enabled"):
+            assert config.kv_tiers.host_gib == tiers.get("hostGiB", 0)
+            assert config.kv_tiers.disk_gib == tiers.get("diskGiB", 0)
+            model = rendered.env.strata["model"]["name"]
+            s3_uri = tiers.get("s3Uri")
+            assert config.kv_tiers.s3_uri == (f"{s3_uri}/{model}" if s3_uri else None)
+            assert config.kv_tiers.cost_check is True
 
 
 @pytest.mark.parametrize("env", ENVIRONMENTS)
@@ -108,7 +117,17 @@ def test_frontend_command_line_parses_and_reaches_every_worker_service(
     assert config.served_model_name == rendered.env.strata["model"]["name"]
     services = {s["metadata"]["name"]: s for s in rendered.of_kind("Service")}
     urls = sorted(config.worker_urls)
-    assert len(urls) == len(rendered.env.strata["workers"]["pools"])
+    if rendered.env.strata.get("discovery", {}).get("enabled"):
+        # The pods come from EndpointSlices (test_chart_wiring.py), not from pool Services.
+        assert urls == [] and config.discovery == "kubernetes"
+        assert config.kube_namespace == rendered.env.namespace
+        assert config.kube_selector == (
+            f"app.kubernetes.io/component=worker,app.kubernetes.io/instance={rendered.env.release}"
+        )
+        urls = []
+    else:
+        assert config.discovery == "static"
+        assert len(urls) == len(rendered.env.strata["workers"]["pools"])
     for url in urls:
         address, *options = url.split(";")
         host, port = address.removeprefix("http://").split(":")
@@ -123,3 +142,8 @@ def test_frontend_command_line_parses_and_reaches_every_worker_service(
         assert env_vars["STRATA_API_KEY"]["valueFrom"]["secretKeyRef"] == api_key
     else:
         assert "STRATA_API_KEY" not in env_vars
+    admin_key = rendered.env.strata.get("frontend", {}).get("adminKeySecret")
+    if admin_key:
+        assert env_vars["STRATA_ADMIN_KEY"]["valueFrom"]["secretKeyRef"] == admin_key
+    else:
+        assert "STRATA_ADMIN_KEY" not in env_vars

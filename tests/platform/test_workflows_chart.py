@@ -47,11 +47,12 @@ def test_templates_reference_the_environments_image_pvc_account_and_mlflow(
         for v in d["spec"]["template"]["spec"]["volumes"]
         if v["name"] == "model-cache"
     }
-    accounts = {
+    accounts = {  # the workflow chart's bindings (the serving chart has its own)
         subject["name"]
         for binding in rendered.of_kind("RoleBinding")
         for subject in binding["subjects"]
         if subject["name"] != "strata-publisher"
+        and binding["metadata"]["labels"].get("app.kubernetes.io/name") == "strata-workflows"
     }
     mlflow = rendered.env.workflows.get(
         "mlflowTrackingUri", "http://mlflow.mlflow.svc.cluster.local:5000"
@@ -123,9 +124,18 @@ def role_rules(role: dict[str, Any]) -> set[tuple[str, str, str]]:
 
 
 def test_step_role_grants_exactly_the_calls_the_deploy_step_makes(
-    kube: FakeKubeAPI, tmp_path: Path, rendered_envs: dict[str, Rendered]
+    kube: FakeKubeAPI,
+    tmp_path: Path,
+    rendered_envs: dict[str, Rendered],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from tests.workflows.test_deploy import FakeFrontend
+    from workflows.steps import k8s_deploy
+
+    wait_ready = k8s_deploy.wait_ready  # poll the fake server fast (the calls stay the same)
+    monkeypatch.setattr(
+        k8s_deploy, "wait_ready", lambda *a, **k: wait_ready(*a, **{**k, "poll_s": 0.05})
+    )
 
     cache = tmp_path / "cache"
     params = PublishParams(name="m", cache_dir=str(cache), deploy_target="kubernetes",

@@ -19,6 +19,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: strata
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 strata.dev/model: {{ .Values.model.name | quote }}
+{{- with .Values.model.version }}
+strata.dev/model-version: {{ . | quote }}
+{{- end }}
 {{- end -}}
 
 {{/* Selector labels: (dict "ctx" $ "component" "worker" "role" "decode" "pool" "p"); all optional but ctx. */}}
@@ -67,4 +70,24 @@ livenessProbe:
 {{- define "strata.workerEfa" -}}
 {{- $family := index .ctx.Values.gpuFamilies .family -}}
 {{- mul .gpus $family.efaPerGpu -}}
+{{- end -}}
+
+{{- define "strata.frontendName" -}}
+{{- printf "%s-frontend" (include "strata.fullname" .) -}}
+{{- end -}}
+
+{{/* The label selector of this release's worker Services (frontend discovery, planner). */}}
+{{- define "strata.workerSelector" -}}
+{{- printf "app.kubernetes.io/component=worker,app.kubernetes.io/instance=%s" .Release.Name -}}
+{{- end -}}
+
+{{/* STRATA_ADMIN_KEY from frontend.adminKeySecret (frontend and planner), if one is named. */}}
+{{- define "strata.adminKeyEnv" -}}
+{{- with .Values.frontend.adminKeySecret }}
+{{- if .name }}
+- name: STRATA_ADMIN_KEY
+  valueFrom:
+    secretKeyRef: {name: {{ .name }}, key: {{ .key }}}
+{{- end }}
+{{- end }}
 {{- end -}}
