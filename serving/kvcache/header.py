@@ -26,6 +26,7 @@ and the payload's checksum matches (``ChecksumMismatch``).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import struct
@@ -85,10 +86,16 @@ class ModelIdentity:
 
     @classmethod
     def from_text(cls, text: bytes) -> ModelIdentity:
-        try:
-            return cls(**json.loads(text))
-        except (ValueError, TypeError) as exc:
-            raise BadHeader(f"unreadable model identity in block header: {exc}") from None
+        return _identity_from_text(text)
+
+
+@functools.lru_cache(maxsize=64)
+def _identity_from_text(text: bytes) -> ModelIdentity:
+    """Parsed once per distinct identity: every block of a model carries the same text."""
+    try:
+        return ModelIdentity(**json.loads(text))
+    except (ValueError, TypeError) as exc:
+        raise BadHeader(f"unreadable model identity in block header: {exc}") from None
 
 
 def model_digest(model_dir: Path | None) -> str:

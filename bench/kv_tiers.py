@@ -1,0 +1,381 @@
+"""TTFT of a returning conversation prefix served from each KV tier against recomputing it.
+
+    python -m bench.kv_tiers [--device cpu] [--model DIR] [--prefix-tokens 2000]
+        [--tiers G2,G3,G4] [--repeats 3] [--out bench/results/kv-tiers-cpu.json]
+    python -m bench.kv_tiers --device cuda --random-llama3-8b --prefix-tokens 16384 --tiers G2
+
+One engine in this process (no HTTP), one tier at a time behind it. Per tier and repeat:
+turn 1 is a fresh prompt (``prefix + 32 tokens``): its TTFT is the recompute baseline; its
+blocks are written through to the tier; the device cache is then cleared (G1 forgets, the tier
+keeps) and turn 2 (the same prefix + 32 other tokens, same length) onboards the prefix from the
+tier and computes the rest. Turn 2 runs with the cost check off (so the onboard is measured
+even where the check would recompute); the check's own choice, from the speeds measured so far,
+is reported beside it. Ratios are taken within the run. G4 uses ``AWS_ENDPOINT_URL_S3`` when set,
+else a moto server on loopback started here. ``--no-verify`` (GPU) also reports onboarding
+without checksum verification, to show what the checks cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import queue
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from serving.engine.core import EngineCore
+from serving.engine.model_runner import ModelRunner
+from serving.engine.request import Request, SamplingParams
+from serving.engine.scheduler import SchedulerConfig
+from serving.kvcache.build import model_identity
+from serving.kvcache.disk import DiskTier
+from serving.kvcache.host import HostTier
+from serving.kvcache.manager import KVTierManager, Listed, OnboardDone, StoreDone
+from serving.kvcache.policy import (
+    CUDA_HOST_BANDWIDTH_BYTES_PER_S,
+    CUDA_PREFILL_TOKENS_PER_S,
+    DEFAULT_PREFILL_TOKENS_PER_S,
+    CostModel,
+)
+from serving.kvcache.stack import TierIndex, TierStack
+from serving.kvcache.tier import KVTier
+
+SUFFIX_TOKENS = 32
+LLAMA3_8B_CONFIG: dict[str, Any] = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 128_256,
+    "hidden_size": 4096,
+    "intermediate_size": 14_336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 131_072,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+    "bos_token_id": 128_000,
+    "eos_token_id": 128_001,
+    "rope_theta": 500_000.0,
+    "rope_scaling": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+    "torch_dtype": "bfloat16",
+}
+
+
+class Driver:
+    """Steps one engine synchronously with one tier behind it; the manager's threads copy."""
+
+    def __init__(self, core: EngineCore, store: KVTier, *, on_cuda: bool, verify: bool) -> None:
+        self.core = core
+        for block_hash in list(store.list_hashes()):  # a new stack starts from an empty tier
+            store.delete(block_hash)
+        runner: Any = core.executor
+        block_size = core.limits.block_size
+        cost = CostModel.make(
+            block_size,
+            runner.kv_bytes_per_token * block_size,
+            bandwidths={"G2": CUDA_HOST_BANDWIDTH_BYTES_PER_S} if on_cuda else None,
+            prefill_tokens_per_s=CUDA_PREFILL_TOKENS_PER_S
+            if on_cuda
+            else DEFAULT_PREFILL_TOKENS_PER_S,
+        )
+        cost.check = False  # turn 2 always onboards; the check's choice is asked separately
+        self.stack = TierStack(
+            [TierIndex(store.name, store.capacity_blocks, store.shared)], cost, min_uses=1
+        )
+        core.attach_tiers(self.stack)
+        self.inbox: queue.Queue[Any] = queue.Queue()
+        self.manager = KVTierManager(
+            [store],
+            block_view=runner.kv_pool.block_bytes_view,
+            identity=model_identity(core, None),
+            post=self.inbox.put,
+            list_interval_s=3600,
+            num_read_threads=min(16, os.cpu_count() or 4),
+        )
+        if not verify:
+            self.manager.verify_checksums = False
+        self.onboard_s: list[float] = []
+
+    def _apply(self, message: Any) -> None:
+        if isinstance(message, StoreDone):
+            self.core.finish_tier_job(message.job_id, succeeded=message.succeeded)
+        elif isinstance(message, OnboardDone):
+            self.core.finish_kv_onboard(message.onboard, message.result)
+            self.onboard_s.append(message.result.duration_s)
+            by_tier = dict(message.result.num_bytes_by_tier)
+            for tier, num_bytes in by_tier.items():
+                self.stack.cost.observe_transfer(tier, num_bytes, message.result.duration_s)
+        elif isinstance(message, Listed):
+            self.stack.apply_listing(message.tier, message.block_hashes)
+        jobs = self.core.take_tier_jobs()
+        if jobs:
+            self.manager.submit(jobs)
+
+    def _drain(self, block: bool) -> None:
+        """Apply what the manager reported; with ``block``, wait for at least one report."""
+        if block:
+            try:
+                self._apply(self.inbox.get(timeout=120))
+            except queue.Empty:
+                raise TimeoutError("no tier copy reported within 120 s") from None
+        while True:
+            try:
+                self._apply(self.inbox.get_nowait())
+            except queue.Empty:
+                return
+
+    def ttft(self, request_id: str, prompt: list[int]) -> tuple[float, int]:
+        """Seconds from arrival to the first token, and the prompt tokens found cached."""
+        started_s = time.perf_counter()
+        self.core.add_request(Request(request_id, prompt, SamplingParams(max_tokens=1)))
+        while True:
+            self._drain(block=False)
+            if not self.core.has_unfinished_requests():
+                self._drain(block=True)  # waiting for an onboard
+                continue
+            step_started_s = time.perf_counter()
+            result = self.core.step()
+            if result.stats.num_prompt_tokens:
+                self.stack.cost.observe_prefill(
+                    result.stats.num_prompt_tokens, time.perf_counter() - step_started_s
+                )
+            for onboard in result.kv_onboards:
+                self.manager.submit_onboard(onboard)
+            if result.tier_jobs:
+                self.manager.submit(result.tier_jobs)
+            for out in result.outputs:
+                if out.request_id == request_id:
+                    ttft_s = time.perf_counter() - started_s
+                    self.core.take_kv_events()
+                    return ttft_s, out.num_cached_tokens
+
+    def wait_stored(self) -> None:
+        """Until every copy down is done (the prefix is all in the tier)."""
+        while self.stack.num_jobs_in_flight:
+            self._drain(block=True)
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def make_engine(args: argparse.Namespace, model_dir: Path) -> EngineCore:
+    prompt_tokens = args.prefix_tokens + SUFFIX_TOKENS
+    num_blocks = 2 * (prompt_tokens // 16 + 2) + 16
+    runner = ModelRunner(
+        model_dir,
+        device=args.device,
+        dtype=args.dtype,
+        num_blocks=num_blocks,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=4,
+        load_format="dummy" if args.random_llama3_8b else "auto",
+    )
+    config = SchedulerConfig(
+        max_num_seqs=4,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=min(runner.arch.max_model_len, num_blocks * 16),
+    )
+    return EngineCore(runner, config)
+
+
+def make_store(tier: str, block_bytes: int, capacity_blocks: int, work: Path, on_cuda: bool):
+    if tier == "G2":
+        return HostTier(capacity_blocks, block_bytes, pin_memory=on_cuda)
+    if tier == "G3":
+        return DiskTier(work / "disk", capacity_blocks)
+    from serving.kvcache.s3 import S3Tier, make_s3_client
+
+    bucket = f"kv-bench-{random.randrange(1 << 30):x}"
+    make_s3_client().create_bucket(Bucket=bucket)
+    return S3Tier(f"s3://{bucket}/bench", capacity_blocks)
+
+
+def measure_tier(core: EngineCore, store: KVTier, args: argparse.Namespace, seed: int) -> dict:
+    on_cuda = args.device.startswith("cuda")
+    rng = random.Random(seed)
+    vocab = core.executor.arch.vocab_size  # type: ignore[attr-defined]
+    rows: dict[str, list[float]] = {"recompute_s": [], "onboard_s": [], "onboard_copy_s": []}
+    for verify in (True, False) if args.no_verify else (True,):
+        driver = Driver(core, store, on_cuda=on_cuda, verify=verify)
+        try:
+            for r in range(args.repeats + 1):  # the first round warms up (kernels, threads)
+                prefix = [rng.randrange(10, vocab) for _ in range(args.prefix_tokens)]
+                turn1 = prefix + [rng.randrange(10, vocab) for _ in range(SUFFIX_TOKENS)]
+                turn2 = prefix + [rng.randrange(10, vocab) for _ in range(SUFFIX_TOKENS)]
+                recompute_s, cached1 = driver.ttft(f"t1-{seed}-{verify}-{r}", turn1)
+                assert cached1 == 0
+                driver.wait_stored()
+                assert core.reset_prefix_cache()
+                onboard_s, cached2 = driver.ttft(f"t2-{seed}-{verify}-{r}", turn2)
+                assert cached2 >= args.prefix_tokens - 16, (cached2, args.prefix_tokens)
+                driver.wait_stored()
+                assert core.reset_prefix_cache()
+                if r == 0:
+                    continue
+                if verify:
+                    rows["recompute_s"].append(recompute_s)
+                    rows["onboard_s"].append(onboard_s)
+                    rows["onboard_copy_s"].append(driver.onboard_s[-1])
+                else:
+                    rows.setdefault("onboard_no_verify_s", []).append(onboard_s)
+            num_blocks = args.prefix_tokens // core.limits.block_size
+            driver.stack.cost.check = True
+            decision = driver.stack.cost.decide([store.name] * num_blocks)
+        finally:
+            driver.close()
+    out: dict[str, Any] = {k: statistics.median(v) for k, v in rows.items() if v}
+    out["samples"] = rows
+    out["ratio_onboard_to_recompute"] = out["onboard_s"] / out["recompute_s"]
+    out["cost_check"] = {
+        "choice": "onboard" if decision.onboard else "recompute",
+        "est_onboard_s": decision.est_onboard_s,
+        "est_recompute_s": decision.est_recompute_s,
+        "measured_choice": "onboard" if out["onboard_s"] < out["recompute_s"] else "recompute",
+    }
+    return out
+
+
+def start_moto_if_needed(tiers: Sequence[str]) -> subprocess.Popen | None:
+    if "G4" not in tiers or os.environ.get("AWS_ENDPOINT_URL_S3"):
+        return None
+    import socket
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    os.environ.update(
+        AWS_ENDPOINT_URL_S3=url,
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.1)  # poll interval while the server starts
+    proc.kill()
+    raise RuntimeError("moto server did not start")
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    tiers = [t.strip() for t in args.tiers.split(",") if t.strip()]
+    work = Path(tempfile.mkdtemp(prefix="strata-kv-tiers-"))
+    moto = start_moto_if_needed(tiers)
+    try:
+        model_dir = args.model
+        if args.random_llama3_8b:
+            model_dir = work / "llama3-8b"
+            model_dir.mkdir()
+            (model_dir / "config.json").write_text(json.dumps(LLAMA3_8B_CONFIG))
+        elif model_dir is None:
+            from bench.engine import smollm2_dir
+
+            model_dir = smollm2_dir()
+        core = make_engine(args, model_dir)
+        runner: Any = core.executor
+        block_bytes = runner.kv_pool.block_bytes
+        capacity = 2 * (args.prefix_tokens // 16 + 4)
+        results = {}
+        for i, tier in enumerate(tiers):
+            store = make_store(tier, block_bytes, capacity, work, args.device.startswith("cuda"))
+            results[tier] = measure_tier(core, store, args, seed=args.seed + i)
+            print(
+                f"{tier}: {json.dumps({k: v for k, v in results[tier].items() if k != 'samples'})}",
+                flush=True,
+            )
+        payload = {
+            "config": {k: str(v) for k, v in vars(args).items()},
+            "machine": machine(),
+            "block_bytes": block_bytes,
+            "kv_bytes_per_token": runner.kv_bytes_per_token,
+            "tiers": results,
+        }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if moto is not None:
+            moto.kill()
+            moto.wait()
+    report(payload)
+    out = Path(args.out or f"bench/results/kv-tiers-{args.device.split(':')[0]}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2))
+    print(f"wrote {out}")
+    return payload
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {"cpus": os.cpu_count(), "torch": torch.__version__}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    with contextlib.suppress(OSError):
+        info["load_average"] = os.getloadavg()
+    return info
+
+
+def report(payload: dict) -> None:
+    config = payload["config"]
+    print(f"\nprefix {config['prefix_tokens']} tokens, device {config['device']}")
+    print(
+        "| tier | TTFT recompute ms | TTFT onboard ms | onboard / recompute | copy ms "
+        "| cost check (est onboard / recompute ms) |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | --- |")
+    for tier, r in payload["tiers"].items():
+        c = r["cost_check"]
+        print(
+            f"| {tier} | {r['recompute_s'] * 1e3:.1f} | {r['onboard_s'] * 1e3:.1f} | "
+            f"{r['ratio_onboard_to_recompute']:.3f} | {r['onboard_copy_s'] * 1e3:.1f} | "
+            f"{c['choice']} ({c['est_onboard_s'] * 1e3:.1f} / {c['est_recompute_s'] * 1e3:.1f}) |"
+        )
+        if "onboard_no_verify_s" in r:
+            print(f"|   {tier} without checksums | | {r['onboard_no_verify_s'] * 1e3:.1f} | | | |")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--model", type=Path, default=None, help="Checkpoint (default: SmolLM2).")
+    p.add_argument("--random-llama3-8b", action="store_true", help="Llama-3-8B shape, random.")
+    p.add_argument("--prefix-tokens", type=int, default=2000)
+    p.add_argument("--tiers", default="G2,G3,G4")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--no-verify", action="store_true", help="Also onboard without checksums.")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None)
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main()
