@@ -139,6 +139,12 @@ ARGO_PARAMS: tuple[ArgoParam, ...] = (
         "frontend to switch to the promoted version; empty: none",
     ),
     ArgoParam(
+        "serving-release",
+        "release",
+        "",
+        "serving-chart release to move to the promoted version; empty: none",
+    ),
+    ArgoParam(
         "model-cache-pvc",
         None,
         "strata-model-cache",

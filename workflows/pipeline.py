@@ -39,6 +39,9 @@ class PublishParams:
     engine: str = "builtin"
     num_workers: int = 1
     frontend_url: str | None = None  # the production endpoint to switch on promote
+    # A serving-chart release (platform/helm/strata) in the cluster: promote and rollback move it
+    # to the version (instead of switching frontend_url's workers); the candidate then goes.
+    release: str | None = None
     # Gates.
     eval_set: str = "default"
     eval_min_accuracy: float = 0.8

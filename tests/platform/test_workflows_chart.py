@@ -4,18 +4,22 @@ calls the deploy step makes (recorded by the fake API server the deploy tests us
 
 from __future__ import annotations
 
+import copy
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
 from tests.platform.conftest import ENVIRONMENTS, Rendered
-from tests.workflows.fake_kube_api import PATH, FakeKubeAPI, write_kubeconfig
+from tests.workflows.fake_kube_api import PATH, FakeKubeAPI, Recorded, _status, write_kubeconfig
 from workflows.argo import build_templates
 from workflows.pipeline import PublishParams
 from workflows.platform_cli import workflow_template_files
 from workflows.steps.deploy import deploy_candidate, remove_run_deployments, switch_production
+from workflows.steps.k8s_deploy import STRATEGIC_MERGE_PATCH
 
 # What Argo's executor itself needs in the step pods (outputs as WorkflowTaskResults, v3.4+).
 EXECUTOR_RULES = {("argoproj.io", "workflowtaskresults", "create"),
@@ -71,7 +75,7 @@ def test_templates_reference_the_environments_image_pvc_account_and_mlflow(
 
 def params_defaults(params: dict[str, str | None]) -> dict[str, str]:
     keys = ("image", "model-cache-pvc", "service-account", "mlflow-tracking-uri",
-            "s3-endpoint-url", "frontend-url")  # fmt: skip
+            "s3-endpoint-url", "frontend-url", "serving-release")  # fmt: skip
     return {k: v for k in keys if (v := params.get(k)) is not None}
 
 
@@ -85,9 +89,45 @@ def strip_labels(template: dict[str, Any]) -> dict[str, Any]:
 # --- RBAC: exactly the verbs the steps use ---------------------------------------------------
 
 
+class PatchingFakeKubeAPI(FakeKubeAPI):
+    """The recording fake plus strategic merge patches of Deployments and Services, as a real
+    API server merges them (maps deeply, ``containers`` by name, other lists replaced)."""
+
+    def handle(self, method: str, raw_path: str, headers: Any, raw: bytes) -> tuple[int, Any]:
+        content_type = headers.get("Content-Type")
+        if method != "PATCH" or content_type != STRATEGIC_MERGE_PATCH:
+            return super().handle(method, raw_path, headers, raw)
+        url = urlsplit(raw_path)
+        body = json.loads(raw)
+        with self._lock:
+            self.requests.append(Recorded(method, url.path, parse_qs(url.query), content_type,
+                                          body))  # fmt: skip
+            match = PATH.match(url.path)
+            key = (match["plural"], match["ns"], match["name"]) if match else None
+            if key is None or key not in self.objects:
+                return _status(404, "NotFound", f"{url.path} not found")
+            obj = self.objects[key]
+            merged = strategic_merge(copy.deepcopy(obj), body)
+            return 200, self._store(obj["kind"], key, merged, "Update", "strata")
+
+
+def strategic_merge(target: Any, patch: Any) -> Any:
+    if isinstance(target, dict) and isinstance(patch, dict):
+        for k, v in patch.items():
+            if k == "containers":
+                by_name = {c["name"]: c for c in target.get(k, [])}
+                for c in v:
+                    by_name[c["name"]] = strategic_merge(by_name.get(c["name"], {}), c)
+                target[k] = list(by_name.values())
+            else:
+                target[k] = strategic_merge(target.get(k), v)
+        return target
+    return copy.deepcopy(patch)
+
+
 @pytest.fixture
 def kube(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeKubeAPI]:
-    fake = FakeKubeAPI(ready_after=1)
+    fake = PatchingFakeKubeAPI(ready_after=1)
     fake.start()
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.setenv("KUBECONFIG", str(write_kubeconfig(tmp_path, fake.url)))
@@ -150,9 +190,40 @@ def test_step_role_grants_exactly_the_calls_the_deploy_step_makes(
         frontend.stop()
     # The exit handler removes what an unpromoted run deployed.
     assert remove_run_deployments(params, root=tmp_path) == [new.name]
+    # A promotion into the serving chart's release (servingRelease): its Deployments and
+    # Services as rendered, moved to version 4.
+    rendered = rendered_envs["p5-disagg-efa"]
+    release = rendered.env.workflows["servingRelease"]
+    chart = [o for o in rendered.objects if o["kind"] in ("Deployment", "Service")
+             and o["metadata"]["labels"].get("app.kubernetes.io/instance") == release]  # fmt: skip
+    for obj in chart:
+        plural = "deployments" if obj["kind"] == "Deployment" else "services"
+        key = (plural, "strata", obj["metadata"]["name"])
+        kube._store(obj["kind"], key, obj, "Update", "helm")
+    model = rendered.env.strata["model"]["name"]
+    moved = k8s_deploy.promote_release(
+        release, PublishParams(name=model, cache_dir="/model-cache", deploy_target="kubernetes"),
+        "4", Path(f"/model-cache/{model}-v4"), namespace="strata",
+        api_client=k8s_deploy.make_api_client(), timeout_s=30, poll_s=0.05,
+    )  # fmt: skip
+    assert sorted(moved) == sorted(
+        o["metadata"]["name"] for o in chart if o["kind"] == "Deployment"
+        and o["metadata"]["labels"]["app.kubernetes.io/component"] in ("frontend", "worker")
+    )  # fmt: skip
+    for obj in chart:
+        plural = "deployments" if obj["kind"] == "Deployment" else "services"
+        now = kube.objects[(plural, "strata", obj["metadata"]["name"])]
+        component = obj["metadata"]["labels"]["app.kubernetes.io/component"]
+        version = now["metadata"]["labels"].get("strata.dev/model-version")
+        moves = component == "worker" or (component, obj["kind"]) == ("frontend", "Deployment")
+        assert version == ("4" if moves else "3"), obj["metadata"]["name"]
+        if obj["kind"] == "Deployment" and component != "planner":
+            (c,) = now["spec"]["template"]["spec"]["containers"]
+            assert f"--model=/model-cache/{model}-v4" in c["args"]
+            assert now["spec"]["template"]["metadata"]["labels"]["strata.dev/model-version"] == "4"
+            assert now["spec"]["replicas"] == obj["spec"]["replicas"]  # the planner's to own
     used = recorded_rules(kube)
     assert ("apps", "deployments", "delete") in used  # the switch really removed the old one
-    rendered = rendered_envs["p5-disagg-efa"]
     role = rendered.named("Role", "strata-workflows")
     assert role_rules(role) == used | EXECUTOR_RULES
     binding = rendered.named("RoleBinding", "strata-workflows")

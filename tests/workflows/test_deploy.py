@@ -193,7 +193,7 @@ def test_exit_handler_deletes_only_the_runs_kubernetes_deployment(
     failed = PublishParams(**base, run_id="uid-2")
     candidate = deploy_candidate(failed, "2", cache / "b", root=tmp_path)
     labels = kube.objects[("deployments", "strata", candidate.name)]["metadata"]["labels"]
-    assert labels["strata.ai/publish-run"] == "uid-2"
+    assert labels["strata.dev/publish-run"] == "uid-2"
     # MLflow is unreachable here (port 9; no client retries): the run's status decides alone.
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     out = cleanup_step(failed, status="Failed")

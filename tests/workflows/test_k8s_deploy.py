@@ -63,7 +63,7 @@ def test_deployment_runs_the_worker_from_the_read_only_model_cache() -> None:
     assert deployment["metadata"]["namespace"] == NS
     labels = deployment["metadata"]["labels"]
     assert labels["app.kubernetes.io/name"] == "strata-worker"
-    assert (labels["strata.ai/model"], labels["strata.ai/version"]) == (MODEL, "3")
+    assert (labels["strata.dev/model"], labels["strata.dev/model-version"]) == (MODEL, "3")
     spec = deployment["spec"]
     assert spec["replicas"] == 1
     selector = spec["selector"]["matchLabels"]
@@ -239,7 +239,7 @@ def test_delete_for_endpoint_finds_the_deployment_by_service_labels(
     assert deleted == [NAME]
     list_call = next(r for r in fake.requests if r.path.endswith("/deployments"))
     assert list_call.query["labelSelector"] == [
-        f"app.kubernetes.io/name=strata-worker,strata.ai/model={MODEL},strata.ai/version=3"
+        f"app.kubernetes.io/name=strata-worker,strata.dev/model={MODEL},strata.dev/model-version=3"
     ]
     remaining = {key[2] for key in fake.objects}
     assert remaining == {resource_name(MODEL, "4")}

@@ -156,6 +156,32 @@ def _deploy_kubernetes(
     return Deployment(name, endpoint, (), root / name)
 
 
+def promote_release(
+    params: PublishParams, version: str, staged_dir: Path, candidate_endpoint: str | None = None
+) -> list[str]:
+    """Move the serving-chart release ``params.release`` to ``version`` and wait for its
+    rollout, then delete the candidate's own Deployment (``candidate_endpoint``, a cluster
+    Service URL), which the release now replaces. Settings as ``_deploy_kubernetes``."""
+    from workflows.steps import k8s_deploy
+
+    if params.deploy_target != "kubernetes" or not params.release:
+        raise DeployError("promoting a chart release needs deploy_target kubernetes and release")
+    api_client = k8s_deploy.make_api_client()
+    patched = k8s_deploy.promote_release(
+        params.release,
+        params,
+        version,
+        staged_dir,
+        namespace=os.environ.get("STRATA_K8S_NAMESPACE", "strata"),
+        api_client=api_client,
+        timeout_s=float(os.environ.get("STRATA_K8S_READY_TIMEOUT_S", "1200")),
+    )
+    if candidate_endpoint and k8s_deploy.service_from_endpoint(candidate_endpoint):
+        k8s_deploy.delete_for_endpoint(candidate_endpoint, api_client)
+    logger.info("release %s serves version %s (%s)", params.release, version, ", ".join(patched))
+    return patched
+
+
 def read_deployment(directory: Path) -> Deployment | None:
     try:
         doc = json.loads((directory / "deployment.json").read_text())

@@ -11,6 +11,13 @@ The rendering functions are pure (dicts in, dicts out, no client import); ``appl
 ``wait_ready`` and the deletions talk to the API server through the official ``kubernetes``
 client and an explicit ``ApiClient``. Applying is server-side apply (field manager ``strata``),
 so re-deploying a version is idempotent and a rollback re-applies the same objects.
+
+Promotion into a release of the serving chart (``platform/helm/strata``, ``promote_release``):
+the release's frontend and worker Deployments get the promoted version's model path
+(``--model=``) and ``strata.dev/model-version`` label by a strategic merge patch (their
+replicas, which the planner owns, are not touched), the worker Services the same label (the
+frontend's discovery reads it), and Kubernetes rolls the pods over (surge first, drain on
+SIGTERM). Labels use the chart's domain, ``strata.dev/``.
 """
 
 from __future__ import annotations
@@ -37,8 +44,13 @@ DRAIN_TIMEOUT_S = 30  # the worker's --drain-timeout; the grace period leaves ro
 TERMINATION_GRACE_S = DRAIN_TIMEOUT_S + 30
 RUN_AS_UID = 1000
 WORKER_APP = "strata-worker"
-LABEL_MODEL, LABEL_VERSION = "strata.ai/model", "strata.ai/version"
-LABEL_PUBLISH_RUN = "strata.ai/publish-run"  # the publish run that deployed it (exit handler)
+LABEL_MODEL, LABEL_VERSION = "strata.dev/model", "strata.dev/model-version"  # as the chart's
+LABEL_PUBLISH_RUN = "strata.dev/publish-run"  # the publish run that deployed it (exit handler)
+STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
+# The serving chart's labels: its Deployments, and those promote_release moves.
+CHART_NAME_LABEL, CHART_COMPONENT_LABEL = "app.kubernetes.io/name", "app.kubernetes.io/component"
+RELEASE_LABEL = "app.kubernetes.io/instance"
+RELEASE_COMPONENTS = ("frontend", "worker")
 CLUSTER_DOMAIN = "svc.cluster.local"
 
 
@@ -363,6 +375,92 @@ def delete_for_endpoint(endpoint: str, api_client: Any) -> list[str]:
     if service_name not in names:
         delete_deployment(service_name, namespace, api_client)
     return names
+
+
+def release_patches(
+    deployments: list[dict[str, Any]], model: str, model_path: str, version: str
+) -> dict[str, dict[str, Any]]:
+    """Pure: the strategic merge patch per Deployment of a serving-chart release that moves it
+    to ``model_path`` at ``version`` (frontend and workers; others, e.g. the planner, as is).
+
+    Only ``--model=`` in the container's args and the version label change; a release that
+    serves another model is refused (``DeployError``).
+    """
+    label = _label_value(version)
+    patches = {}
+    for deployment in deployments:
+        meta = deployment["metadata"]
+        if meta["labels"].get(CHART_COMPONENT_LABEL) not in RELEASE_COMPONENTS:
+            continue
+        served = meta["labels"].get(LABEL_MODEL)
+        if served != _label_value(model):
+            raise DeployError(f"Deployment {meta['name']} serves model {served!r}, not {model!r}")
+        containers = []
+        for container in deployment["spec"]["template"]["spec"]["containers"]:
+            args = container.get("args") or []
+            if not any(a.startswith("--model=") for a in args):
+                raise DeployError(f"Deployment {meta['name']}: no --model= argument to move")
+            args = [f"--model={model_path}" if a.startswith("--model=") else a for a in args]
+            containers.append({"name": container["name"], "args": args})
+        patches[meta["name"]] = {
+            "metadata": {"labels": {LABEL_VERSION: label}},
+            "spec": {
+                "template": {
+                    "metadata": {"labels": {LABEL_VERSION: label}},
+                    "spec": {"containers": containers},
+                }
+            },
+        }
+    return patches
+
+
+def promote_release(
+    release: str,
+    params: PublishParams,
+    version: str,
+    staged_dir: Path,
+    *,
+    namespace: str,
+    api_client: Any,
+    timeout_s: float,
+    poll_s: float = 2.0,
+) -> list[str]:
+    """Move serving-chart release ``release`` to ``version`` (staged at ``staged_dir``) and wait
+    for its rollout; returns the patched Deployments' names."""
+    from kubernetes import client
+
+    apps, core = client.AppsV1Api(api_client), client.CoreV1Api(api_client)
+    selector = f"{CHART_NAME_LABEL}=strata,{RELEASE_LABEL}={release}"
+    try:
+        found = apps.list_namespaced_deployment(namespace, label_selector=selector)
+    except client.ApiException as exc:
+        raise DeployError(f"listing Deployments {selector} in {namespace}: {exc.status}") from exc
+    deployments = [api_client.sanitize_for_serialization(d) for d in found.items]
+    patches = release_patches(
+        deployments, params.name, model_path_on_mount(params, staged_dir), version
+    )
+    workers = [d["metadata"]["name"] for d in deployments
+               if d["metadata"]["labels"].get(CHART_COMPONENT_LABEL) == "worker"]  # fmt: skip
+    if not workers:
+        raise DeployError(
+            f"no worker Deployments of release {release!r} in namespace {namespace} "
+            f"(labels {selector}): install the serving chart first"
+        )
+    label = {"metadata": {"labels": {LABEL_VERSION: _label_value(version)}}}
+    try:
+        for name, patch in patches.items():
+            apps.patch_namespaced_deployment(
+                name, namespace, patch, _content_type=STRATEGIC_MERGE_PATCH
+            )
+        for name in workers:  # the chart names each pool's Service after its Deployment
+            core.patch_namespaced_service(name, namespace, label,
+                                          _content_type=STRATEGIC_MERGE_PATCH)  # fmt: skip
+    except client.ApiException as exc:
+        raise DeployError(f"patching release {release!r}: {exc.status} {exc.reason}") from exc
+    logger.info("release %s: %s moving to version %s", release, ", ".join(patches), version)
+    for name in patches:
+        wait_ready(name, namespace, timeout_s, api_client, poll_s=poll_s)
+    return list(patches)
 
 
 def deploy(

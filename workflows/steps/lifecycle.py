@@ -175,13 +175,16 @@ def promote_step(
     uri = params.mlflow_tracking_uri
     before = registry.get_aliases(uri, params.name)
     moved = registry.promote(uri, params.name, version)
-    if params.frontend_url:
-        try:
+    try:
+        if params.release and params.deploy_target == "kubernetes":
+            staged_dir = Path(registry.get_version(uri, params.name, version).staged_dir)
+            deploy.promote_release(params, version, staged_dir, candidate_endpoint=endpoint)
+        elif params.frontend_url:
             deploy.switch_production(params.frontend_url, endpoint, params.name)
-        except Exception:
-            # Traffic did not move: neither does the registry (a retry promotes again).
-            registry.restore_aliases(uri, params.name, before)
-            raise
+    except Exception:
+        # Traffic did not move: neither does the registry (a retry promotes again).
+        registry.restore_aliases(uri, params.name, before)
+        raise
     return {"production": moved.production, "previous": moved.previous}
 
 
@@ -216,7 +219,10 @@ def rollback_step(params: PublishParams) -> dict[str, Any]:
     from workflows.steps import deploy, registry
 
     moved = registry.rollback(params.mlflow_tracking_uri, params.name)
-    if params.frontend_url:
+    if params.release and params.deploy_target == "kubernetes":
+        info = registry.get_version(params.mlflow_tracking_uri, params.name, moved.production)
+        deploy.promote_release(params, moved.production, Path(info.staged_dir))
+    elif params.frontend_url:
         info = registry.get_version(params.mlflow_tracking_uri, params.name, moved.production)
         deployment = deploy.deploy_candidate(params, moved.production, Path(info.staged_dir))
         deploy.switch_production(params.frontend_url, deployment.endpoint, params.name)
