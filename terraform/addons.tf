@@ -139,6 +139,8 @@ resource "helm_release" "strata_workflows" {
     modelCachePvc     = "strata-model-cache"
     mlflowTrackingUri = "http://mlflow.${local.mlflow_namespace}.svc.cluster.local:5000"
     serviceAccount    = { name = local.workflows_service_account }
+    # Promotion moves the serving chart's release below (when Terraform installs one).
+    servingRelease = var.strata_values_file == "" ? "" : "strata"
   })]
 
   depends_on = [helm_release.argo_workflows]
