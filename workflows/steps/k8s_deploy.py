@@ -460,6 +460,13 @@ def promote_release(
     logger.info("release %s: %s moving to version %s", release, ", ".join(patches), version)
     for name in patches:
         wait_ready(name, namespace, timeout_s, api_client, poll_s=poll_s)
+    # Helm's next upgrade of the release re-applies its values (a three-way merge with the live
+    # objects): they must name this version too, or that upgrade rolls it back.
+    logger.warning(
+        "release %s serves version %s; set it in the release's values too (helm upgrade %s ... "
+        "--set model.path=%s --set model.version=%s), else its next upgrade reverts it",
+        release, version, release, model_path_on_mount(params, staged_dir), _label_value(version),
+    )  # fmt: skip
     return list(patches)
 
 
