@@ -140,6 +140,7 @@ class FluidCluster:
         kv_bytes_per_token: int = 131_072,
         kv_bandwidth_gbps: float = 25.0,
         on_finish: Callable[[SimRequest], None] = lambda r: None,
+        on_arrival: Callable[[SimRequest], None] = lambda r: None,
     ) -> None:
         self.cost = cost
         self.shape = cost.shape
@@ -147,6 +148,7 @@ class FluidCluster:
         self.kv_bytes_per_token = kv_bytes_per_token
         self.kv_bandwidth = kv_bandwidth_gbps * 1e9
         self.on_finish = on_finish
+        self.on_arrival = on_arrival
         self.now = 0.0
         self.workers: dict[str, FluidWorker] = {}
         self.retired: list[FluidWorker] = []
@@ -213,6 +215,7 @@ class FluidCluster:
             time_s, kind, _, _, payload = heapq.heappop(heap)
             self.now = time_s
             if kind == _ARRIVAL:
+                self.on_arrival(payload)
                 self._route(payload)
                 self._next_arrival()
             elif kind == _SEGMENT:

@@ -103,6 +103,7 @@ class Outcome:
     scale_events: int = 0
     rejected: int = 0
     wall_s: float = 0.0
+    cpu_s: float = 0.0
 
     def figures(self, price_per_gpu_hour: float) -> dict[str, Any]:
         n = len(self.ttft_s)
@@ -124,30 +125,40 @@ class Outcome:
             "replicas": {"min": min(sizes), "max": max(sizes), "mean": float(np.mean(sizes))},
             "scale_events": self.scale_events,
             "sim_wall_s": self.wall_s,
+            "sim_cpu_s": self.cpu_s,
         }
 
 
 class WindowStats:
-    """Finished requests of the last ``window_s``: the planner's metrics source in the sim."""
+    """The last ``window_s`` as the frontend's metrics show it: the planner's metrics source in
+    the sim. The request rate counts arrivals (the real source: finished requests plus the
+    growth of those in flight); lengths and latencies come from the finished requests."""
 
     def __init__(self, window_s: float) -> None:
         self.window_s = window_s
+        self.arrivals: deque[float] = deque()
         self.done: deque[tuple[float, int, int, float, float]] = deque()
+
+    def arrive(self, r: SimRequest) -> None:
+        self.arrivals.append(r.arrival_s)
 
     def add(self, r: SimRequest) -> None:
         self.done.append((r.finish_s, r.input_tokens, r.output_tokens, r.ttft_s, r.itl_s))
 
     def traffic(self, now_s: float) -> Traffic:
-        done = self.done
+        done, arrivals = self.done, self.arrivals
         while done and done[0][0] < now_s - self.window_s:
             done.popleft()
+        while arrivals and arrivals[0] < now_s - self.window_s:
+            arrivals.popleft()
+        rate = len(arrivals) / self.window_s
         n = len(done)
         if not n:
-            return Traffic(self.window_s, 0.0, 0.0)
+            return Traffic(self.window_s, rate, 0.0)
         rows = np.asarray(done)
         return Traffic(
             window_s=self.window_s,
-            request_rate=n / self.window_s,
+            request_rate=rate,
             num_requests=float(n),
             input_tokens=float(rows[:, 1].mean()),
             output_tokens=float(rows[:, 2].mean()),
@@ -197,7 +208,7 @@ def run_planned(
     """The planner ticking in virtual time over the virtual connector."""
     outcome = Outcome(name)
     window = WindowStats(config.metrics.window_s)
-    cluster = _cluster(setup, outcome, window.add)
+    cluster = _cluster(setup, outcome, window.add, window.arrive)
     roles = tuple(config.roles)
     connector = VirtualConnector(cluster, roles)
     state = make_state(config, capacity, {r: setup.lead_time_s for r in roles})
@@ -241,7 +252,10 @@ def _role_observation(cluster: FluidCluster, role: Role, counts: Any) -> RoleObs
 
 
 def _cluster(
-    setup: SimSetup, outcome: Outcome, on_done: Callable[[SimRequest], None] | None = None
+    setup: SimSetup,
+    outcome: Outcome,
+    on_done: Callable[[SimRequest], None] | None = None,
+    on_arrival: Callable[[SimRequest], None] = lambda r: None,
 ) -> FluidCluster:
     def on_finish(r: SimRequest) -> None:
         if on_done is not None:
@@ -261,13 +275,14 @@ def _cluster(
         lead_time_s=setup.lead_time_s,
         kv_bandwidth_gbps=setup.kv_bandwidth_gbps,
         on_finish=on_finish,
+        on_arrival=on_arrival,
     )
 
 
 def _finish(
     setup: SimSetup, cluster: FluidCluster, outcome: Outcome, state: PlannerState | None = None
 ) -> Outcome:
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     cluster.feed(setup.requests())
     cluster.run()
     for worker in [*cluster.retired, *cluster.workers.values()]:
@@ -276,6 +291,7 @@ def _finish(
         outcome.gpu_s += max(paid_s, 0.0) * setup.gpus_per_replica
     outcome.rejected = cluster.num_rejected
     outcome.wall_s = time.perf_counter() - started
+    outcome.cpu_s = time.process_time() - cpu_started
     return outcome
 
 

@@ -104,13 +104,14 @@ def replay(
         int | None, _opt("--limit", help="Replay only the first K requests.", env="LIMIT")
     ] = None,
     arrival_jitter_s: Annotated[
-        float,
+        float | None,
         _opt(
             "--arrival-jitter-s",
-            help="Spread each arrival uniformly over this many trace seconds.",
+            help="Spread each arrival uniformly over this many trace seconds (default 0; "
+            "--planner: 3, the Mooncake trace's bucket).",
             env="ARRIVAL_JITTER_S",
         ),
-    ] = 0.0,
+    ] = None,
     kv_prefill_scale: Annotated[
         float,
         _opt(
@@ -134,6 +135,39 @@ def replay(
     url: Annotated[
         str | None, _opt("--url", help="Online mode: OpenAI base URL.", env="URL")
     ] = None,
+    planner: Annotated[
+        list[str] | None,
+        _opt(
+            "--planner",
+            help="Instead of routers: a day of the trace (diurnal cycle, --speedup at the peak)"
+            " under these pool sizings: static, reactive, lead-time (repeat or comma-separate);"
+            " offline, the planner over the virtual connector. docs/planner.md.",
+            env="PLANNER",
+        ),
+    ] = None,
+    lead_time_s: Annotated[
+        float,
+        _opt("--lead-time-s", help="--planner: order to serving replica, s.", env="LEAD_TIME_S"),
+    ] = 180.0,
+    sla_ttft_s: Annotated[
+        float, _opt("--sla-ttft-s", help="--planner: TTFT target, s.", env="SLA_TTFT_S")
+    ] = 2.0,
+    sla_itl_s: Annotated[
+        float, _opt("--sla-itl-s", help="--planner: mean ITL target, s.", env="SLA_ITL_S")
+    ] = 0.05,
+    duration_s: Annotated[
+        float,
+        _opt("--duration-s", help="--planner: simulated time measured, s.", env="DURATION_S"),
+    ] = 86_400.0,
+    planner_config: Annotated[
+        Path | None,
+        _opt(
+            "--planner-config",
+            help="--planner: planner YAML for the planned sizings (roles: both); the study "
+            "sets the SLA, lead time and connector.",
+            env="PLANNER_CONFIG",
+        ),
+    ] = None,
     out: Annotated[
         Path | None,
         _opt("--out", help="JSON report (default: bench/results/replay-*.json).", env="OUT"),
@@ -156,7 +190,20 @@ def replay(
         run_online_managed,
     )
 
-    routers = tuple(name.strip() for item in router for name in item.split(",") if name.strip())
+    if planner:
+        options = {
+            "trace": trace, "policies": _split(planner), "peak_speedup": speedup,
+            "lead_time_s": lead_time_s, "sla_ttft_s": sla_ttft_s, "sla_itl_s": sla_itl_s,
+            "duration_s": duration_s, "planner_config": planner_config, "seed": seed,
+            "max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_num_batched_tokens,
+            "kv_capacity_tokens": kv_blocks_per_worker * block_size,
+            "timing_profile": timing_profile,
+        }  # fmt: skip
+        if arrival_jitter_s is not None:
+            options["arrival_jitter_s"] = arrival_jitter_s
+        _planner_study(options, out)
+        return
+    routers = _split(router)
     if workers is None:
         workers = 0 if prefill or decode else 8
     try:
@@ -175,7 +222,7 @@ def replay(
             block_size=block_size,
             speedup=speedup,
             limit=limit,
-            arrival_jitter_s=arrival_jitter_s,
+            arrival_jitter_s=arrival_jitter_s or 0.0,
             kv_prefill_scale=kv_prefill_scale,
             seed=seed,
             max_num_seqs=max_num_seqs,
@@ -201,6 +248,31 @@ def replay(
         raise typer.Exit(1) from None
     print_report(report)
     path = config.out or default_out_path(config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    Console().print(f"wrote {path}")
+
+
+def _split(items: list[str]) -> tuple[str, ...]:
+    return tuple(name.strip() for item in items for name in item.split(",") if name.strip())
+
+
+def _planner_study(options: dict, out: Path | None) -> None:
+    """``replay --planner``: the day study (``bench/planner_day.py``); table and JSON."""
+    from bench.planner_day import DayStudyConfig, print_study, run_study
+
+    try:
+        config = DayStudyConfig(**options)
+    except ValidationError as exc:
+        raise typer.BadParameter(_describe(exc)) from None
+    err = Console(stderr=True, soft_wrap=True)
+    try:
+        report = run_study(config, progress=lambda line: err.print(escape(line)))
+    except (OSError, ValueError) as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(1) from None
+    print_study(report)
+    path = out or REPO_ROOT / "bench" / "results" / f"planner-day-{config.trace.stem}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
     Console().print(f"wrote {path}")

@@ -2,7 +2,10 @@
 direct scrape of the frontend's and workers' ``/metrics`` (locally).
 
 Traffic is the frontend's view (what clients see): requests finished, prompt and output
-tokens, TTFT and ITL histograms of ``model``. Queues come from the workers (vLLM's gauges
+tokens, TTFT and ITL histograms of ``model``. The request rate is the demand, not the
+throughput: requests finished plus the growth of those in flight
+(``strata_frontend_active_requests``), so a pool too short to keep up still sees every
+arrival. Queues come from the workers (vLLM's gauges
 ``vllm:num_requests_waiting``/``running``, ``vllm:kv_cache_usage_perc``), summed per role.
 
 A source that cannot answer returns ``MetricsSample(traffic=None, error=...)``: the core then
@@ -29,6 +32,7 @@ _FE = "strata_frontend"
 _REQUESTS = f"{_FE}_request_duration_seconds"
 _TTFT = f"{_FE}_time_to_first_token_seconds"
 _ITL = f"{_FE}_inter_token_latency_seconds"
+_ACTIVE = f"{_FE}_active_requests"
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +72,7 @@ class FrontendSnapshot:
     output_tokens: float
     ttft: Histogram
     itl: Histogram
+    active: float = 0.0  # requests in flight
 
 
 def quantile(q: float, histogram: Histogram) -> float | None:
@@ -91,12 +96,13 @@ def traffic_between(older: FrontendSnapshot, newer: FrontendSnapshot) -> Traffic
     """Rates and means between two scrapes (counter resets count from zero)."""
     window_s = max(newer.time_s - older.time_s, 1e-9)
     requests = _delta(newer.requests, older.requests)
+    arrived = max(requests + newer.active - older.active, 0.0)
     ttft = newer.ttft.minus(older.ttft) if newer.ttft.count >= older.ttft.count else newer.ttft
     itl = newer.itl.minus(older.itl) if newer.itl.count >= older.itl.count else newer.itl
     output = _delta(newer.output_tokens, older.output_tokens)
     return Traffic(
         window_s=window_s,
-        request_rate=requests / window_s,
+        request_rate=arrived / window_s,
         num_requests=requests,
         input_tokens=_delta(newer.prompt_tokens, older.prompt_tokens) / requests
         if requests
@@ -144,6 +150,7 @@ def parse_frontend(text: str, model: str, time_s: float) -> FrontendSnapshot:
         output_tokens=values.get(f"{_FE}_output_tokens_total", 0.0),
         ttft=histogram(_TTFT),
         itl=histogram(_ITL),
+        active=values.get(_ACTIVE, 0.0),
     )
 
 
@@ -240,12 +247,15 @@ class PrometheusSource:
     def sample(self, now_s: float) -> MetricsSample:
         m, w = f'model="{self.model}"', self.window
         rate = f"sum(rate({_REQUESTS}_count{{{m}}}[{w}]))"
+        # Arrivals: finished plus the growth of those in flight (0 without the gauge).
+        growth = f"(sum(delta({_ACTIVE}{{{m}}}[{w}])) or vector(0)) / {w[:-1]}"
 
         def mean(base: str) -> str:
             return f"sum(rate({base}_sum{{{m}}}[{w}])) / sum(rate({base}_count{{{m}}}[{w}]))"
 
         queries = {
             "rate": rate,
+            "arrival_rate": f"clamp_min({rate} + {growth}, 0)",
             "requests": f"sum(increase({_REQUESTS}_count{{{m}}}[{w}]))",
             "input": f"sum(rate({_FE}_prompt_tokens_total{{{m}}}[{w}])) / {rate}",
             "output_rate": f"sum(rate({_FE}_output_tokens_total{{{m}}}[{w}]))",
@@ -263,7 +273,7 @@ class PrometheusSource:
         output_rate = got["output_rate"] or 0.0
         traffic = Traffic(
             window_s=float(self.window[:-1]),
-            request_rate=rate_value,
+            request_rate=got["arrival_rate"] or rate_value,
             num_requests=got["requests"] or 0.0,
             input_tokens=got["input"],
             output_tokens=output_rate / rate_value if rate_value else None,

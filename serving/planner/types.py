@@ -26,7 +26,9 @@ class Traffic:
     """Client traffic over the metrics window (the frontend's view)."""
 
     window_s: float
-    request_rate: float  # requests finished per second
+    # Requests arriving per second: the demand (finished + the growth of those in flight), not
+    # the throughput, which a short pool caps at its capacity.
+    request_rate: float
     num_requests: float  # requests finished in the window
     input_tokens: float | None = None  # mean per request; None without requests
     output_tokens: float | None = None

@@ -63,6 +63,10 @@ def test_traffic_from_two_scrapes_of_a_real_frontend_registry() -> None:
     assert traffic.ttft_mean_s == pytest.approx(0.5125)
     assert traffic.itl_mean_s == pytest.approx(0.01)
     assert 0.3 < traffic.ttft_p90_s <= 2.5  # inside the bucket holding the 1.5 s sample
+    # Six more arrive and are still in flight: the rate is the demand, not the throughput.
+    metrics.active_requests.labels(model=MODEL).inc(6)
+    third = parse_frontend(generate_latest(metrics.registry).decode(), MODEL, 120.0)
+    assert (traffic_between(first, third).request_rate, third.active) == (0.5, 6.0)
 
 
 class FrontendFake:
