@@ -46,6 +46,7 @@ if str(REPO_ROOT) not in sys.path:  # `python bench/replay.py` runs without the 
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench.replay_disagg import DisaggFlow  # noqa: E402
+from bench.replay_tiers import DEFAULT_KV_BYTES_PER_TOKEN, TierFlow  # noqa: E402
 from bench.trace import (  # noqa: E402
     PromptBuilder,
     TraceRequest,
@@ -54,6 +55,7 @@ from bench.trace import (  # noqa: E402
     load_mooncake,
 )
 from serving.engine.core import EngineCore  # noqa: E402
+from serving.engine.kv_offload import KVOnboard  # noqa: E402
 from serving.engine.kv_transfer import DEFAULT_LEASE_S, KVPull  # noqa: E402
 from serving.engine.outputs import EngineStepResult  # noqa: E402
 from serving.engine.request import Request, SamplingParams  # noqa: E402
@@ -67,6 +69,7 @@ from serving.router.disagg import (  # noqa: E402
 from serving.router.indexer import KVIndexer  # noqa: E402
 from serving.router.policies import (  # noqa: E402
     DEFAULT_PREFILL_SCALE,
+    DEFAULT_TIER_WEIGHTS,
     KVCostConfig,
     PolicyName,
     RequestView,
@@ -129,6 +132,30 @@ class ReplayConfig(BaseModel):
         gt=0,
         description="kv/approx cost: weight of uncached prompt blocks.",
     )
+    kv_tier_weights: dict[str, float] = Field(
+        default_factory=dict, description="kv cost: credit per cached block by medium (CPU, S3)."
+    )
+    kv_host_blocks_per_worker: int = Field(
+        default=0, ge=0, description="KV tiers: G2 (host memory) blocks per engine; 0: none."
+    )
+    kv_s3_blocks: int = Field(
+        default=0, ge=0, description="KV tiers: blocks of one G4 (S3) shared by all; 0: none."
+    )
+    kv_host_bandwidth_gbps: float = Field(
+        default=55.0, gt=0, description="KV tiers: G2 -> device GB/s (pinned, H100 measured)."
+    )
+    kv_s3_bandwidth_gbps: float = Field(
+        default=2.0, gt=0, description="KV tiers: G4 -> device GB/s per worker (assumed)."
+    )
+    kv_s3_latency_s: float = Field(
+        default=0.03, ge=0, description="KV tiers: G4 latency per round of 8 parallel reads."
+    )
+    kv_offload_min_uses: int = Field(
+        default=2, ge=1, description="KV tiers: uses before a block is copied G2 -> G4."
+    )
+    kv_bytes_per_token: int = Field(
+        default=DEFAULT_KV_BYTES_PER_TOKEN, ge=1, description="KV tiers: bytes per token."
+    )
     seed: int = 0
     vocab_size: int = Field(default=32_000, ge=2)
     max_num_seqs: int = Field(default=64, ge=1)
@@ -156,6 +183,10 @@ class ReplayConfig(BaseModel):
     @property
     def num_engines(self) -> int:
         return self.workers + self.prefill_workers + self.decode_workers
+
+    @property
+    def has_tiers(self) -> bool:
+        return bool(self.kv_host_blocks_per_worker or self.kv_s3_blocks)
 
 
 # -- the shared-cache upper bound ----------------------------------------------------------------
@@ -232,8 +263,9 @@ def _horner(coeffs: Sequence[float], x: float) -> float:
     return y
 
 
-# Same-time order: results land, then KV pulls, then arrivals, then steps and lease checks.
-_STEP_DONE, _PULL_DONE, _ARRIVAL, _WAKE, _LEASE_CHECK = 0, 1, 2, 3, 4
+# Same-time order: results land, then KV pulls, then arrivals, then steps and lease checks,
+# then tier onboards.
+_STEP_DONE, _PULL_DONE, _ARRIVAL, _WAKE, _LEASE_CHECK, _ONBOARD_DONE = 0, 1, 2, 3, 4, 5
 _ROLE_BOTH, _ROLE_PREFILL, _ROLE_DECODE = "both", "prefill", "decode"
 
 
@@ -380,6 +412,12 @@ class OfflineReplay:
         roles = list(zip(self.worker_ids, self.roles, strict=True))
         self.decode_ids = [w for w, role in roles if role != _ROLE_PREFILL]
         self.prefill_ids = [w for w, role in roles if role == _ROLE_PREFILL]
+        # KV tiers below each engine's pool (bench/replay_tiers.py), when configured.
+        self._tiers = (
+            TierFlow(config, _ScalarTimingProfile.of(profile), self._schedule_onboard_done)
+            if config.has_tiers
+            else None
+        )
         self.engines = [self._make_engine(i, profile) for i in range(num_engines)]
         self.load = WorkerLoad(bs)
         # Only kv reads events; the index hashes prompts for approx as well (a pure function).
@@ -421,7 +459,7 @@ class OfflineReplay:
 
     def _make_engine(self, index: int, profile: TimingProfile | None) -> EngineCore:
         config = self.config
-        return EngineCore(
+        engine = EngineCore(
             MockModelRunner(
                 vocab_size=config.vocab_size,
                 num_blocks=config.kv_blocks_per_worker,
@@ -438,13 +476,18 @@ class OfflineReplay:
             kv_lease_s=config.kv_lease_s,
             clock=self._clock,
         )
+        if self._tiers is not None:
+            self._tiers.attach(engine)
+        return engine
 
     def _make_policy(self) -> RoutingPolicy:
         return make_policy(
             self.policy_name,
             self.load,
             KVCostConfig(
-                block_size=self.config.block_size, prefill_scale=self.config.kv_prefill_scale
+                block_size=self.config.block_size,
+                prefill_scale=self.config.kv_prefill_scale,
+                tier_weights={**DEFAULT_TIER_WEIGHTS, **self.config.kv_tier_weights},
             ),
             indexer=self.indexer,
             clock=self._clock,
@@ -468,6 +511,7 @@ class OfflineReplay:
             _ARRIVAL: self._on_arrival,
             _WAKE: self._start_step,
             _LEASE_CHECK: self._pd.expire_leases,
+            _ONBOARD_DONE: self._on_onboard_done,
         }
         heap = self._heap
         while heap:
@@ -542,6 +586,15 @@ class OfflineReplay:
     def schedule_pull_done(self, time_s: float, payload: tuple[int, int, KVPull]) -> None:
         self._push(time_s, _PULL_DONE, payload)
 
+    def _schedule_onboard_done(self, time_s: float, onboard: KVOnboard, worker: int) -> None:
+        self._push(time_s, _ONBOARD_DONE, (worker, onboard))
+
+    def _on_onboard_done(self, payload: tuple[int, KVOnboard]) -> None:
+        worker, onboard = payload
+        assert self._tiers is not None
+        self._tiers.on_onboard_done(self.engines[worker], onboard)
+        self.wake(worker)
+
     def wake(self, worker: int) -> None:
         """Something changed for ``worker`` (a request, a landed pull, freed blocks): step it."""
         self._stalled[worker] = False
@@ -566,7 +619,10 @@ class OfflineReplay:
         self._steps += 1
         if result.kv_pulls:
             self._pd.start_pulls(worker, result.kv_pulls)
-        if duration == 0.0 and not result.outputs and not result.kv_pulls:
+        if result.kv_onboards:
+            assert self._tiers is not None
+            self._tiers.start_onboards(worker, result.kv_onboards, self.now + duration)
+        if duration == 0.0 and not (result.outputs or result.kv_pulls or result.kv_onboards):
             sched = engine.scheduler
             if sched.waiting_for_kv or sched.leases:
                 # Blocks are held by pulls in flight or by leases: idle until one ends.
@@ -587,6 +643,10 @@ class OfflineReplay:
     def _on_step_done(self, payload: tuple[int, EngineStepResult, list[KVCacheEvent]]) -> None:
         worker, result, events = payload
         now = self.now
+        if result.tier_jobs:
+            assert self._tiers is not None
+            self._tiers.finish_stores(self.engines[worker], result.tier_jobs)
+            events = [*events, *self.engines[worker].take_kv_events()]  # their BlockStored
         if self.indexer is not None and events:
             self.indexer.apply_events(self.worker_ids[worker], events)
         self._preemptions += result.stats.num_preemptions
@@ -652,7 +712,10 @@ class OfflineReplay:
                 "busy_s": list(self._worker_busy_s),
             },
             sim_wall_s=wall_s,
-            extra=self._pd.figures(self._ttft_by_request, _percentiles) if self._disagg else {},
+            extra={
+                **(self._pd.figures(self._ttft_by_request, _percentiles) if self._disagg else {}),
+                **(self._tiers.to_dict() if self._tiers is not None else {}),
+            },
             request_ttft_s=self._ttft_by_request,
             itl_samples_s=self._itl,
         )
@@ -769,6 +832,8 @@ def _report_head(
     """The report without policies: config, trace figures and the shared-cache bound."""
     started = time.perf_counter()
     capacity = config.num_engines * config.kv_blocks_per_worker
+    if config.has_tiers:  # the bound holds every tier's blocks
+        capacity += config.num_engines * config.kv_host_blocks_per_worker + config.kv_s3_blocks
     shared = shared_cache_hit_rate(requests, config.block_size, capacity)
     unbounded = shared_cache_hit_rate(requests, config.block_size, None)
     span_s = (requests[-1].arrival_s - requests[0].arrival_s) if requests else 0.0
@@ -833,6 +898,8 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
     rows = _ROWS
     if any("disagg_decisions" in res for res in policies.values()):
         rows = _ROWS + _DISAGG_ROWS
+    if any("kv_tiers" in res for res in policies.values()):
+        rows = rows + _TIER_ROWS
     for label, cell in rows:
         table.add_row(label, *(cell(res) for res in policies.values()))
     console.print(table)
@@ -901,6 +968,14 @@ _DISAGG_ROWS: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
         "leases expired / at end",
         lambda r: f"{r['leases_expired']} / {r['leases_outstanding_at_end']}",
     ),
+]
+
+_TIER_ROWS: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
+    ("tokens onboarded from G2", _cell("d", "kv_tiers", "onboarded_tokens", "G2")),
+    ("tokens onboarded from G4", _cell("d", "kv_tiers", "onboarded_tokens", "G4")),
+    ("cost check: onboard", _cell("d", "kv_tiers", "cost_check", "onboard")),
+    ("cost check: recompute", _cell("d", "kv_tiers", "cost_check", "recompute")),
+    ("onboard p50 ms", _cell("ms", "kv_tiers", "onboard_s_p50")),
 ]
 
 

@@ -94,6 +94,26 @@ def replay(
     block_size: Annotated[
         int, _opt("--block-size", help="Tokens per trace hash id and KV block.", env="BLOCK_SIZE")
     ] = 512,
+    kv_host_blocks_per_worker: Annotated[
+        int,
+        _opt(
+            "--kv-host-blocks-per-worker",
+            help="KV tiers: G2 (host memory) blocks behind each engine; 0: none.",
+            env="KV_HOST_BLOCKS",
+        ),
+    ] = 0,
+    kv_s3_blocks: Annotated[
+        int,
+        _opt(
+            "--kv-s3-blocks",
+            help="KV tiers: blocks of one G4 (S3) tier shared by every engine; 0: none.",
+            env="KV_S3_BLOCKS",
+        ),
+    ] = 0,
+    kv_s3_bandwidth_gbps: Annotated[
+        float,
+        _opt("--kv-s3-bandwidth-gbps", help="KV tiers: G4 -> device GB/s.", env="KV_S3_GBPS"),
+    ] = 2.0,
     mode: Annotated[
         str, _opt("--mode", help="offline (virtual time) | online (HTTP).", env="MODE")
     ] = "offline",
@@ -219,6 +239,9 @@ def replay(
             engine=engine,
             mode=mode,
             kv_blocks_per_worker=kv_blocks_per_worker,
+            kv_host_blocks_per_worker=kv_host_blocks_per_worker,
+            kv_s3_blocks=kv_s3_blocks,
+            kv_s3_bandwidth_gbps=kv_s3_bandwidth_gbps,
             block_size=block_size,
             speedup=speedup,
             limit=limit,
