@@ -5,8 +5,8 @@ workers and stock ``vllm serve`` workers alike; frontend and router panels use `
 (label ``model``). The workers' own disaggregation metrics (``strata_worker_info``,
 ``strata_kv_*``) carry ``model_name`` too. Per-worker breakdowns of worker metrics use the
 scrape target (``instance``).
-Panels on metrics no component emits yet (lifecycle, planner, KV tiers) define them:
-``grafana.planned_metrics`` lists them.
+Panels on metrics no component emits yet would define them in ``grafana.planned_metrics``
+(empty now: the KV tiers' metrics, the last planned ones, are the workers').
 """
 
 from __future__ import annotations
@@ -332,7 +332,8 @@ def _workers() -> Dashboard:
     def per_worker(metric: str) -> str:
         return f"sum by (instance) ({rate(metric, MODEL_NAME)})"
 
-    tier = 'model=~"$model"'
+    tier = MODEL_NAME  # the tier metrics are the worker's (label model_name)
+    tier_transport = f'{MODEL_NAME}, transport="tier"'
     info = f"strata_worker_info{{{MODEL_NAME}}}"
     return Dashboard(
         uid="strata-workers",
@@ -424,13 +425,21 @@ def _workers() -> Dashboard:
                 "KV tier occupancy",
                 (
                     Query(
-                        f"sum by (tier) (strata_kv_tier_used_blocks{{{tier}}}) / sum by (tier) "
-                        f"(strata_kv_tier_capacity_blocks{{{tier}}})",
+                        f"sum by (tier) (strata_kv_tier_used_blocks{{{tier}}}) / (sum by (tier) "
+                        f"(strata_kv_tier_capacity_blocks{{{tier}}}) > 0)",
                         "{{tier}}",
                     ),
                 ),
                 unit="percentunit",
-                description="G1 device, G2 host, G3 disk, G4 S3.",
+                width=8,
+                description="G1 device, G2 host, G3 disk, G4 S3 (a G4 without a limit has no "
+                "occupancy: see blocks per tier).",
+            ),
+            Panel(
+                "KV blocks per tier",
+                (Query(f"sum by (tier) (strata_kv_tier_used_blocks{{{tier}}})", "{{tier}}"),),
+                width=8,
+                description="G4 counts the blocks this worker's listing of the shared store saw.",
             ),
             Panel(
                 "KV tier hit rate",
@@ -443,7 +452,97 @@ def _workers() -> Dashboard:
                     ),
                 ),
                 unit="percentunit",
+                width=8,
                 description="Blocks found in each tier / blocks looked up past the device.",
+            ),
+            Panel(
+                "Cost check: onboard or recompute",
+                (
+                    Query(
+                        f"sum by (decision) "
+                        f"({rate('strata_kv_tier_onboard_decisions_total', tier)})",
+                        "{{decision}}",
+                    ),
+                ),
+                unit="ops",
+                width=8,
+                description="Requests whose prefix continued below the device: moved up "
+                "(onboard) or recomputed because moving it was estimated slower.",
+            ),
+            Panel(
+                "Cost check estimates (p50)",
+                tuple(
+                    Query(
+                        f"histogram_quantile(0.5, sum by (le) "
+                        f"({rate(f'strata_kv_tier_estimated_{what}_seconds_bucket', tier)}))",
+                        what,
+                    )
+                    for what in ("onboard", "recompute")
+                ),
+                unit="s",
+                width=8,
+                description="Per decision: estimated time to move the prefix's lower-tier blocks "
+                "(bytes / measured bandwidth + latency) and to recompute them (measured prefill).",
+            ),
+            Panel(
+                "Blocks refused on onboard",
+                (
+                    Query(
+                        f"sum by (tier, reason) "
+                        f"({rate('strata_kv_tier_rejected_blocks_total', tier)})",
+                        "{{tier}} {{reason}}",
+                    ),
+                ),
+                unit="ops",
+                width=8,
+                description="Dropped and recomputed, never served: checksum (bytes damaged), "
+                "foreign (another model or version), header (unreadable or another block).",
+            ),
+            Panel(
+                "KV tier copy time",
+                tuple(
+                    Query(
+                        f"histogram_quantile({q}, sum by (tier, direction, le) "
+                        f"({rate('strata_kv_tier_transfer_seconds_bucket', tier)}))",
+                        f"p{round(q * 100)} {{{{direction}}}} {{{{tier}}}}",
+                    )
+                    for q in (0.5, 0.99)
+                ),
+                unit="s",
+                width=8,
+                description="onboard: one request's blocks into the device (under the tier that "
+                "moved most of them); offload: one block's copy into a tier.",
+            ),
+            Panel(
+                "KV tier stores and evictions",
+                (
+                    Query(
+                        f"sum by (tier, outcome) ({rate('strata_kv_tier_stores_total', tier)})",
+                        "store {{outcome}} {{tier}}",
+                    ),
+                    Query(
+                        f"sum by (tier) ({rate('strata_kv_tier_evicted_blocks_total', tier)})",
+                        "evicted {{tier}}",
+                    ),
+                ),
+                unit="ops",
+                width=8,
+                description="Copies into each tier (ok, failed, skipped: no evictable room) and "
+                "least-recently-used evictions.",
+            ),
+            Panel(
+                "KV tier bytes per second",
+                (
+                    Query(
+                        f"sum by (tier, direction) "
+                        f"({rate('strata_kv_transfer_bytes_total', tier_transport)})",
+                        "{{direction}} {{tier}}",
+                    ),
+                ),
+                unit="Bps",
+                width=8,
+                description="Offload (device to a tier, or down a tier) and onboard (into the "
+                "device) bytes.",
             ),
             Row("Disaggregation and KV transfer"),
             Panel(
@@ -518,8 +617,8 @@ def _workers() -> Dashboard:
                 ),
                 unit="Bps",
                 width=8,
-                description="receive into G1: KV pulled from prefill workers. Offload and "
-                "onboard between KV tiers will use the same metric with their tier and direction.",
+                description="receive into G1: KV pulled from prefill workers; transport tier: "
+                "offload and onboard between KV tiers (also in the KV cache tiers row).",
             ),
             Panel(
                 "KV leases held",

@@ -106,12 +106,16 @@ def planned_metric(name: str) -> str | None:
 
 def _registries() -> dict[str, Any]:
     from serving.frontend.metrics import FrontendMetrics
+    from serving.kvcache.metrics import TierMetrics
     from serving.planner.metrics import PlannerMetrics
     from serving.worker.metrics import WorkerMetrics
     from workflows.metrics import WORKFLOW_REGISTRY
 
+    worker = WorkerMetrics("m")
+    # A worker with KV tiers (--kv-host-gib, ...) adds the strata_kv_tier_* families.
+    TierMetrics(worker.registry, worker.labels, ("G2", "G3", "G4"), worker.transfer_bytes_family)
     return {
-        "worker": WorkerMetrics("m").registry,
+        "worker": worker.registry,
         "frontend": FrontendMetrics("m").registry,
         "workflow": WORKFLOW_REGISTRY,
         "planner": PlannerMetrics("m", ("prefill", "decode", "both")).registry,

@@ -48,7 +48,6 @@ NUM_REQUESTS = 40
 RATE_INTERVAL = "2m"
 _NOT_RUNNING = {
     "strata_planner_": "the planner does not exist yet",
-    "strata_kv_tier_": "KV tiers below the device do not exist yet",
 }
 # Series an aggregated stack never creates (histograms whose first sample creates them).
 _DISAGG_ONLY = {
@@ -62,7 +61,8 @@ _DISAGG_ONLY = {
 @pytest.fixture(scope="module")
 def stack(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("observability")
-    serve, frontend_url = start_serve(smollm2_dir, tmp, "--workers", "2")
+    # A host-memory KV tier on each worker: the KV cache tiers row has data.
+    serve, frontend_url = start_serve(smollm2_dir, tmp, "--workers", "2", "--kv-host-gib", "0.25")
     prometheus = None
     try:
         workers = httpx.get(f"{frontend_url}/admin/workers", timeout=10).json()["workers"]
