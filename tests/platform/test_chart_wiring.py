@@ -352,6 +352,8 @@ def test_discovery_role_and_worker_services_match_what_the_frontend_reads(
 
 
 def test_kv_tier_volumes_requests_and_s3_settings(rendered_envs: dict[str, Rendered]) -> None:
+    from workflows.platform_cli import PlatformError
+
     tiers = rendered_envs[ENV].env.strata["kvTiers"]
     for deployment in by_component(rendered_envs[ENV], "Deployment", "worker"):
         c = pod_container(deployment)
@@ -372,6 +374,8 @@ def test_kv_tier_volumes_requests_and_s3_settings(rendered_envs: dict[str, Rende
         # The G2 tier fits the memory limit; the region reaches boto3.
         assert int(c["resources"]["limits"]["memory"].removesuffix("Gi")) > tiers["hostGiB"]
         assert {"name": "AWS_REGION", "value": tiers["s3Region"]} in c["env"]
+    with pytest.raises(PlatformError, match=r"kvTiers.hostGiB \(300\) does not fit in .*200Gi"):
+        render_strata(kvTiers={"hostGiB": 300})
     off = rendered_envs["g6-aggregated"]
     for deployment in by_component(off, "Deployment", "worker"):
         assert not any(a.startswith(("--kv-host", "--kv-disk", "--kv-s3"))
