@@ -341,7 +341,9 @@ def test_every_deployment_has_a_disruption_budget_and_drains(
         assert deployment["spec"]["selector"]["matchLabels"] in budgets
         pod = deployment["spec"]["template"]["spec"]
         c = container(deployment)
-        assert c["readinessProbe"]["httpGet"]["path"] == "/health"
+        serve = c["args"][0] == "serve"  # the frontend: ready when it can route, alive regardless
+        assert c["readinessProbe"]["httpGet"]["path"] == ("/ready" if serve else "/health")
+        assert c["livenessProbe"]["httpGet"]["path"] == ("/live" if serve else "/health")
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert c["securityContext"]["readOnlyRootFilesystem"] is True
         if "worker" in c["args"][:1]:

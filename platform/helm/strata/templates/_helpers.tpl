@@ -51,17 +51,18 @@ capabilities:
   drop: [ALL]
 {{- end -}}
 
+{{/* Probes: (dict "startupFailures" N "ready" PATH "live" PATH); paths default to /health. */}}
 {{- define "strata.probes" -}}
 startupProbe:
-  httpGet: {path: /health, port: http}
+  httpGet: {path: {{ default "/health" .live }}, port: http}
   periodSeconds: 5
   failureThreshold: {{ .startupFailures }}
 readinessProbe:
-  httpGet: {path: /health, port: http}
+  httpGet: {path: {{ default "/health" .ready }}, port: http}
   periodSeconds: 5
   failureThreshold: 2
 livenessProbe:
-  httpGet: {path: /health, port: http}
+  httpGet: {path: {{ default "/health" .live }}, port: http}
   periodSeconds: 10
   failureThreshold: 6
 {{- end -}}
