@@ -128,8 +128,10 @@ def run_workflow(
     ):  # Ctrl-C, SIGTERM turned into SystemExit: still clean up, as Argo's stop does
         if spec.on_exit is not None:
             console.print("  [red]interrupted[/]: running the exit handler")
-            _run_step(spec.on_exit, params, {"status": "Failed"}, StepStatus(spec.on_exit.name),
-                      console, backoff)  # fmt: skip
+            exit_status = StepStatus(spec.on_exit.name)
+            _run_step(spec.on_exit, params, {"status": "Failed"}, exit_status, console, backoff)
+            # What it undid (the removed deployment) is not reused by a resume.
+            _save_state(state_path, spec, params, statuses, exit_status)
         raise
     phase = "Succeeded" if all(s.phase == "Succeeded" for s in statuses.values()) else "Failed"
     exit_status = None

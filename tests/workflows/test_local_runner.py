@@ -218,20 +218,37 @@ def test_local_gate_holds_on_a_busy_laptop_the_cluster_keeps_its_slo() -> None:
     assert PublishParams(name="m", slo_ttft_p95_ms=100.0).slo_ms() == (100.0, LOCAL_SLO_MS[1])
 
 
-def test_an_interrupted_run_still_runs_the_exit_handler() -> None:
+def test_an_interrupted_run_still_runs_the_exit_handler_and_resumes(tmp_path) -> None:
     """Ctrl-C (or SIGTERM turned into SystemExit, as `strata demo` does) in the middle of a
-    step: the exit handler runs with "Failed" before the interruption goes on."""
+    step: the exit handler runs with "Failed" before the interruption goes on, and its result is
+    saved, so a resume deploys again instead of reusing the removed deployment."""
     seen: list[str] = []
+    interrupt = {"evaluate": True}
 
-    def interrupted(params: PublishParams) -> dict:
-        raise KeyboardInterrupt
+    def step(name: str):  # type: ignore[no-untyped-def]
+        def fn(params: PublishParams, **inputs: object) -> dict:
+            seen.append(name)
+            if interrupt.pop(name, False):
+                raise KeyboardInterrupt
+            return {"out": name}
+
+        return fn
 
     def on_exit(params: PublishParams, status: str) -> dict:
-        seen.append(status)
-        return {}
+        seen.append(f"exit:{status}")
+        return {"undone": ["deploy"] if status != "Succeeded" else []}
 
-    spec = WorkflowSpec("w", (StepSpec("deploy", interrupted),),
-                        on_exit=StepSpec("cleanup", on_exit))  # fmt: skip
+    spec = WorkflowSpec("w", (
+        StepSpec("stage", step("stage")),
+        StepSpec("deploy", step("deploy"), depends=("stage",)),
+        StepSpec("evaluate", step("evaluate"), depends=("deploy",)),
+    ), on_exit=StepSpec("cleanup", on_exit))  # fmt: skip
+    params = PublishParams(name="m", run_id="local-interrupted")
     with pytest.raises(KeyboardInterrupt):
-        run_workflow(spec, PARAMS, console=quiet())
-    assert seen == ["Failed"]
+        run_workflow(spec, params, console=quiet(), state_dir=tmp_path)
+    assert seen == ["stage", "deploy", "evaluate", "exit:Failed"]
+    resumed = run_workflow(spec, params, console=quiet(), state_dir=tmp_path, resume=True)
+    assert resumed.succeeded
+    assert seen[4:] == ["deploy", "evaluate", "exit:Succeeded"]
+    reused = [resumed.steps[s].reused for s in ("stage", "deploy", "evaluate")]
+    assert reused == [True, False, False]
