@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import json
 import math
@@ -51,6 +52,7 @@ class Outcome:
     latency_s: float  # to the last byte (or to the error / 429)
     failed: bool = False  # admitted (200) but the stream broke, or a non-429 error
     keyed: bool = False
+    error: str = ""  # why it failed: the error event, the cut stream's tail, the exception
 
 
 @dataclass(slots=True)
@@ -104,18 +106,22 @@ async def one_request(http: httpx.AsyncClient, args: argparse.Namespace, t0: flo
     body = {"model": args.model.name, "prompt": prompt, "max_tokens": args.output_tokens,
             "ignore_eos": True, "stream": True}  # fmt: skip
     headers = {"Authorization": f"Bearer {KEY if keyed else 'sk-soak'}"}
-    status, failed = 0, False
+    status, failed, error = 0, False, ""
     try:
         async with http.stream("POST", "/v1/completions", json=body, headers=headers) as resp:
             status = resp.status_code
             text = (await resp.aread()).decode(errors="replace")
             if status == 200:
-                failed = '"error"' in text or not text.rstrip().endswith("data: [DONE]")
+                # An error event (not a token whose text is "error"), or a cut stream.
+                failed = 'data: {"error"' in text or not text.rstrip().endswith("data: [DONE]")
             else:
                 failed = status != 429
-    except httpx.HTTPError:
-        failed = True
-    run.outcomes.append(Outcome(sent - t0, status, time.perf_counter() - sent, failed, keyed))
+            if failed:
+                error = text[-300:]
+    except httpx.HTTPError as exc:
+        failed, error = True, f"{type(exc).__name__}: {exc}"
+    run.outcomes.append(Outcome(sent - t0, status, time.perf_counter() - sent, failed, keyed,
+                                error))  # fmt: skip
 
 
 async def calibrate(url: str, args: argparse.Namespace) -> tuple[float, float]:
@@ -269,6 +275,8 @@ def summarize(run: Run, args: argparse.Namespace, capacity: float, calib_p99: fl
         "failed": sum(o.failed for o in run.outcomes),
         "failed_among_admitted": sum(o.failed for o in admitted),
         "kills": len(run.kills),
+        "failure_reasons": dict(collections.Counter(o.error[:120] for o in run.outcomes
+                                                    if o.failed).most_common(5)),
         "rejected_latency_ms_p50": round(1000 * percentile(rejected, 0.5), 1),
         "rejected_latency_ms_p99": round(1000 * percentile(rejected, 0.99), 1),
         "sla_e2e_s": round(sla_s, 3),
@@ -322,6 +330,8 @@ def main() -> None:
     parser.add_argument("--startup-timeout-s", type=float, default=900.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench/results/soak.json"))
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="keep strata serve's and the workers' logs here")  # fmt: skip
     args = parser.parse_args()
     args.model = args.model.absolute()
     args.duration_s = args.duration_s or (120.0 if args.overload else 600.0)
@@ -330,7 +340,9 @@ def main() -> None:
         args.kill_every_s = 0.0 if args.overload else 60.0
     random.seed(args.seed)
     with tempfile.TemporaryDirectory(prefix="strata-soak-") as tmp:
-        serve, url = start_serve(args, Path(tmp))
+        workdir = args.workdir or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        serve, url = start_serve(args, workdir)
         try:
             capacity, calib_p99 = asyncio.run(calibrate(url, args))
             print(f"capacity {capacity:.2f} req/s, calibration p99 {calib_p99:.2f} s", flush=True)

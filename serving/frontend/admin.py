@@ -80,6 +80,12 @@ class WorkerList(BaseModel):
     workers: list[WorkerInfo]
 
 
+class WorkerKVBlocks(BaseModel):
+    worker_id: str
+    block_size: int
+    blocks: dict[str, list[int]] = Field(description="Router block hashes per medium.")
+
+
 class KeysReloaded(BaseModel):
     reloaded: bool = Field(description="False when no keys file is configured.")
     keys: dict[str, int] = Field(description="Keys in use by role.")
@@ -103,7 +109,11 @@ def make_admin_router() -> APIRouter:
             raise APIError(str(exc), param="url") from exc
         return worker_json(worker)
 
-    @router.get("/workers/{worker_id}/kv_blocks")
+    @router.get(
+        "/workers/{worker_id}/kv_blocks",
+        response_model=WorkerKVBlocks,
+        responses=error_responses(404),
+    )
     async def worker_kv_blocks(worker_id: str, request: Request) -> dict[str, Any]:
         """What the router's KV index holds for one worker: router block hashes per medium."""
         found = _state(request).models.locate(worker_id)
@@ -117,7 +127,9 @@ def make_admin_router() -> APIRouter:
             "blocks": {medium: sorted(hashes) for medium, hashes in held.items()},
         }
 
-    @router.post("/workers/{worker_id}/drain")
+    @router.post(
+        "/workers/{worker_id}/drain", response_model=WorkerInfo, responses=error_responses(404)
+    )
     async def drain_worker(worker_id: str, request: Request) -> dict[str, Any]:
         """Stop routing new requests to the worker (the planner's scale-down); its streams go
         on. ``active_requests`` falls to 0 when they have ended; then stop and DELETE it."""

@@ -184,6 +184,13 @@ def serve(
             help="Run the planner here: it adds and drains local workers of the first model.",
         ),
     ] = False,
+    worker_startup_timeout_s: Annotated[
+        float,
+        typer.Option(
+            envvar="STRATA_WORKER_STARTUP_TIMEOUT_S",
+            help="Seconds local workers may take to become healthy (vLLM: at least 1800).",
+        ),
+    ] = 300.0,
     planner_config: Annotated[
         Path | None,
         typer.Option(
@@ -269,6 +276,7 @@ def serve(
         kube_selector=kube_selector,
         planner=planner or planner_config is not None,
         planner_config=planner_config,
+        startup_timeout_s=worker_startup_timeout_s,
         kv_host_gib=kv_host_gib,
         kv_disk_gib=kv_disk_gib,
         kv_disk_dir=kv_disk_dir,

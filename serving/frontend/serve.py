@@ -54,6 +54,8 @@ from serving.vllm_engine.discovery import pool_block_size
 
 logger = logging.getLogger(__name__)
 
+FRONTEND_KEEP_ALIVE_S = 75
+
 
 @dataclass(slots=True)
 class ModelEntry:
@@ -441,9 +443,17 @@ def build_frontend_state(
     )
 
 
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def run_serve(config: ServeConfig) -> None:
     supervisor = WorkerSupervisor(config)
     planner = None
+    if threading.current_thread() is threading.main_thread():
+        # A SIGTERM while the workers start (minutes on a busy CPU) must still stop them: the
+        # default action would end this process at once and leave them running.
+        signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         specs = supervisor.start() if config.roles else []
         specs += [WorkerSpec.parse(text) for text in config.worker_urls]
@@ -473,6 +483,10 @@ def run_serve(config: ServeConfig) -> None:
                 port=config.port,
                 log_level="warning",
                 timeout_graceful_shutdown=30,
+                # Longer than the idle timeout of a client's pool or a load balancer in front
+                # (an AWS ALB's is 60 s): a connection the server closes first races with a
+                # request sent on it, which fails with a reset (a 502 behind a balancer).
+                timeout_keep_alive=FRONTEND_KEEP_ALIVE_S,
             )
         )
         roles = ", ".join(f"{s.worker_id or s.url} ({s.role or 'from /health'})" for s in specs)
@@ -485,7 +499,8 @@ def run_serve(config: ServeConfig) -> None:
         )
         # uvicorn re-raises the signal that stopped it once it has shut down; with the default
         # SIGTERM action that would kill this process before the workers are stopped below.
-        signal.signal(signal.SIGTERM, lambda signum, frame: None)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, lambda signum, frame: None)
         server.run()
     finally:
         if planner is not None:

@@ -35,6 +35,8 @@ class FrontendSettings:
     kube_namespace: str | None = None  # None: the pod's own namespace, else "default"
     kube_selector: str = "app.kubernetes.io/component=worker"
     migration_limit: int = 3
+    # A migrating stream waits this long for a healthy worker before it ends with a 503.
+    migration_wait_s: float = 30.0
     health_interval_s: float = 2.0
     max_health_failures: int = 3
     # A worker that served requests but sent no KV event for this long triggers a warning.

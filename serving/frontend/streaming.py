@@ -8,6 +8,7 @@ the prompt, and the client's stream goes on.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -17,7 +18,7 @@ from typing import Any
 import httpx
 
 from serving.frontend.job import Job, unsent_text, worker_payload
-from serving.frontend.models import ServedModel
+from serving.frontend.models import ModelVersion, ServedModel
 from serving.frontend.prefill import maybe_remote_prefill
 from serving.frontend.router import Router
 from serving.frontend.state import FrontendState
@@ -28,6 +29,10 @@ from serving.router.indexer import cached_prompt_tokens
 from serving.router.policies import NoWorkersError
 
 logger = logging.getLogger(__name__)
+
+# How often a migrating request looks for a healthy worker again (the health loop's probes and
+# discovery bring workers back; they run every few seconds).
+_MIGRATION_POLL_S = 0.25
 
 
 async def client_pieces(
@@ -64,9 +69,7 @@ async def segments(
     """
     tried: set[str] = set()
     while True:
-        version = served.version_for(job.version)
-        if version is None:
-            raise _no_worker()
+        version = await _version_to_try(state, served, job)
         job.version = version.version
         pool, router = version.pool, version.router
         candidates = [w for w in pool.decode_ids() if w not in tried]
@@ -122,6 +125,20 @@ async def segments(
             raise
 
 
+async def _version_to_try(state: FrontendState, served: ServedModel, job: Job) -> ModelVersion:
+    """The version to route the next attempt in. A migrating request waits up to
+    ``migration_wait_s`` for a worker to be healthy again (a restarted one, or one marked failed
+    for a timeout while this process was busy) rather than cutting a stream it has started."""
+    deadline = time.monotonic() + (state.settings.migration_wait_s if job.num_migrations else 0)
+    while True:
+        version = served.version_for(job.version)
+        if version is not None and version.pool.decode_ids():
+            return version
+        if time.monotonic() >= deadline:
+            raise _no_worker()
+        await asyncio.sleep(_MIGRATION_POLL_S)
+
+
 def _no_worker() -> APIError:
     return APIError(
         "no healthy worker is available", status_code=503, type="ServiceUnavailableError"
@@ -155,14 +172,16 @@ async def stream_from_worker(
             if response.status_code != 200:
                 await response.aread()
                 raise passthrough_error(response)
+            done = False
             async for line in response.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
+                if done or not line.startswith("data: "):
+                    continue  # after [DONE]: read to the body's end, so the connection is reused
                 data = line[6:]
                 if data == "[DONE]":
                     if job.finish_reason is None:
                         raise WorkerFailed("stream ended without a finish reason")
-                    return
+                    done = True
+                    continue
                 chunk = json.loads(data)
                 if "error" in chunk:
                     raise WorkerFailed(f"worker error: {chunk['error'].get('message')}")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import httpx
+import zmq
 
 from serving.protocol.kv_events import KVEventBatch
 from serving.router.subscriber import KVEventSubscriber, KVEventSubscriberThread
@@ -114,16 +115,37 @@ class WorkerProbe:
     replay_endpoint: str | None
 
 
+def check_kv_endpoint(endpoint: str | None, what: str) -> None:
+    """A ZeroMQ endpoint a subscriber can connect to: ``tcp://HOST:PORT`` or ``ipc://PATH``."""
+    if endpoint is None:
+        return
+    scheme, sep, rest = endpoint.partition("://")
+    if scheme == "tcp":
+        host, colon, port = rest.rpartition(":")
+        valid = bool(colon and host) and port.isdigit() and 0 < int(port) < 65536
+    else:
+        valid = scheme == "ipc" and bool(sep and rest)
+    if not valid:
+        raise WorkerRegistrationError(
+            f"{what} {endpoint!r}: expected tcp://HOST:PORT or ipc://PATH"
+        )
+
+
 async def probe_worker(http: httpx.AsyncClient, spec: WorkerSpec, block_size: int) -> WorkerProbe:
     """Ask a worker for its model (``/v1/models``), role, block size and KV-event endpoints
     (a Strata worker's ``/health``); the spec's values win over the worker's.
 
     Raises ``WorkerRegistrationError`` for an unreachable worker or one that does not fit.
     """
+    if not spec.url.startswith(("http://", "https://")):
+        raise WorkerRegistrationError(f"worker url {spec.url!r} must start with http(s)://")
+    check_kv_endpoint(spec.kv_events_endpoint, "kv_events_endpoint")
+    check_kv_endpoint(spec.replay_endpoint, "replay_endpoint")
     try:
         models = (await http.get(f"{spec.url}/v1/models", timeout=10)).json()
         model_name = models["data"][0]["id"]
-    except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
+    except (httpx.HTTPError, httpx.InvalidURL, ValueError, KeyError, IndexError,
+            TypeError) as exc:  # fmt: skip
         raise WorkerRegistrationError(f"worker {spec.url}: /v1/models failed: {exc}") from exc
     kv_endpoint, replay_endpoint = spec.kv_events_endpoint, spec.replay_endpoint
     try:
@@ -225,7 +247,13 @@ class WorkerPool:
                         spec.version or DEFAULT_VERSION)  # fmt: skip
         self.workers[worker_id] = worker
         self.on_added(worker)
-        await self._subscribe(worker)
+        try:
+            await self._subscribe(worker)
+        except zmq.ZMQError as exc:  # an endpoint ZeroMQ refuses: add nothing
+            self.deregister(worker_id)
+            raise WorkerRegistrationError(
+                f"worker {spec.url}: KV events at {worker.kv_events_endpoint}: {exc}"
+            ) from exc
         logger.info(
             "worker %s added: %s (model %s, role %s, KV events %s)",
             worker_id,

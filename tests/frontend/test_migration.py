@@ -102,7 +102,7 @@ def test_strata_serve_starts_and_stops_everything(smollm2_dir: Path, tmp_path: P
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url, proc, timeout_s=120)
+        wait_healthy(url, proc, timeout_s=600)  # minutes at load 20+ on 2 cores
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
         out = client.completions.create(model=MODEL, prompt="Hello", max_tokens=5)
         assert out.usage.completion_tokens == 5

@@ -3,14 +3,19 @@
 Every operation gets a bounded number of generated requests (``EXAMPLES``); each response must
 be documented (status code, content type, headers, body schema), no response is a 5xx, and
 every error is OpenAI's error JSON. Afterwards both servers are still healthy and serve a real
-completion. Operations that change the serving set (registering or removing workers) are
-excluded here; ``test_frontend_routing.py`` and ``test_admission.py`` cover them by hand.
+completion.
+
+The operations that change the serving set (register, remove, drain a worker) are fuzzed on
+their own (``test_frontend_control_routes``): besides random cases, valid cases aimed at a spare
+worker (register it under fuzzed ids, models, versions, roles and KV endpoints; remove or drain
+it under its real id), the set reset between cases, and the worker that serves the other
+operations is never removed or drained.
 """
 
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +38,15 @@ from tests.worker.conftest import ThreadServer
 
 MODEL = "smollm2-135m-instruct"
 EXAMPLES = 30  # per operation and server
-EXCLUDED = {
+CONTROL = {
     ("POST", "/admin/workers"),
     ("DELETE", "/admin/workers/{worker_id}"),
     ("POST", "/admin/workers/{worker_id}/drain"),
-    # Not documented yet (added by another engineer, uncommitted when this was written).
-    ("GET", "/admin/workers/{worker_id}/kv_blocks"),
 }
+SPARE_ID = "spare"
 SEEN: dict[str, collections.Counter[str]] = {"frontend": collections.Counter(),
                                              "worker": collections.Counter()}  # fmt: skip
+STATUSES: dict[str, collections.Counter[int]] = collections.defaultdict(collections.Counter)
 
 
 @pytest.fixture(scope="module")
@@ -58,15 +63,31 @@ def fuzz_frontend(smollm2_dir: Path, fuzz_worker: ThreadServer) -> Iterator[Fron
     frontend.stop()
 
 
+@pytest.fixture(scope="module")
+def spare_worker(smollm2_dir: Path) -> Iterator[ThreadServer]:
+    worker = mock_worker_in_thread(smollm2_dir, name=MODEL, speedup=1000)
+    yield worker
+    worker.stop()
+
+
+def _is_control(ctx: Any) -> bool:
+    return (ctx.operation.method.upper(), ctx.operation.path) in CONTROL
+
+
 def _load(url: str) -> Any:
-    schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
-    return schema.exclude(func=lambda ctx: (ctx.operation.method.upper(),
-                                            ctx.operation.path) in EXCLUDED)  # fmt: skip
+    return schemathesis.openapi.from_url(f"{url}/openapi.json").exclude(func=_is_control)
 
 
 @pytest.fixture(scope="module")
 def frontend_schema(fuzz_frontend: FrontendServer) -> Any:
     return _load(fuzz_frontend.url)
+
+
+@pytest.fixture(scope="module")
+def control_schema(fuzz_frontend: FrontendServer) -> Any:
+    return schemathesis.openapi.from_url(f"{fuzz_frontend.url}/openapi.json").include(
+        func=_is_control
+    )
 
 
 @pytest.fixture(scope="module")
@@ -104,21 +125,31 @@ def _served_model(case: Any) -> Any:
     return case
 
 
-def _fuzz(server: str, schema: Any) -> None:
+def _fuzz(
+    server: str,
+    schema: Any,
+    aimed: Callable[[Any], Any] = _served_model,
+    before: Callable[[Any], None] | None = None,
+) -> None:
     """Each operation: ``EXAMPLES`` requests, valid and invalid (schemathesis' positive and
-    negative generation), every response checked."""
+    negative generation) and valid ones ``aimed`` at something that exists, every response
+    checked. ``before(case)`` runs before each call."""
     operations = [result.ok() for result in schema.get_all_operations()]
     assert operations
     for operation in operations:
         positive = operation.as_strategy(GenerationMode.POSITIVE)
         strategy = st.one_of(positive, operation.as_strategy(GenerationMode.NEGATIVE),
-                             positive.map(_served_model))  # fmt: skip
+                             positive.map(aimed))  # fmt: skip
 
         @FUZZ
         @given(case=strategy)
         def run(case: Any) -> None:
-            SEEN[server][f"{case.method} {case.path}"] += 1
+            if before is not None:
+                before(case)
+            operation = f"{case.method} {case.path}"
+            SEEN[server][operation] += 1
             response = case.call(timeout=60)
+            STATUSES[f"{server} {operation}"][response.status_code] += 1
             case.validate_response(response, checks=CHECKS)
             openai_error_body(None, response, case)
 
@@ -135,6 +166,57 @@ def test_worker_spec(worker_schema: Any) -> None:
     _fuzz("worker", worker_schema)
 
 
+class ControlCases:
+    """Aims control-route cases at the spare worker and resets the serving set between them."""
+
+    def __init__(self, frontend: FrontendServer, spare: ThreadServer, original: str) -> None:
+        self.admin = httpx.Client(base_url=f"{frontend.url}/admin", timeout=60)
+        self.spare, self.original = spare, original
+
+    def aimed(self, case: Any) -> Any:
+        if case.method.upper() == "POST" and case.path == "/admin/workers":
+            if isinstance(case.body, dict):
+                case.body = {**case.body, "url": self.spare.url}
+        else:
+            case.path_parameters = {**(case.path_parameters or {}), "worker_id": SPARE_ID}
+        return case
+
+    def before(self, case: Any) -> None:
+        """Only the original worker left; the spare registered under ``SPARE_ID`` when the
+        case removes or drains it; the original worker never removed nor drained."""
+        self.reset()
+        params = case.path_parameters or {}
+        if params.get("worker_id") == self.original:
+            case.path_parameters = {**params, "worker_id": f"not-{self.original}"}
+        if params.get("worker_id") == SPARE_ID:
+            added = self.admin.post("/workers", json={"url": self.spare.url,
+                                                      "worker_id": SPARE_ID})  # fmt: skip
+            assert added.status_code == 201, added.text
+
+    def reset(self) -> None:
+        for worker in self.admin.get("/workers").json()["workers"]:
+            if worker["worker_id"] != self.original:
+                assert self.admin.delete(f"/workers/{worker['worker_id']}").status_code == 200
+
+
+@pytest.mark.slow
+def test_frontend_control_routes(
+    control_schema: Any, fuzz_frontend: FrontendServer, spare_worker: ThreadServer
+) -> None:
+    (original,) = [w.worker_id for _, v in fuzz_frontend.state.models.versions()
+                   for w in v.pool.workers.values()]  # fmt: skip
+    cases = ControlCases(fuzz_frontend, spare_worker, original)
+    try:
+        _fuzz("frontend", control_schema, cases.aimed, cases.before)
+        # The spare was really registered, removed and drained along the way.
+        for (method, path), ok in zip(sorted(CONTROL), (200, 201, 200), strict=True):
+            assert STATUSES[f"frontend {method} {path}"][ok] > 0, (method, path)
+    finally:
+        cases.reset()
+    (left,) = cases.admin.get("/workers").json()["workers"]
+    assert left["worker_id"] == original and left["healthy"] and not left["draining"]
+
+
 def test_both_servers_stay_healthy_after_fuzzing(
     fuzz_frontend: FrontendServer, fuzz_worker: ThreadServer
 ) -> None:
@@ -146,4 +228,5 @@ def test_both_servers_stay_healthy_after_fuzzing(
     print("\nfuzzed examples per operation:")
     for server, counts in SEEN.items():
         for operation, num in sorted(counts.items()):
-            print(f"  {server:9s} {operation:40s} {num}")
+            statuses = dict(sorted(STATUSES[f"{server} {operation}"].items()))
+            print(f"  {server:9s} {operation:40s} {num:4d}  statuses {statuses}")

@@ -84,7 +84,7 @@ def start_serve(model_dir: Path, tmp: Path, *serve_args: str) -> tuple[subproces
             raise RuntimeError(f"strata serve exited:\n{(tmp / 'serve.log').read_text()[-3000:]}")
         return httpx.get(f"{url}/health", timeout=2).status_code == 200
 
-    wait_or_stop(proc, "strata serve healthy", healthy, deadline_s=180)
+    wait_or_stop(proc, "strata serve healthy", healthy, deadline_s=600)  # minutes at load 20+
     return proc, url
 
 

@@ -44,6 +44,9 @@ class WorkerProcess:
         return self.proc.returncode
 
 
+WORKER_STARTUP_S = 600.0
+
+
 def start_worker_process(args: list[str], log_path: Path) -> WorkerProcess:
     port = free_port()
     cmd = [sys.executable, "-m", "serving.worker", "--port", str(port), *args]
@@ -53,7 +56,8 @@ def start_worker_process(args: list[str], log_path: Path) -> WorkerProcess:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        health = wait_healthy(url, proc)
+        # Generous: importing torch and loading a model took ~4 min at load 10 on 2 cores.
+        health = wait_healthy(url, proc, timeout_s=WORKER_STARTUP_S)
     except Exception:
         proc.kill()
         proc.wait()

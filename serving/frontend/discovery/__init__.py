@@ -20,6 +20,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
+import httpx
+
 from serving.frontend.models import ModelSet
 from serving.frontend.workers import WorkerRegistrationError, WorkerSpec
 
@@ -92,7 +94,10 @@ class Discovery:
                 await asyncio.wait_for(self._changed.wait(), self.retry_interval_s)
             self._changed.clear()
             if self._first_set_seen:
-                await self.reconcile()
+                try:
+                    await self.reconcile()
+                except Exception:  # a bug must not end discovery: log it, try again
+                    logger.exception("%s discovery: reconcile failed", self.source.name)
 
     async def reconcile(self) -> None:
         """One pass: drop what left, add what is new (unreachable ones wait for the next)."""
@@ -114,7 +119,7 @@ class Discovery:
             return True
         try:
             worker = await self.models.register(spec)
-        except WorkerRegistrationError as exc:
+        except (WorkerRegistrationError, httpx.HTTPError) as exc:
             if spec.url not in self._warned:  # once per outage, not every retry
                 self._warned.add(spec.url)
                 logger.warning("%s discovery: %s not added yet (retrying): %s",
