@@ -132,13 +132,19 @@ def vllm_command(
 
 def cpu_bind(index: int, num_workers: int, num_cpus: int) -> str:
     """``VLLM_CPU_OMP_THREADS_BIND`` for worker ``index``: its own slice of the cores when there
-    are at least two per worker, else all cores shared (``0-(n-1)``; vLLM's ``all`` fails
-    on small machines)."""
+    are at least two per worker (one OMP thread per core, pinned), else ``nobind`` (also for a
+    worker beyond ``num_workers``, one the planner adds).
+
+    Workers never share pinned cores: vLLM's CPU kernels run OpenMP regions whose threads wait
+    for each other at every barrier, so two workers' threads pinned to the same cores stall
+    each other, the more so on a machine shared with other processes. Under ``nobind`` the OS
+    places the threads, one per worker (``vllm_env`` sets ``OMP_NUM_THREADS``).
+    """
     per_worker = num_cpus // max(num_workers, 1)
-    if per_worker >= 2:
+    if per_worker >= 2 and index < num_workers:
         first = index * per_worker
         return f"{first}-{first + per_worker - 1}"
-    return f"0-{max(num_cpus, 1) - 1}"
+    return "nobind"
 
 
 def vllm_env(
@@ -155,6 +161,8 @@ def vllm_env(
     env.setdefault(
         "VLLM_CPU_OMP_THREADS_BIND", cpu_bind(index, num_workers, num_cpus or os.cpu_count() or 1)
     )
+    if env["VLLM_CPU_OMP_THREADS_BIND"] == "nobind":
+        env.setdefault("OMP_NUM_THREADS", "1")  # vLLM sets no thread count without binding
     if nixl_side_channel_port is not None:
         env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = env.get("VLLM_NIXL_SIDE_CHANNEL_HOST", "127.0.0.1")
         env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(nixl_side_channel_port)

@@ -14,16 +14,23 @@ vllm_kv_capture``, or use them under ``tests/vllm/`` where the conftest exposes 
 * ``vllm_kv_capture``: a ``KVEventCapture`` on that worker, positioned after the last batch it
   has published; ``take()`` returns the raw frames ``(topic, seq, payload)`` vLLM's own
   publisher sent since, read from its replay socket (exactly what a subscriber would receive).
+* ``vllm_reference``: greedy answers of ``vllm_worker`` alone (token ids), asked once per
+  session and shared by the tests that compare Strata's paths with vLLM alone.
+
+Wall time: the pool's start dominates (three Python processes per worker import vLLM and
+torch); tests keep to few, short requests. Run with ``--junitxml`` to keep the figures the
+tests record (``record_property``: blocks, evictions, cache hits, migrations).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,14 +53,19 @@ START_TIMEOUT_S = 1800.0  # two vLLM processes importing on two shared cores
 # pytest-timeout for tests that use the pool: the first one is charged its start.
 POOL_TIMEOUT_S = START_TIMEOUT_S + 900
 # Every vLLM worker of the tests: no torch.compile warm-up (minutes on CPU), a small KV cache
-# (evictions happen), a context that fits it.
-NUM_GPU_BLOCKS = 72  # vLLM refuses 64 (2048 tokens) for --max-model-len 2048
+# (evictions happen after a few requests), a context that fits it (the chat set's longest
+# prompt is 440 tokens).
+NUM_GPU_BLOCKS = 40  # 1,280 tokens; vLLM needs more than --max-model-len / 32 blocks
 VLLM_TEST_ARGS = (
     "--enforce-eager",
     f"--num-gpu-blocks-override={NUM_GPU_BLOCKS}",
-    "--max-model-len=2048",
+    "--max-model-len=1024",
     "--max-num-seqs=8",
 )
+# Admission limits far above what the tests send: the Serving dashboard's limit panels have
+# data, and admission runs in front of vLLM workers as in front of Strata's.
+POOL_ARGS = ("--max-inflight-requests=64", "--max-queued-prompt-tokens=262144")
+MAX_TOKENS = 16  # every comparison with vLLM alone (the shared reference answers)
 REPLAY_END_SEQ = (-1).to_bytes(8, "big", signed=True)
 
 
@@ -146,13 +158,19 @@ def vllm_workers(frontend_url: str) -> list[VLLMWorker]:
 
 
 @pytest.fixture(scope="session")
-def vllm_pool(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMPool]:
+def vllm_pool(
+    smollm2_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    record_testsuite_property: Callable[[str, object], None],
+) -> Iterator[VLLMPool]:
     """``strata serve --engine vllm --workers 2 --router kv`` over SmolLM2 (float32, block 32)."""
     vllm_python_or_skip()
     tmp = tmp_path_factory.mktemp("vllm-pool")
     worker_args = [f"--worker-arg={arg}" for arg in VLLM_TEST_ARGS]
+    started = time.monotonic()
     proc, url = start_strata_serve(smollm2_dir, tmp, "--engine", "vllm", "--workers", "2",
-                                   "--router", "kv", *worker_args)  # fmt: skip
+                                   "--router", "kv", *POOL_ARGS, *worker_args)  # fmt: skip
+    record_testsuite_property("vllm_pool_start_s", round(time.monotonic() - started, 1))
     try:
         yield VLLMPool(url, proc, vllm_workers(url), tmp / "logs")
     finally:
@@ -162,6 +180,34 @@ def vllm_pool(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
 @pytest.fixture(scope="session")
 def vllm_worker(vllm_pool: VLLMPool) -> VLLMWorker:
     return vllm_pool.workers[0]
+
+
+class ReferenceAnswers:
+    """Greedy answers (token ids, ``MAX_TOKENS``) of one vLLM worker alone, asked once each."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._answers: dict[str, list[int]] = {}
+
+    def token_ids(self, endpoint: str, body: dict) -> list[int]:
+        key = json.dumps([endpoint, body], sort_keys=True)
+        if key not in self._answers:
+            self._answers[key] = token_ids(self.url, endpoint, body)
+        return self._answers[key]
+
+
+def token_ids(base_url: str, endpoint: str, body: dict) -> list[int]:
+    """The first choice's token ids of a greedy ``MAX_TOKENS`` request to ``/v1/{endpoint}``."""
+    payload = {"model": MODEL, "temperature": 0, "max_tokens": MAX_TOKENS,
+               "return_token_ids": True, **body}  # fmt: skip
+    response = httpx.post(f"{base_url}/v1/{endpoint}", json=payload, timeout=600)
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["token_ids"]
+
+
+@pytest.fixture(scope="session")
+def vllm_reference(vllm_worker: VLLMWorker) -> ReferenceAnswers:
+    return ReferenceAnswers(vllm_worker.url)
 
 
 class KVEventCapture:

@@ -86,9 +86,13 @@ def test_vllm_env_defaults_do_not_override_the_callers() -> None:
     mine = vllm_env({"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": "0"}, num_cpus=8)
     assert mine["VLLM_CPU_KVCACHE_SPACE"] == "4" and mine["VLLM_CPU_OMP_THREADS_BIND"] == "0"
     assert "VLLM_NIXL_SIDE_CHANNEL_PORT" not in mine
-    # Fewer than two cores per worker: every worker shares all of them.
-    assert [cpu_bind(i, 2, 2) for i in range(2)] == ["0-1", "0-1"]
+    # Workers never share pinned cores: under two cores each, one unpinned thread per worker.
+    assert [cpu_bind(i, 2, 2) for i in range(2)] == ["nobind", "nobind"]
     assert [cpu_bind(i, 2, 4) for i in range(2)] == ["0-1", "2-3"]
+    assert cpu_bind(2, 2, 4) == "nobind"  # a worker the planner adds
+    crowded = vllm_env({}, index=1, num_workers=2, num_cpus=2)
+    assert crowded["VLLM_CPU_OMP_THREADS_BIND"] == "nobind" and crowded["OMP_NUM_THREADS"] == "1"
+    assert "OMP_NUM_THREADS" not in vllm_env({}, num_cpus=8)
 
 
 def test_kv_event_sources_give_reachable_endpoints() -> None:

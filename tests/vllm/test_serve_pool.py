@@ -8,8 +8,8 @@
    holds are routed back to it: ``cached_tokens`` equals the router's prediction and the growth
    of that worker's ``vllm:prefix_cache_hits_total``.
 
-The SIGKILL test runs last in this module: it kills worker 1 (``vllm_worker``, worker 0, stays
-up for later users of the session pool).
+The SIGKILL test is marked ``kills_vllm_worker`` and runs last in the session (conftest): it
+kills worker 1, which the pool then restarts (``vllm_worker``, worker 0, stays up).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import os
 import random
 import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import httpx
 import openai
@@ -32,36 +32,33 @@ from tests.vllm.fixtures import (
     NUM_GPU_BLOCKS,
     POOL_TIMEOUT_S,
     KVEventCapture,
+    ReferenceAnswers,
     VLLMPool,
     VLLMWorker,
+    token_ids,
 )
 from tests.worker.conftest import labelled, metric, scrape, wait_until
 
 # The first test to use the session pool also pays for its start (minutes on two cores).
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(POOL_TIMEOUT_S)]
 
-MAX_TOKENS = 24
 BLOCK_SIZE = 32
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+RecordProperty = Callable[[str, object], None]
 
 
-def _chat_token_ids(base_url: str, messages: list[dict[str, str]]) -> tuple[list[int], str]:
-    body = {"model": MODEL, "messages": messages, "temperature": 0, "max_tokens": MAX_TOKENS,
-            "return_token_ids": True}  # fmt: skip
-    response = httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=600)
-    assert response.status_code == 200, response.text
-    choice = response.json()["choices"][0]
-    return choice["token_ids"], choice["finish_reason"]
-
-
-def test_chat_set_is_token_identical_to_vllm_alone(vllm_pool: VLLMPool) -> None:
-    alone = vllm_pool.workers[0].url
+def test_chat_set_is_token_identical_to_vllm_alone(
+    vllm_pool: VLLMPool, vllm_reference: ReferenceAnswers, record_property: RecordProperty
+) -> None:
     mismatches = []
     for name, messages in CHAT_PROMPTS:
-        expected = _chat_token_ids(alone, messages)
-        got = _chat_token_ids(vllm_pool.url, messages)
+        body = {"messages": messages}
+        expected = vllm_reference.token_ids("chat/completions", body)
+        got = token_ids(vllm_pool.url, "chat/completions", body)
         if got != expected:
             mismatches.append(f"{name}: vLLM alone {expected}, through Strata {got}")
+    record_property("chat_prompts", len(CHAT_PROMPTS))
+    record_property("chat_mismatches", len(mismatches))
     assert not mismatches, "\n".join(mismatches)
 
 
@@ -155,12 +152,14 @@ def _complete(frontend_url: str, prompt: list[int]) -> dict:
     return response.json()
 
 
-def test_router_index_equals_vllms_blocks_after_evictions(vllm_pool: VLLMPool) -> None:
+def test_router_index_equals_vllms_blocks_after_evictions(
+    vllm_pool: VLLMPool, record_property: RecordProperty
+) -> None:
     rng = random.Random(15)
     prefixes = [[rng.randrange(1000, 40000) for _ in range(rng.randrange(4, 8) * BLOCK_SIZE)]
                 for _ in range(4)]  # fmt: skip
-    # 32 requests of 4-7 shared and 2-8 unique blocks through 2 x 72 blocks: the cache evicts.
-    for _ in range(32):
+    # 20 requests of 4-7 shared and 2-8 unique blocks (~120 blocks) through 2 x 40: evictions.
+    for _ in range(20):
         prefix = rng.choice(prefixes)
         suffix = [rng.randrange(1000, 40000) for _ in range(rng.randrange(64, 256))]
         _complete(vllm_pool.url, prefix + suffix)
@@ -177,7 +176,10 @@ def test_router_index_equals_vllms_blocks_after_evictions(vllm_pool: VLLMPool) -
         references[worker.worker_id] = reference_router_blocks([f[2] for f in frames], BLOCK_SIZE)
         assert 0 < len(references[worker.worker_id]) <= NUM_GPU_BLOCKS
         assert _router_blocks(vllm_pool.url, worker.worker_id) == references[worker.worker_id]
+        record_property(f"{worker.worker_id}_event_batches", last_seq + 1)
+        record_property(f"{worker.worker_id}_indexed_blocks", len(references[worker.worker_id]))
 
+    record_property("removed_blocks", num_removed)
     assert num_removed > 0, "the workload evicted nothing"
 
     # Prefixes a worker holds are routed back to it; what the router predicted is what vLLM hit.
@@ -201,6 +203,9 @@ def test_router_index_equals_vllms_blocks_after_evictions(vllm_pool: VLLMPool) -
         )
         assert served == 1, f"prefix of {num_blocks} blocks on {worker_id} was routed elsewhere"
         assert usage["prompt_tokens_details"]["cached_tokens"] == num_blocks * BLOCK_SIZE == hits
+        record_property(f"probe_{probed}", f"{worker_id}: predicted {num_blocks * BLOCK_SIZE}, "
+                        f"reported {usage['prompt_tokens_details']['cached_tokens']}, vLLM hits "
+                        f"{hits:.0f} tokens")  # fmt: skip
         probed += 1
         references = {w.worker_id: reference_router_blocks(
             [f[2] for f in _all_frames(w)], BLOCK_SIZE) for w in vllm_pool.workers}  # fmt: skip
@@ -219,7 +224,10 @@ def _leading(hashes: list[int], held: set[int]) -> list[int]:
 # -- last: a vLLM worker SIGKILLed mid-stream ---------------------------------------------
 
 
-def test_sigkilled_vllm_worker_streams_migrate_and_complete(vllm_pool: VLLMPool) -> None:
+@pytest.mark.kills_vllm_worker
+def test_sigkilled_vllm_worker_streams_migrate_and_complete(
+    vllm_pool: VLLMPool, record_property: RecordProperty
+) -> None:
     victim = vllm_pool.workers[1]
     prompts = [[{"role": "user", "content": f"Count from {i} to {i + 40}, one number a line."}]
                for i in range(4)]  # fmt: skip
@@ -259,4 +267,7 @@ def test_sigkilled_vllm_worker_streams_migrate_and_complete(vllm_pool: VLLMPool)
         thread.join(600)
     assert not errors, errors
     assert ["".join(t) for t in texts] == expected
-    assert metric(scrape(frontend), "strata_frontend_migrations_total") >= 1
+    migrations = metric(scrape(frontend), "strata_frontend_migrations_total")
+    record_property("streams", len(prompts))
+    record_property("migrations", migrations)
+    assert migrations >= 1
