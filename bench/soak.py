@@ -272,6 +272,8 @@ def summarize(run: Run, args: argparse.Namespace, capacity: float, calib_p99: fl
         "workers": args.workers, "slots_per_worker": args.slots_per_worker,
         "capacity_req_per_s": round(capacity, 2), "offered_load": args.load,
         "sent": len(run.outcomes), "completed": len(done), "rejected_429": len(rejected),
+        # Longer than --duration-s when the load generator fell behind its schedule.
+        "sending_span_s": round(max((o.sent_s for o in run.outcomes), default=0.0), 1),
         "failed": sum(o.failed for o in run.outcomes),
         "failed_among_admitted": sum(o.failed for o in admitted),
         "kills": len(run.kills),
