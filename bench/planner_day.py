@@ -35,6 +35,7 @@ from bench.replay_planner import (
     DAY_S,
     SimSetup,
     day_requests,
+    hindsight_gpu_hours,
     peak_replicas,
     run_planned,
     run_static,
@@ -70,6 +71,9 @@ class DayStudyConfig(BaseModel):
     max_num_batched_tokens: int = Field(default=8192, ge=1)
     kv_capacity_tokens: int = Field(default=1024 * 512, ge=1)
     timing_profile: Path | None = None
+    static_replicas: int | None = Field(
+        default=None, ge=1, description="static: this many replicas, not the peak's figure."
+    )
     planner_config: Path | None = Field(
         default=None, description="Planner YAML for the planned policies (roles: both)."
     )
@@ -108,6 +112,8 @@ def run_study(config: DayStudyConfig, progress=lambda line: None) -> dict[str, A
     )  # fmt: skip
     static_replicas, peak_rate = peak_replicas(setup, capacity, "both")
     static_replicas = min(max(static_replicas, config.min_replicas), config.max_replicas)
+    static_replicas = config.static_replicas or static_replicas
+    floor_gpu_hours = hindsight_gpu_hours(setup, capacity, "both", config.min_replicas)
     results = []
     for policy in config.policies:
         progress(f"{policy}: simulating {config.duration_s / 3600:.1f} h ...")
@@ -126,6 +132,7 @@ def run_study(config: DayStudyConfig, progress=lambda line: None) -> dict[str, A
         "config": config.model_dump(mode="json"),
         "static_replicas": static_replicas,
         "peak_rate_5min": peak_rate,
+        "hindsight_gpu_hours": floor_gpu_hours,
         "profile": {"engine": profile.engine, "prefill_points": len(profile.prefill)},
         "results": results,
         "verdict": verdict(results),
@@ -256,6 +263,11 @@ def print_study(report: dict[str, Any], console: Any = None) -> None:
         console.print(
             f"lead-time vs static: {v['gpu_hours_saved_vs_static']:.1%} fewer GPU-hours, SLA "
             f"{'>=' if v['sla_at_least_static'] else '<'} static"
+        )
+    if "hindsight_gpu_hours" in report:
+        console.print(
+            f"hindsight floor (each 5 minutes sized for its own load, no lead time): "
+            f"{report['hindsight_gpu_hours']:.1f} GPU-hours"
         )
     if "sla_gain_vs_reactive" in v:
         console.print(f"lead-time vs reactive: SLA {v['sla_gain_vs_reactive'] * 100:+.2f} points")

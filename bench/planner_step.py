@@ -9,7 +9,7 @@ completions (``bench.load``); every one must finish with all its tokens. Mock wo
 slow (a timing profile: ``decode_ms`` per step, ``max_num_seqs`` sequences) so that a few
 requests per second need several replicas; the planner's profile is measured from the same
 mock in process (``strata profile``'s code). Replicas come from the planner's own series on the
-frontend's ``/metrics``, sampled every half second.
+frontend's ``/metrics``, sampled every two seconds.
 
 Figures: replicas over time, scale events, errors and incomplete streams, TTFT/ITL percentiles
 and SLA attainment, outside and inside the lead-time windows (from a scale-up decision until the
@@ -19,6 +19,7 @@ replica serves, where the SLA may break: that is the lead time). Writes JSON, pr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -45,15 +46,17 @@ from bench.trace import PromptBuilder, TraceRequest  # noqa: E402
 
 @dataclass(frozen=True)
 class StepLoad:
-    base_rate: float = 1.5  # requests/s before and after the step
+    base_rate: float = 0.3  # requests/s before and after the step
     multiplier: float = 4.0
-    warmup_s: float = 6.0
+    warmup_s: float = 10.0
     ramp_s: float = 30.0
-    hold_s: float = 60.0
-    tail_s: float = 60.0
+    # Longer than a mock worker's start on this loaded 2-core machine (74-290 s measured), so
+    # that the added replicas serve for a while before the load goes down.
+    hold_s: float = 420.0
+    tail_s: float = 240.0
     time_scale: float = 1.0  # every duration above is multiplied by this
-    prompt_tokens: int = 128
-    output_tokens: int = 24
+    prompt_tokens: int = 64
+    output_tokens: int = 8
 
     def phases(self) -> list[tuple[str, float, float]]:
         """(name, start_s, end_s) in wall seconds."""
@@ -94,13 +97,17 @@ class StepLoad:
 
 @dataclass(frozen=True)
 class MockWorkers:
-    decode_ms: float = 28.0  # per step, whatever the batch
+    """Slow mock workers (two sequences, 250 ms a token: 2 s a request) so that about one
+    request per second, and a handful of tokens per second for a starved CPU to stream, needs
+    several replicas."""
+
+    decode_ms: float = 250.0  # per step, whatever the batch
     prefill_ms: tuple[tuple[int, float], ...] = ((1, 12.0), (4096, 60.0))
     max_num_seqs: int = 2
     num_blocks: int = 2048
     max_replicas: int = 5
-    ttft_sla_s: float = 1.0
-    itl_sla_s: float = 0.05
+    ttft_sla_s: float = 2.0
+    itl_sla_s: float = 0.5  # two decode steps: room for a starved CPU
 
 
 @dataclass
@@ -114,7 +121,7 @@ class Sampler:
 
     def run(self, started: float) -> None:
         with httpx.Client(timeout=5) as http:
-            while not self.stop.wait(0.5):
+            while not self.stop.wait(2.0):
                 try:
                     text = http.get(f"{self.url}/metrics").text
                 except httpx.HTTPError:
@@ -137,19 +144,49 @@ _SAMPLED = {
 }
 
 
-def write_setup(directory: Path, load: StepLoad, mock: MockWorkers, model: str) -> Path:
-    """The mock's timing profile, the planner's measured profile and the planner config."""
-    from serving.engine.core import EngineCore
-    from serving.engine.scheduler import SchedulerConfig
-    from serving.engine.timing import MockModelRunner, TimingProfile
-    from serving.planner.profiler import ProfilePlan, profile_engine
-
-    directory.mkdir(parents=True, exist_ok=True)
+def write_timing(directory: Path, mock: MockWorkers) -> None:
+    """The mock workers' timing profile (``--timing-profile``)."""
     timing = {
         "prefill": [list(p) for p in mock.prefill_ms],
         "decode": {"coeffs_ms": [mock.decode_ms]},
     }
     (directory / "timing.json").write_text(json.dumps(timing))
+
+
+def measure_worker_start(model_dir: Path, directory: Path, mock: MockWorkers) -> float:
+    """Seconds from spawning one mock worker to its ``/health`` answering: the lead time the
+    planner starts from (measured here, now, under this machine's load)."""
+    from serving.netutil import free_port, wait_healthy
+
+    port, kv_port = free_port(), free_port()
+    cmd = [
+        sys.executable, "-m", "serving.worker", "--model", str(model_dir), "--engine", "mock",
+        "--host", "127.0.0.1", "--port", str(port), "--kv-events-port", str(kv_port),
+        f"--timing-profile={directory / 'timing.json'}", f"--max-num-seqs={mock.max_num_seqs}",
+        f"--num-blocks={mock.num_blocks}",
+    ]  # fmt: skip
+    started = time.perf_counter()
+    with (directory / "lead-time-worker.log").open("w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                env=os.environ | {"PYTHONPATH": str(REPO_ROOT)},
+                                start_new_session=True)  # fmt: skip
+        try:
+            wait_healthy(f"http://127.0.0.1:{port}", proc, timeout_s=300)
+            return time.perf_counter() - started
+        finally:
+            stop(proc)
+
+
+def write_setup(
+    directory: Path, load: StepLoad, mock: MockWorkers, model: str, lead_time_s: float
+) -> Path:
+    """The planner's profile, measured from the mock in process, and the planner config."""
+    from serving.engine.core import EngineCore
+    from serving.engine.scheduler import SchedulerConfig
+    from serving.engine.timing import MockModelRunner, TimingProfile
+    from serving.planner.profiler import ProfilePlan, profile_engine
+
+    timing = json.loads((directory / "timing.json").read_text())
     core = EngineCore(
         MockModelRunner(vocab_size=32_000, num_blocks=mock.num_blocks,
                         profile=TimingProfile.from_dict(timing)),
@@ -166,15 +203,18 @@ def write_setup(directory: Path, load: StepLoad, mock: MockWorkers, model: str) 
         "profile": "profile.json",
         "sla": {"ttft_s": mock.ttft_sla_s, "itl_s": mock.itl_sla_s},
         "roles": {"both": {"min_replicas": 1, "max_replicas": mock.max_replicas,
-                           # A guess: a mock worker's start-up here; measured ones replace it.
-                           "lead_time": {"node_provisioning_s": 0, "weights_s": 5,
+                           # One worker's start measured before the run; the planner's own
+                           # measurements of its scale-ups replace it.
+                           "lead_time": {"node_provisioning_s": 0, "weights_s": lead_time_s,
                                          "warmup_s": 0}}},
-        "predictor": {"kind": "holt", "bucket_s": max(1.0, 2 * k), "window_s": 60 * k},
-        "scaling": {"interval_s": 0.5, "model_interval_s": max(1.0, 2 * k),
-                    "target_utilization": 0.8, "scale_down_stabilization_s": 10 * k,
+        # Ticks every 2 s (each scrapes the frontend and every worker: CPU the stack lacks
+        # here); rates over 20 s, Holt on 4 s buckets over two minutes.
+        "predictor": {"kind": "holt", "bucket_s": max(1.0, 4 * k), "window_s": 120 * k},
+        "scaling": {"interval_s": max(0.5, 2 * k), "model_interval_s": max(1.0, 4 * k),
+                    "target_utilization": 0.8, "scale_down_stabilization_s": 30 * k,
                     "queue_per_replica_up": 2, "queue_ticks_up": 2},
-        "metrics": {"window_s": max(3.0, 5 * k)},
-        "connector": {"drain": {"deadline_s": 20, "poll_s": 0.2}},
+        "metrics": {"window_s": max(5.0, 20 * k)},
+        "connector": {"drain": {"deadline_s": 60, "poll_s": 0.5}},
     }  # fmt: skip
     path = directory / "planner.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -198,12 +238,13 @@ def start_serve(
     ]  # fmt: skip
     log = (directory / "serve.log").open("w")
     env = os.environ | {"PYTHONPATH": str(REPO_ROOT)}
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url, proc, timeout_s=300)
+        wait_healthy(url, proc, timeout_s=900)  # minutes at a load of 25 on 2 cores
     except (RuntimeError, TimeoutError):
-        proc.kill()
+        stop(proc)
         raise RuntimeError(
             f"strata serve did not start:\n{(directory / 'serve.log').read_text()[-3000:]}"
         ) from None
@@ -211,6 +252,7 @@ def start_serve(
 
 
 def stop(proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    """SIGTERM (serve stops its workers), then SIGKILL to whatever is left of its group."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
     try:
@@ -218,14 +260,19 @@ def stop(proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def run_step(model_dir: Path, directory: Path, load: StepLoad, mock: MockWorkers,
-             settle_s: float = 60.0) -> dict[str, Any]:  # fmt: skip
+             settle_s: float = 240.0) -> dict[str, Any]:  # fmt: skip
     """Start the stack, send the step load, wait until the replicas are back to the minimum
     (at most ``settle_s`` after the load), stop; the figures as a dict."""
     model = Path(model_dir).name
-    config = write_setup(directory, load, mock, model)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_timing(directory, mock)
+    lead_time_s = measure_worker_start(Path(model_dir), directory, mock)
+    config = write_setup(directory, load, mock, model, lead_time_s)
     proc, url = start_serve(Path(model_dir), directory, config, mock)
     sampler = Sampler(url, model)
     try:
@@ -246,9 +293,11 @@ def run_step(model_dir: Path, directory: Path, load: StepLoad, mock: MockWorkers
         thread.join(5)
     finally:
         stop(proc)
-    return figures(
+    payload = figures(
         load, mock, results, sampler.samples, workers, (directory / "serve.log").read_text()
     )
+    payload["worker_start_s"] = lead_time_s
+    return payload
 
 
 def figures(
@@ -312,3 +361,61 @@ def _lead_time_windows(samples: list[dict[str, float]]) -> list[tuple[float, flo
     if start is not None:
         windows.append((start, samples[-1]["t"]))
     return windows
+
+
+def report(payload: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="planner step load (strata serve --planner, mock workers)")
+    for column in ("requests", "SLA met", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99"):
+        table.add_column(column, justify="right")
+    table.add_column("window", justify="left")
+    for key in ("outside_lead_time", "inside_lead_time"):
+        row = payload[key]
+        table.add_row(
+            str(row["requests"]), f"{row['sla_attainment']:.1%}",
+            f"{row['ttft_p50_s']:.3f}", f"{row['ttft_p99_s']:.3f}",
+            f"{row['itl_mean_p50_s'] * 1000:.1f} ms", f"{row['itl_mean_p99_s'] * 1000:.1f} ms",
+            key.replace("_", " "),
+        )  # fmt: skip
+    console = Console()
+    console.print(table)
+    console.print(
+        f"requests {payload['requests']}, errors {payload['errors']}, incomplete streams "
+        f"{payload['incomplete_streams']}; replicas max {payload['replicas_max']} (ready "
+        f"{payload['ready_max']}), final {payload['replicas_final']}; scale-ups "
+        f"{payload['scale_ups']}, drains {payload['drains']}; lead time: one worker's start "
+        f"{payload['worker_start_s']:.1f} s before the run, the planner's "
+        f"{payload['lead_time_s']:.1f} s at most; wall {payload['wall_s']:.0f} s, load "
+        f"{payload['loadavg']}"
+    )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    import argparse
+    import tempfile
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, required=True, help="A model directory (config, "
+                        "tokenizer); the mock engine uses only its shape.")  # fmt: skip
+    parser.add_argument("--time-scale", type=float, default=1.0)
+    parser.add_argument("--base-rate", type=float, default=StepLoad.base_rate)
+    parser.add_argument("--out", type=Path, default=None, help="Write the figures as JSON.")
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args(argv)
+    load = StepLoad(base_rate=args.base_rate, time_scale=args.time_scale)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="planner-step-") as tmp:
+        payload = run_step(args.model, args.workdir or Path(tmp), load, MockWorkers())
+    payload["wall_s"] = time.perf_counter() - started
+    payload["loadavg"] = [round(x, 1) for x in os.getloadavg()]
+    report(payload)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(payload, indent=1))
+    return payload
+
+
+if __name__ == "__main__":
+    main()

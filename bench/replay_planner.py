@@ -98,6 +98,7 @@ class Outcome:
     itl_s: list[float] = field(default_factory=list)
     output_tokens: int = 0
     met_sla: int = 0
+    hourly: dict[int, list[int]] = field(default_factory=dict)  # hour -> [requests, met]
     gpu_s: float = 0.0
     replicas: list[tuple[float, int]] = field(default_factory=list)  # (time, serving+starting)
     scale_events: int = 0
@@ -116,6 +117,9 @@ class Outcome:
             "requests": n,
             "rejected": self.rejected,
             "sla_attainment": self.met_sla / n if n else 0.0,
+            "hourly_sla_attainment": [
+                round(met / count, 4) for _, (count, met) in sorted(self.hourly.items())
+            ],
             "ttft_s": {f"p{q}": float(np.percentile(ttft, q)) for q in (50, 90, 99)},
             "itl_s": {f"p{q}": float(np.percentile(itl, q)) for q in (50, 90, 99)},
             "gpu_hours": gpu_hours,
@@ -266,7 +270,11 @@ def _cluster(
         outcome.ttft_s.append(ttft)
         outcome.itl_s.append(itl)
         outcome.output_tokens += r.output_tokens
-        outcome.met_sla += ttft <= setup.sla_ttft_s and itl <= setup.sla_itl_s
+        met = ttft <= setup.sla_ttft_s and itl <= setup.sla_itl_s
+        outcome.met_sla += met
+        hour = outcome.hourly.setdefault(int((r.arrival_s - setup.warmup_s) // 3600), [0, 0])
+        hour[0] += 1
+        hour[1] += met
 
     from bench.replay import _ScalarTimingProfile  # the mock's polynomials, without numpy calls
 
@@ -312,3 +320,26 @@ def peak_replicas(
         / window_s
     )
     return capacity.replicas_needed(role, peak, isl / n, osl / n), peak
+
+
+def hindsight_gpu_hours(
+    setup: SimSetup, capacity: CapacityModel, role: Role, min_replicas: int, window_s: float = 300.0
+) -> float:
+    """GPU-hours of a pool sized, with hindsight and no lead time, for each ``window_s`` of the
+    measured period by the same capacity model: what following the day perfectly would cost
+    (a floor for the planners' GPU-hours, not a simulated policy)."""
+    num_windows = math.ceil(setup.duration_s / window_s)
+    counts = [0] * num_windows
+    tokens = [[0.0, 0.0] for _ in range(num_windows)]
+    for r in setup.requests():
+        if r.arrival_s < setup.warmup_s:
+            continue
+        w = min(int((r.arrival_s - setup.warmup_s) // window_s), num_windows - 1)
+        counts[w] += 1
+        tokens[w][0] += r.input_tokens
+        tokens[w][1] += r.output_tokens
+    replica_s = 0.0
+    for n, (isl, osl) in zip(counts, tokens, strict=True):
+        needed = capacity.replicas_needed(role, n / window_s, isl / n, osl / n) if n else 0
+        replica_s += max(needed, min_replicas) * window_s
+    return replica_s * setup.gpus_per_replica / 3600.0

@@ -179,6 +179,15 @@ def replay(
         float,
         _opt("--duration-s", help="--planner: simulated time measured, s.", env="DURATION_S"),
     ] = 86_400.0,
+    static_replicas: Annotated[
+        int | None,
+        _opt(
+            "--static-replicas",
+            help="--planner static: this many replicas (default: what the day's peak five "
+            "minutes need by the planner's capacity model).",
+            env="STATIC_REPLICAS",
+        ),
+    ] = None,
     planner_config: Annotated[
         Path | None,
         _opt(
@@ -217,7 +226,7 @@ def replay(
             "duration_s": duration_s, "planner_config": planner_config, "seed": seed,
             "max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_num_batched_tokens,
             "kv_capacity_tokens": kv_blocks_per_worker * block_size,
-            "timing_profile": timing_profile,
+            "timing_profile": timing_profile, "static_replicas": static_replicas,
         }  # fmt: skip
         if arrival_jitter_s is not None:
             options["arrival_jitter_s"] = arrival_jitter_s

@@ -89,7 +89,12 @@ class RoleConfig(_Strict):
 
 class PredictorConfig(_Strict):
     kind: Literal["constant", "moving_average", "holt", "holt_winters"] = "holt"
-    window_s: float = Field(default=600.0, gt=0, description="History the predictor fits on.")
+    window_s: float = Field(
+        default=1800.0,
+        gt=0,
+        description="History the predictor fits on (30 buckets: 10 gave Holt a noisy trend "
+        "that over- and undershot in the day study, docs/benchmarks.md).",
+    )
     bucket_s: float = Field(default=60.0, gt=0, description="Observations are averaged per bucket.")
     season_s: float = Field(default=86_400.0, gt=0, description="holt_winters: the cycle.")
     damped_trend: bool = True

@@ -72,7 +72,8 @@ def test_broken_metrics_hold_the_current_size_and_say_so(profile: PerfProfile) -
 
 def test_noisy_load_does_not_flap(profile: PerfProfile) -> None:
     """Bursty noise (20% per sample) around a load between two sizes: after the first ramp
-    the size changes at most once in an hour, instead of following the samples."""
+    the size changes at most twice in an hour (one excursion), each size held for at least the
+    300 s stabilisation window, instead of following the samples."""
     state = make_planner(
         profile, predictor={"kind": "holt"}, scaling={"interval_s": 10, "model_interval_s": 60}
     )
@@ -87,7 +88,8 @@ def test_noisy_load_does_not_flap(profile: PerfProfile) -> None:
     changes = [i for i in range(1, len(targets)) if targets[i] != targets[i - 1]]
     after_ramp = [i for i in changes if i > 1]
     assert naive_changes > 50, "the noise must cross replica boundaries for this test to mean much"
-    assert len(after_ramp) <= 1, f"flapped at ticks {after_ramp}: {targets}"
+    assert len(after_ramp) <= 2, f"flapped at ticks {after_ramp}: {targets}"
+    assert all(b - a >= 30 for a, b in itertools.pairwise(after_ramp)), after_ramp
     assert max(targets) <= 6 and targets[-1] >= 4
 
 
