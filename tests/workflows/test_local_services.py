@@ -154,6 +154,8 @@ def test_up_status_down_and_data_survives_a_restart(root: Path, tmp_path: Path) 
     services = start_local_services(root, **ports)
 
     states = {h.name: h.state for h in services.handles}
+    # Grafana starts only with a grafana_port: "stopped" where it could run, else "unavailable".
+    assert states.pop("grafana") in {"stopped", "unavailable"}
     assert states == {
         "s3": "running",
         "mlflow": "running",
