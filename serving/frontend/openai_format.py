@@ -5,10 +5,10 @@ Pure functions over a ``Job`` and the workers' completion choices; no I/O.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from serving.frontend.job import Job
+from serving.frontend.sse import encode_event
 from serving.protocol.openai import CompletionRequest, now_s, usage_dict
 
 
@@ -16,8 +16,8 @@ def usage(job: Job) -> dict[str, Any]:
     return usage_dict(len(job.prompt_ids), len(job.output_ids), job.num_cached_tokens or 0)
 
 
-def sse(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+def sse(payload: dict[str, Any]) -> bytes:
+    return encode_event(payload)
 
 
 def chat_chunk(

@@ -6,12 +6,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from serving.frontend import openai_format as fmt
 from serving.frontend.guard import Ticket
 from serving.frontend.job import Job
 from serving.frontend.models import ServedModel
+from serving.frontend.sse import DONE_EVENT, encode_json
 from serving.frontend.state import FrontendState
 from serving.frontend.streaming import client_pieces
 from serving.protocol.openai import APIError, now_s
@@ -45,7 +46,8 @@ async def respond(
             metrics.active_requests.labels(model=model).dec()
             _release(ticket, job)
         metrics.requests.labels(model=model, endpoint=endpoint, status="200").inc()
-        return JSONResponse(fmt.full_response(job, "".join(texts), logprobs, chat))
+        body = encode_json(fmt.full_response(job, "".join(texts), logprobs, chat))
+        return Response(body, media_type="application/json")
 
     # Streaming: wait for the first piece before sending headers, so errors keep their status.
     try:
@@ -59,28 +61,32 @@ async def respond(
     if ticket is not None:
         ticket.first_token()
 
-    async def body() -> AsyncIterator[str]:
+    async def body() -> AsyncIterator[bytes]:
         created = now_s()
         status = "200"
+        tail = b""
         try:
+            head = b""
             if chat:
-                yield fmt.sse(fmt.chat_chunk(job, created, {"role": "assistant", "content": ""},
-                                             None))  # fmt: skip
+                head = fmt.sse(fmt.chat_chunk(job, created, {"role": "assistant", "content": ""},
+                                              None))  # fmt: skip
             if first is not None:
-                yield fmt.sse(fmt.stream_chunk(job, created, first, chat))
+                head += fmt.sse(fmt.stream_chunk(job, created, first, chat))
+            if head:
+                yield head
             async for choice in pieces:
                 yield fmt.sse(fmt.stream_chunk(job, created, choice, chat))
             options = job.body.stream_options
             if options is not None and options.include_usage:
-                yield fmt.sse(fmt.usage_chunk(job, created, chat))
+                tail = fmt.sse(fmt.usage_chunk(job, created, chat))
         except APIError as exc:
             status = str(exc.status_code)
-            yield fmt.sse(exc.to_dict())
+            tail = fmt.sse(exc.to_dict())
         finally:
             metrics.active_requests.labels(model=model).dec()
             metrics.requests.labels(model=model, endpoint=endpoint, status=status).inc()
             _release(ticket, job)
-        yield "data: [DONE]\n\n"
+        yield tail + DONE_EVENT
 
     return _Stream(body(), media_type="text/event-stream", on_close=lambda: _release(ticket, job))
 

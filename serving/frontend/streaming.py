@@ -9,14 +9,15 @@ the prompt, and the client's stream goes on.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import msgspec
 
+from serving.frontend import sse
 from serving.frontend.job import Job, unsent_text, worker_payload
 from serving.frontend.models import ModelVersion, ServedModel
 from serving.frontend.prefill import maybe_remote_prefill
@@ -33,6 +34,7 @@ logger = logging.getLogger(__name__)
 # How often a migrating request looks for a healthy worker again (the health loop's probes and
 # discovery bring workers back; they run every few seconds).
 _MIGRATION_POLL_S = 0.25
+_JSON_HEADERS = {"content-type": "application/json"}
 
 
 async def client_pieces(
@@ -41,17 +43,19 @@ async def client_pieces(
     """Worker choices with latency metrics recorded as they reach the client."""
     metrics = state.metrics
     model = job.model
+    ttft, itl = metrics.ttft.labels(model=model), metrics.itl.labels(model=model)
+    output_tokens = metrics.output_tokens.labels(model=model)
     try:
         async for choice in segments(state, served, job):
-            num_tokens = len(choice.get("token_ids") or [])
-            if num_tokens:
+            token_ids = choice.get("token_ids")
+            if token_ids:
                 now = time.monotonic()
                 if job.last_token_s is None:
-                    metrics.ttft.labels(model=model).observe(now - job.arrival_s)
-                else:
-                    metrics.itl.labels(model=model).observe(now - job.last_token_s)
+                    ttft.observe(now - job.arrival_s)
+                else:  # between the pieces the client receives (the worker's own is per token)
+                    itl.observe(now - job.last_token_s)
                 job.last_token_s = now
-                metrics.output_tokens.labels(model=model).inc(num_tokens)
+                output_tokens.inc(len(token_ids))
             yield choice
     finally:
         metrics.prompt_tokens.labels(model=model).inc(len(job.prompt_ids))
@@ -162,51 +166,86 @@ async def stream_from_worker(
     payload = worker_payload(job, worker)
     if kv_params is not None:
         payload["kv_transfer_params"] = kv_params
-    first = True
+    reader = _WorkerStream(router, job, routing_id)
     try:
         async with state.http.stream(
-            "POST", f"{worker.url}/v1/completions", json=payload
-        ) as response:
+            "POST", f"{worker.url}/v1/completions", content=sse.encode_json(payload),
+            headers=_JSON_HEADERS,
+        ) as response:  # fmt: skip
             if response.status_code >= 500:
                 raise WorkerFailed(f"HTTP {response.status_code}")
             if response.status_code != 200:
                 await response.aread()
                 raise passthrough_error(response)
-            done = False
-            async for line in response.aiter_lines():
-                if done or not line.startswith("data: "):
-                    continue  # after [DONE]: read to the body's end, so the connection is reused
-                data = line[6:]
-                if data == "[DONE]":
-                    if job.finish_reason is None:
-                        raise WorkerFailed("stream ended without a finish reason")
-                    done = True
-                    continue
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    raise WorkerFailed(f"worker error: {chunk['error'].get('message')}")
-                usage = chunk.get("usage")
-                if usage and job.num_cached_tokens is None:
-                    details = usage.get("prompt_tokens_details") or {}
-                    reported = details.get("cached_tokens")
-                    job.num_cached_tokens = (
-                        reported if reported is not None else job.predicted_cached_tokens
-                    )
-                if not chunk.get("choices"):
-                    continue
-                choice = chunk["choices"][0]
-                token_ids = choice.get("token_ids") or []
-                if token_ids:
-                    if first:
-                        router.first_token(routing_id)
-                        first = False
-                    router.tokens(routing_id, len(token_ids))
-                    job.output_ids.extend(token_ids)
-                if choice.get("finish_reason") is not None:
-                    job.finish_reason = choice["finish_reason"]
-                    job.stop_reason = choice.get("stop_reason")
-                yield choice
+            decoder = sse.SSEDecoder()
+            async for raw in response.aiter_bytes():
+                # After [DONE] the body is read to its end, so the connection is reused.
+                choices, failure = reader.take(decoder.feed(raw))
+                for choice in sse.merge_choices(choices) if choices else ():
+                    yield choice
+                if failure is not None:
+                    raise failure
             if job.finish_reason is None:
                 raise WorkerFailed("connection closed mid-stream")
     except httpx.TransportError as exc:
         raise WorkerFailed(f"{type(exc).__name__}: {exc}") from exc
+
+
+class _WorkerStream:
+    """One worker stream's state: what its events mean for the job and the router's load."""
+
+    __slots__ = ("done", "first", "job", "router", "routing_id")
+
+    def __init__(self, router: Router, job: Job, routing_id: str) -> None:
+        self.router, self.job, self.routing_id = router, job, routing_id
+        self.first = True
+        self.done = False
+
+    def take(self, events: list[bytes]) -> tuple[list[dict[str, Any]], WorkerFailed | None]:
+        """The choices in ``events``, and the failure that ended them (the choices before it
+        still go to the client)."""
+        choices: list[dict[str, Any]] = []
+        for data in events:
+            if self.done:
+                continue
+            try:
+                choice = self._event(data)
+            except WorkerFailed as exc:
+                return choices, exc
+            if choice is not None:
+                choices.append(choice)
+        return choices, None
+
+    def _event(self, data: bytes) -> dict[str, Any] | None:
+        job = self.job
+        if data == sse.DONE:
+            if job.finish_reason is None:
+                raise WorkerFailed("stream ended without a finish reason")
+            self.done = True
+            return None
+        try:
+            chunk = sse.decode(data)
+        except msgspec.DecodeError as exc:
+            raise WorkerFailed(f"worker sent bad JSON: {exc}") from None
+        if "error" in chunk:
+            raise WorkerFailed(f"worker error: {chunk['error'].get('message')}")
+        usage = chunk.get("usage")
+        if usage and job.num_cached_tokens is None:
+            details = usage.get("prompt_tokens_details") or {}
+            reported = details.get("cached_tokens")
+            predicted = job.predicted_cached_tokens
+            job.num_cached_tokens = reported if reported is not None else predicted
+        if not chunk.get("choices"):
+            return None
+        choice = chunk["choices"][0]
+        token_ids = choice.get("token_ids")
+        if token_ids:
+            if self.first:
+                self.router.first_token(self.routing_id)
+                self.first = False
+            self.router.tokens(self.routing_id, len(token_ids))
+            job.output_ids.extend(token_ids)
+        if choice.get("finish_reason") is not None:
+            job.finish_reason = choice["finish_reason"]
+            job.stop_reason = choice.get("stop_reason")
+        return choice

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -99,6 +101,7 @@ def test_strata_serve_starts_and_stops_everything(smollm2_dir: Path, tmp_path: P
          "--workers", "2", "--engine", "mock", "--port", str(port),
          "--worker-arg=--speedup=50", "--log-level", "warning"],
         stdout=(tmp_path / "serve.log").open("w"), stderr=subprocess.STDOUT,
+        start_new_session=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
@@ -108,13 +111,13 @@ def test_strata_serve_starts_and_stops_everything(smollm2_dir: Path, tmp_path: P
         assert out.usage.completion_tokens == 5
         workers = httpx.get(f"{url}/admin/workers").json()["workers"]
         assert len(workers) == 2 and all(w["healthy"] for w in workers)
-        worker_urls = [w["url"] for w in workers]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) in (0, -signal.SIGTERM)
+        for worker in workers:  # strata serve stopped them itself
+            with pytest.raises(httpx.ConnectError):
+                httpx.get(f"{worker['url']}/health")
     finally:
-        if proc.poll() is None:
-            proc.kill()
-    for worker_url in worker_urls:
-        with pytest.raises(httpx.ConnectError):
-            httpx.get(f"{worker_url}/health")
+        # After a failure: whatever is left of its process group (workers of a killed serve).
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
     assert "endpoint: http://127.0.0.1" in (tmp_path / "serve.log").read_text()
