@@ -8,6 +8,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,35 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     proc, url = start_moto(tmp_path_factory.mktemp("moto") / "moto.log")
     yield url
     stop_moto(proc)
+
+
+@dataclass(frozen=True)
+class LocalStack:
+    """``strata local``'s S3 (moto) and MLflow server (SQLite, artifacts on that S3) under
+    ``root``: the registry and lifecycle-fault modules share one, since MLflow's start-up is the
+    costliest fixture here (about 50 s at load 20 on the 2-core machine)."""
+
+    root: Path
+    s3_port: int
+    mlflow_port: int
+    s3_url: str
+    mlflow_url: str
+
+
+@pytest.fixture(scope="session")
+def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    from workflows.local_services import start_local_services, stop_local_services
+
+    root = tmp_path_factory.mktemp("stack") / "local"
+    s3_port, mlflow_port = free_port(), free_port()
+    try:
+        services = start_local_services(
+            root, s3_port=s3_port, mlflow_port=mlflow_port, with_prometheus=False,
+            startup_timeout_s=300,  # MLflow's start-up on a busy 2-core machine passed 90 s
+        )  # fmt: skip
+        yield LocalStack(root, s3_port, mlflow_port, services.s3_url, services.mlflow_url)
+    finally:
+        stop_local_services(root, snapshot=False)
 
 
 @pytest.fixture

@@ -28,14 +28,10 @@ import psutil
 import pytest
 from rich.console import Console
 
-from serving.netutil import free_port
+from tests.workflows.conftest import LocalStack
 from tests.workflows.fault_proxy import FaultProxy, FaultRule
 from workflows.local_runner import RunResult, load_params, run_workflow
-from workflows.local_services import (
-    start_local_services,
-    stop_local_service,
-    stop_local_services,
-)
+from workflows.local_services import start_local_services, stop_local_service
 from workflows.pipeline import PublishParams, WorkflowSpec, publish_workflow
 from workflows.steps import registry
 from workflows.steps.manifest import read_manifest
@@ -67,28 +63,28 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Stack]:
-    root = tmp_path_factory.mktemp("faults") / "local"
-    s3_port, mlflow_port = free_port(), free_port()
+def stack(local_stack: LocalStack, tiny_model_dir: Path,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:  # fmt: skip
+    """The session's S3 and MLflow (``local_stack``, shared with test_registry.py: the models
+    here have their own names) behind fault proxies, and the tiny model uploaded to SOURCE."""
     with pytest.MonkeyPatch.context() as env:
         # Fail fast at the HTTP layer, so the workflow's own retries are what is tested.
         env.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         env.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        model = tmp_path_factory.mktemp("model") / "tiny"
+        shutil.copytree(tiny_model_dir, model)
+        (model / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+        upload_dir(model, SOURCE, endpoint_url=local_stack.s3_url, create_bucket=True)
+        s3, mlflow = FaultProxy(local_stack.s3_url), FaultProxy(local_stack.mlflow_url)
+        stack = Stack(local_stack.root, local_stack.s3_port, local_stack.mlflow_port, s3, mlflow)
         try:
-            services = start_local_services(
-                root, s3_port=s3_port, mlflow_port=mlflow_port, with_prometheus=False,
-                startup_timeout_s=300,
-            )  # fmt: skip
-            model = tmp_path_factory.mktemp("model") / "tiny"
-            shutil.copytree(tiny_model_dir, model)
-            (model / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-            upload_dir(model, SOURCE, endpoint_url=services.s3_url, create_bucket=True)
-            s3, mlflow = FaultProxy(services.s3_url), FaultProxy(services.mlflow_url)
-            yield Stack(root, s3_port, mlflow_port, s3, mlflow)
+            yield stack
+        finally:
             s3.stop()
             mlflow.stop()
-        finally:
-            stop_local_services(root, snapshot=False)
+            # MLflow up again for the session's other users, should a test have failed between
+            # stopping and restarting it (a no-op when it runs).
+            stack.restart_mlflow()
     if os.environ.get("STRATA_FAULT_REPORT"):
         Path(os.environ["STRATA_FAULT_REPORT"]).write_text(json.dumps(REPORT, indent=2))
 
@@ -235,6 +231,7 @@ def test_failed_step_removes_the_candidate_and_its_worker_exits(
     assert result.phase == "Failed"
     assert result.steps["evaluate"].phase == "Failed"
     assert "eval set 'no-such-set' not found" in result.steps["evaluate"].message
+    assert result.steps["evaluate"].attempts == 1  # a missing eval set is not retried
     assert result.steps["promote"].phase == "Omitted"
     assert result.exit.outputs["removed"] == ["broken-v1"]
     assert pids and all(gone(pid) for pid in pids), "the candidate worker still runs"

@@ -1,12 +1,11 @@
 """``workflows.steps.registry`` and ``strata models|promote|rollback`` against a real MLflow
-server (SQLite backend, artifacts on a moto S3 server), started once for the module."""
+server (SQLite backend, artifacts on a moto S3 server): the session's ``local_stack``."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -14,9 +13,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from tests.workflows.conftest import free_port
+from tests.workflows.conftest import LocalStack
 from workflows import models_cli
-from workflows.local_services import start_local_services, stop_local_services
 from workflows.steps import registry
 from workflows.steps.registry import RegistryError
 
@@ -24,16 +22,8 @@ ENGINE_CONFIG = {"engine": "builtin", "num_workers": 2}
 
 
 @pytest.fixture(scope="module")
-def mlflow_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    root = tmp_path_factory.mktemp("registry") / "local"
-    try:
-        services = start_local_services(
-            root, s3_port=free_port(), mlflow_port=free_port(), with_prometheus=False,
-            startup_timeout_s=300,  # MLflow's start-up on a busy 2-core machine passed 90 s
-        )  # fmt: skip
-        yield services.mlflow_url
-    finally:
-        stop_local_services(root, snapshot=False)
+def mlflow_url(local_stack: LocalStack) -> str:
+    return local_stack.mlflow_url
 
 
 def digest(n: int) -> str:

@@ -16,6 +16,12 @@ import openai
 EVALSETS_DIR = Path(__file__).resolve().parents[1] / "evalsets"
 
 
+class EvalSetError(ValueError):
+    """The eval set is missing or malformed: every attempt fails the same way."""
+
+    retryable = False
+
+
 @dataclass(frozen=True, slots=True)
 class EvalItem:
     question: str
@@ -35,7 +41,7 @@ def load_eval_set(name_or_path: str) -> list[EvalItem]:
         path = EVALSETS_DIR / f"{name_or_path}.jsonl"
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in EVALSETS_DIR.glob("*.jsonl")))
-        raise ValueError(f"eval set {name_or_path!r} not found (shipped: {known})")
+        raise EvalSetError(f"eval set {name_or_path!r} not found (shipped: {known})")
     items = []
     for line_no, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
@@ -44,9 +50,9 @@ def load_eval_set(name_or_path: str) -> list[EvalItem]:
             doc = json.loads(line)
             items.append(EvalItem(doc["question"], tuple(doc["expected"])))
         except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{path}:{line_no}: bad eval item: {exc}") from exc
+            raise EvalSetError(f"{path}:{line_no}: bad eval item: {exc}") from exc
     if not items:
-        raise ValueError(f"{path}: no questions")
+        raise EvalSetError(f"{path}: no questions")
     return items
 
 
