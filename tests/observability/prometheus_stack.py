@@ -140,10 +140,13 @@ def stop(proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
 
 def drive_load(frontend_url: str, model: str, num_requests: int) -> None:
     """Chat and completions, streamed and not, sharing a prefix (prefix-cache hits), from 8
-    threads (every worker gets traffic), plus one request for an unknown model (404)."""
+    threads (every worker gets traffic), plus one request for an unknown model (404) and one
+    too long for the served model (400)."""
     client = openai.OpenAI(base_url=f"{frontend_url}/v1", api_key="x", max_retries=0)
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="no-such-model", prompt="x", max_tokens=2)
+    with pytest.raises(openai.BadRequestError):  # an error of the served model (its panels)
+        client.completions.create(model=model, prompt="x", max_tokens=10**9)
     system = "You are a helpful assistant for the Strata observability test. " * 4
 
     def one(i: int) -> None:

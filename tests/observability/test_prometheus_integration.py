@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 from rich.console import Console
 
 from grafana.panels import parse_label_values
@@ -46,9 +47,7 @@ MODEL = "smollm2-135m-instruct"
 NUM_REQUESTS = 40
 # Long enough to span the whole load: every rate() window sees it.
 RATE_INTERVAL = "2m"
-_NOT_RUNNING = {
-    "strata_planner_": "the planner does not exist yet",
-}
+_NOT_RUNNING: dict[str, str] = {}  # planned metric prefix -> why this stack lacks it
 # Series an aggregated stack never creates (histograms whose first sample creates them).
 _DISAGG_ONLY = {
     "strata_frontend_remote_prefill_seconds": "only a disaggregated stack prefills on a prefill "
@@ -61,8 +60,14 @@ _DISAGG_ONLY = {
 @pytest.fixture(scope="module")
 def stack(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("observability")
+    # The planner runs in the stack (its dashboard's panels need data), holding 2 replicas.
+    planner = _planner_config(tmp)
     # A host-memory KV tier on each worker: the KV cache tiers row has data.
-    serve, frontend_url = start_serve(smollm2_dir, tmp, "--workers", "2", "--kv-host-gib", "0.25")
+    # Admission limits far above the load: the 'vs limit' panels need a limit to draw.
+    serve, frontend_url = start_serve(smollm2_dir, tmp, "--workers", "2", "--planner-config",
+                                      str(planner), "--kv-host-gib", "0.25",
+                                      "--max-inflight-requests", "256",
+                                      "--max-queued-prompt-tokens", "1000000")  # fmt: skip
     prometheus = None
     try:
         workers = httpx.get(f"{frontend_url}/admin/workers", timeout=10).json()["workers"]
@@ -81,6 +86,23 @@ def stack(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         if prometheus is not None:
             stop(prometheus)
         stop(serve)
+
+
+def _planner_config(tmp: Path) -> Path:
+    from tests.planner.conftest import formula_profile
+
+    formula_profile().save(tmp / "profile.json")
+    config = {
+        "model": MODEL,
+        "profile": "profile.json",
+        "roles": {"both": {"min_replicas": 2, "max_replicas": 2}},
+        "predictor": {"kind": "moving_average"},
+        "scaling": {"interval_s": 1, "model_interval_s": 1},
+        "metrics": {"window_s": 5},
+    }
+    path = tmp / "planner.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
 def _run_workflows_and_serve_their_metrics() -> str:
