@@ -143,7 +143,10 @@ class _BucketedPredictor(Predictor):
         return math.sqrt(1 + (h - 1) * (a * a + a * b * h + b * b * h * (2 * h - 1) / 6))
 
     def _path(self, num_steps: int) -> np.ndarray:
-        key = len(self.buckets) + 1_000_000 * self._since_fit
+        # The completed buckets change only when a new bucket starts: one fit per bucket,
+        # whatever the number of forecasts (a refit between two calls would re-estimate the
+        # initial state and move the path).
+        key = self._bucket or 0
         if self._cache is not None and self._cache[0] == key and len(self._cache[1]) >= num_steps:
             return self._cache[1][:num_steps]
         path = self._fit_forecast(np.asarray(self.buckets, dtype=np.float64), num_steps)

@@ -187,3 +187,18 @@ def test_slow_observed_ttft_raises_the_correction_and_the_size(profile: PerfProf
     assert corrected == 8
     assert decision.roles["both"].target == min(corrected, base + 4)  # max_step_up 4
     assert "x2.50 / 14.23 per replica (utilization) -> 8" in decision.roles["both"].reason
+
+
+def test_holt_sizes_for_an_upper_quantile_of_its_forecast() -> None:
+    from serving.planner.config import PredictorConfig
+    from serving.planner.predictors import make_predictor
+
+    predictor = make_predictor(PredictorConfig(kind="holt", bucket_s=60, window_s=1800))
+    rng = np.random.default_rng(3)
+    for i in range(180):  # 30 minutes of a slow ramp with noise, every 10 s
+        predictor.observe(i * 10.0, 10 + 0.002 * i * 10 + rng.normal(0, 1))
+    point = predictor.forecast(1800.0, [60.0, 600.0])
+    upper = predictor.forecast(1800.0, [60.0, 600.0], quantile=0.8)
+    # Never narrower further out (as wide when the fit smooths the level almost flat, as here).
+    assert upper[1] - point[1] >= upper[0] - point[0] - 1e-9 > 0
+    assert point[1] > point[0] > 10  # it follows the ramp
