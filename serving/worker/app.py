@@ -7,7 +7,6 @@ renders outputs as JSON or SSE. Errors become OpenAI error JSON only here.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import AsyncIterator, Callable
@@ -15,6 +14,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -321,6 +321,9 @@ async def _run(
         raise APIError(str(exc), param="prompt") from exc
 
 
+_JSON = msgspec.json.Encoder()
+
+
 async def _sse(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
     """SSE response. The first chunk is awaited before the headers go out, so a request the
     engine rejects still gets its status code; later errors are sent as an error event."""
@@ -329,7 +332,7 @@ async def _sse(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
     except StopAsyncIteration:
         first = None
 
-    async def body() -> AsyncIterator[str]:
+    async def body() -> AsyncIterator[bytes]:
         try:
             if first is not None:
                 yield _sse_data(first)
@@ -337,13 +340,13 @@ async def _sse(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
                 yield _sse_data(chunk)
         except APIError as exc:
             yield _sse_data(exc.to_dict())
-        yield "data: [DONE]\n\n"
+        yield b"data: [DONE]\n\n"
 
     return StreamingResponse(body(), media_type="text/event-stream")
 
 
-def _sse_data(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+def _sse_data(payload: dict[str, Any]) -> bytes:
+    return b"data: " + _JSON.encode(payload) + b"\n\n"
 
 
 async def _collect(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import functools
 import logging
 import threading
@@ -35,6 +36,16 @@ _IDLE_WAIT_S = 0.5
 _LEASE_POLL_S = 0.02
 # Concurrent KV pulls (each is one transfer; more only queue on the same link).
 _MAX_PULLS_IN_FLIGHT = 4
+
+
+def merge_outputs(first: RequestOutput, then: RequestOutput) -> RequestOutput:
+    """Two consecutive outputs of one request as one: deltas joined, the rest from ``then``."""
+    return dataclasses.replace(
+        then,
+        text=first.text + then.text,
+        token_ids=first.token_ids + then.token_ids,
+        logprobs=first.logprobs + then.logprobs,
+    )
 
 
 class EngineDeadError(RuntimeError):
@@ -153,8 +164,19 @@ class AsyncEngine:
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
+                # Steps that came while the client was being served go out as one output.
+                error = None
+                while not item.finished and not queue.empty():
+                    more = queue.get_nowait()
+                    if isinstance(more, BaseException):
+                        error = more
+                        break
+                    item = merge_outputs(item, more)
                 finished = item.finished
                 yield item
+                if error is not None:
+                    finished = True
+                    raise error
                 if finished:
                     return
         finally:
