@@ -1,91 +1,147 @@
-"""Acceptance 4 of issue 15 (fallback form): vLLM prefill/decode roles behind the frontend.
+"""Acceptance 4 of issue 15: vLLM prefill and decode workers behind Strata's frontend.
 
-vLLM 0.32's NixlConnector does not run on this CPU machine: a prefill worker started with it
-(``strata serve --engine vllm --prefill 1 --decode 1``) hangs in its first ``execute_model``
-until vLLM's 300 s RPC timeout kills its engine (docs/vllm.md, "Disaggregation", has the log).
-What the frontend must do then, or whenever a prefill worker answers without
-``kv_transfer_params``, is prefill on the decode worker: the client gets the same tokens, and
-each such decision is counted (``local_prefill_failed``).
+``strata serve --engine vllm --prefill 1 --decode 1`` starts a vLLM prefill worker
+(``NixlConnector``, ``kv_role="kv_producer"``, CPU buffers) and a decode worker
+(``kv_consumer``); with ``--max-local-prefill-tokens 0`` every prompt is prefilled remotely: the
+frontend sends vLLM's prefill request (``max_tokens=1``, ``do_remote_decode``) and passes the
+answer's ``kv_transfer_params`` verbatim to the decode worker, which pulls the blocks over NIXL.
+Ten prompts answer token for token as one aggregated vLLM worker does (the session's
+reference answers), every decision is counted ``remote`` and every prompt's KV crosses NIXL.
 
-This test registers the session pool's two vLLM workers in a second frontend as a prefill and a
-decode worker (no KV connector, so vLLM ignores the prefill request's ``kv_transfer_params`` and
-answers without any), forces every prompt remote, and checks that outputs are token for token
-those of one aggregated vLLM worker, that the prefill worker was asked every time, and that every
-decision is counted.
+The fallback: when a prefill worker answers without ``kv_transfer_params`` (no KV connector,
+as the session pool's workers registered under P/D roles here), the decode worker prefills
+itself; the client gets the same tokens and each decision counts as ``local_prefill_failed``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.engine.test_hf_equality import CHAT_PROMPTS, COMPLETION_PROMPTS
+from tests.frontend.conftest import start_frontend
 from tests.vllm.fixtures import (
-    MODEL,
     POOL_TIMEOUT_S,
+    VLLM_TEST_ARGS,
+    ReferenceAnswers,
     VLLMPool,
     start_strata_serve,
     stop_strata_serve,
+    token_ids,
 )
 from tests.worker.conftest import labelled, metric, scrape
 
-# The first test to use the session pool also pays for its start (minutes on two cores).
+# The first test to use the session pool also pays for its start (minutes on two cores); the
+# P/D pair's start (two more vLLM workers) is charged to its test.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(POOL_TIMEOUT_S)]
 
-MAX_TOKENS = 16
+RecordProperty = Callable[[str, object], None]
+
+
+def _requests() -> list[tuple[str, str, dict]]:
+    """Ten prompts (the acceptance's minimum): five completions, five chats."""
+    out = [(name, "completions", {"prompt": text}) for name, text in COMPLETION_PROMPTS[:5]]
+    out += [(name, "chat/completions", {"messages": m}) for name, m in CHAT_PROMPTS[:5]]
+    return out
+
+
+def _mismatches(url: str, requests: list, reference: ReferenceAnswers) -> list[str]:
+    out = []
+    for name, endpoint, body in requests:
+        expected = reference.token_ids(endpoint, body)
+        got = token_ids(url, endpoint, body)
+        if got != expected:
+            out.append(f"{name}: aggregated vLLM {expected}, through P/D {got}")
+    return out
 
 
 @pytest.fixture(scope="module")
-def disagg(
+def vllm_pd(
     smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory, vllm_pool: VLLMPool
-) -> Iterator[dict]:
-    decode, prefill = vllm_pool.workers
+) -> Iterator[dict[str, str]]:
+    """``strata serve --engine vllm --prefill 1 --decode 1``, every prompt remote."""
+    worker_args = [f"--worker-arg={arg}" for arg in VLLM_TEST_ARGS]
     proc, url = start_strata_serve(
-        smollm2_dir, tmp_path_factory.mktemp("vllm-roles"),
-        "--workers", "0", "--max-local-prefill-tokens", "0",
-        "--worker-url", f"{prefill.url};role=prefill;id=prefill",
-        "--worker-url", f"{decode.url};role=decode;id=decode",
+        smollm2_dir, tmp_path_factory.mktemp("vllm-pd"), "--engine", "vllm",
+        "--prefill", "1", "--decode", "1", "--router", "kv", "--max-local-prefill-tokens", "0",
+        *worker_args,
     )  # fmt: skip
     try:
-        yield {"url": url, "prefill": prefill.url, "decode": decode.url}
+        listed = httpx.get(f"{url}/admin/workers", timeout=10).json()["workers"]
+        roles = {w["role"]: w["url"] for w in listed}
+        yield {"url": url, "prefill": roles["prefill"], "decode": roles["decode"]}
     finally:
         stop_strata_serve(proc)
 
 
-def _requests() -> list[tuple[str, str, dict]]:
-    out = [(name, "completions", {"prompt": text}) for name, text in COMPLETION_PROMPTS[:6]]
-    out += [(name, "chat/completions", {"messages": m}) for name, m in CHAT_PROMPTS[:6]]
-    return out
-
-
-def _token_ids(base_url: str, endpoint: str, body: dict) -> list[int]:
-    payload = {"model": MODEL, "temperature": 0, "max_tokens": MAX_TOKENS,
-               "return_token_ids": True, **body}  # fmt: skip
-    response = httpx.post(f"{base_url}/v1/{endpoint}", json=payload, timeout=600)
-    assert response.status_code == 200, response.text
-    return response.json()["choices"][0]["token_ids"]
-
-
-def test_prefill_without_kv_params_falls_back_to_decode_worker(disagg: dict) -> None:
+def test_vllm_prefill_and_decode_workers_match_one_aggregated_worker(
+    vllm_pd: dict[str, str], vllm_reference: ReferenceAnswers, record_property: RecordProperty
+) -> None:
     requests = _requests()
-    assert len(requests) >= 10
-    prefill_before = scrape(disagg["prefill"])
-    mismatches = []
-    for name, endpoint, body in requests:
-        expected = _token_ids(disagg["decode"], endpoint, body)  # one aggregated vLLM worker
-        got = _token_ids(disagg["url"], endpoint, body)
-        if got != expected:
-            mismatches.append(f"{name}: aggregated {expected}, through P/D roles {got}")
+    before = {role: scrape(vllm_pd[role]) for role in ("prefill", "decode")}
+    mismatches = _mismatches(vllm_pd["url"], requests, vllm_reference)
     assert not mismatches, "\n".join(mismatches)
-    frontend = scrape(disagg["url"])
+    frontend = scrape(vllm_pd["url"])
+    after = {role: scrape(vllm_pd[role]) for role in ("prefill", "decode")}
+
+    def grew(role: str, name: str) -> float:
+        return metric(after[role], name) - metric(before[role], name)
+
+    remote = labelled(frontend, "strata_router_disagg_decisions_total", decision="remote")
+    transfers = grew("decode", "vllm:nixl_xfer_time_seconds_count")
+    record_property("requests", len(requests))
+    record_property("remote_decisions", remote)
+    record_property("nixl_transfers", transfers)
+    record_property("nixl_xfer_time_s", round(grew("decode", "vllm:nixl_xfer_time_seconds_sum"), 3))
+    record_property("nixl_bytes", grew("decode", "vllm:nixl_bytes_transferred_sum"))
+    record_property("nixl_failed_transfers", grew("decode", "vllm:nixl_num_failed_transfers_total"))
+    record_property(
+        "remote_prefill_s", round(metric(frontend, "strata_frontend_remote_prefill_seconds_sum"), 1)
+    )
+    assert remote == metric(frontend, "strata_router_disagg_decisions_total") == len(requests)
+    assert grew("prefill", "vllm:request_success_total") == len(requests)  # the prefill requests
+    assert grew("decode", "vllm:request_success_total") == len(requests)
+    assert transfers == len(requests)  # every prompt's KV pulled over NIXL
+    assert grew("decode", "vllm:nixl_num_failed_transfers_total") == 0
+
+
+@pytest.fixture(scope="module")
+def roles_without_connector(smollm2_dir: Path, vllm_pool: VLLMPool) -> Iterator[dict[str, str]]:
+    """The session pool's workers (no KV connector) as a prefill and a decode worker, in a
+    frontend in this process."""
+    decode, prefill = vllm_pool.workers
+    frontend = start_frontend(
+        smollm2_dir,
+        [f"{prefill.url};role=prefill;id=prefill", f"{decode.url};role=decode;id=decode"],
+        block_size=32,
+        max_local_prefill_tokens=0,  # every prompt is prefilled remotely
+    )
+    try:
+        yield {"url": frontend.url, "prefill": prefill.url, "decode": decode.url}
+    finally:
+        frontend.stop()
+
+
+def test_prefill_without_kv_params_falls_back_to_decode_worker(
+    roles_without_connector: dict[str, str],
+    vllm_reference: ReferenceAnswers,
+    record_property: RecordProperty,
+) -> None:
+    pd = roles_without_connector
+    requests = _requests()[::3]  # four of the ten (their reference answers are shared)
+    prefill_before = scrape(pd["prefill"])
+    mismatches = _mismatches(pd["url"], requests, vllm_reference)
+    assert not mismatches, "\n".join(mismatches)
+    frontend = scrape(pd["url"])
     fallbacks = labelled(frontend, "strata_router_disagg_decisions_total",
                          decision="local_prefill_failed")  # fmt: skip
-    assert fallbacks == len(requests)
-    assert metric(frontend, "strata_router_disagg_decisions_total") == len(requests)
-    asked = metric(scrape(disagg["prefill"]), "vllm:request_success_total") - metric(
+    record_property("requests", len(requests))
+    record_property("local_prefill_failed", fallbacks)
+    assert fallbacks == metric(frontend, "strata_router_disagg_decisions_total") == len(requests)
+    asked = metric(scrape(pd["prefill"]), "vllm:request_success_total") - metric(
         prefill_before, "vllm:request_success_total"
     )
     assert asked == len(requests)

@@ -1,9 +1,10 @@
 """Acceptance 3 of issue 15: one Strata worker and one vLLM worker behind one KV router.
 
-``strata serve --workers 0`` over a Strata builtin worker (block size 32) and a vLLM worker of
-the session pool, both registered by URL only: the Strata worker's KV endpoints come from its
-``/health``, the vLLM worker's from its ``/kv_event_sources``, the router's block size from both.
-A prefix cached on one worker (sent to it directly) is routed back to that worker.
+A frontend (in this process, as ``strata serve --workers 0`` builds it) over a Strata builtin
+worker (block size 32) and a vLLM worker of the session pool, both registered by URL only: the
+Strata worker's KV endpoints come from its ``/health``, the vLLM worker's from its
+``/kv_event_sources``, the router's block size from both (``pool_block_size``, as ``strata
+serve`` does). A prefix cached on one worker (sent to it directly) is routed back to it.
 """
 
 from __future__ import annotations
@@ -15,14 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.vllm.fixtures import (
-    MODEL,
-    POOL_TIMEOUT_S,
-    VLLMPool,
-    start_strata_serve,
-    stop_strata_serve,
-    vllm_python_or_skip,
-)
+from serving.vllm_engine.discovery import pool_block_size
+from tests.frontend.conftest import start_frontend
+from tests.vllm.fixtures import MODEL, POOL_TIMEOUT_S, VLLMPool, vllm_python_or_skip
 from tests.worker.conftest import WorkerProcess, metric, scrape, start_worker_process, wait_until
 
 # The first test to use the session pool also pays for its start (minutes on two cores).
@@ -52,16 +48,16 @@ def _complete(url: str, prompt: list[int]) -> dict:
 
 
 def test_each_workers_prefixes_are_routed_back_to_it(
-    smollm2_dir: Path,
-    tmp_path: Path,
-    vllm_pool: VLLMPool,
-    strata_worker: WorkerProcess,
+    smollm2_dir: Path, vllm_pool: VLLMPool, strata_worker: WorkerProcess
 ) -> None:
     vllm_url = vllm_pool.workers[0].url
-    proc, frontend = start_strata_serve(
-        smollm2_dir, tmp_path, "--workers", "0", "--router", "kv",
-        "--worker-url", f"{strata_worker.url};id=strata", "--worker-url", f"{vllm_url};id=vllm",
+    block_size = pool_block_size([strata_worker.url, vllm_url], 16)
+    assert block_size == BLOCK_SIZE  # from both workers: /health and vllm:cache_config_info
+    server = start_frontend(
+        smollm2_dir, [f"{strata_worker.url};id=strata", f"{vllm_url};id=vllm"],
+        router="kv", block_size=block_size,
     )  # fmt: skip
+    frontend = server.url
     try:
         listed = httpx.get(f"{frontend}/admin/workers", timeout=10).json()["workers"]
         assert {w["worker_id"]: bool(w["kv_events_endpoint"]) for w in listed} == {
@@ -92,4 +88,4 @@ def test_each_workers_prefixes_are_routed_back_to_it(
                 assert served[worker_id] == 1, f"{worker_id}'s prefix went elsewhere: {served}"
                 assert usage["prompt_tokens_details"]["cached_tokens"] == 4 * BLOCK_SIZE
     finally:
-        stop_strata_serve(proc)
+        server.stop()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
+import httpx
 import pytest
 
 from tests.observability.conftest import (
@@ -52,6 +53,11 @@ _STRATA_WORKER_ONLY = {
     "strata_kv_transfer_seconds": "Strata's KV transport; vLLM's NIXL transfers are vllm:nixl_*",
     "strata_kv_transfer_bytes_total": "Strata's KV transport; vLLM's are vllm:nixl_*",
     "strata_kv_leases": "Strata's prefill leases; vLLM's NIXL connector keeps its own",
+    "strata_kv_tier_": "Strata's KV tiers (G2-G4, docs/kv-tiers.md); a stock vLLM worker has "
+    "no such series",
+    # The frontend's, not the engine's: as in tests/observability/test_prometheus_integration.py.
+    "strata_frontend_key_": "only a frontend with rate-limited keys (a keys file) has per-key "
+    "series (tests/frontend/test_admission.py checks them)",
 }
 
 
@@ -67,6 +73,11 @@ def stack(vllm_pool: VLLMPool, tmp_path_factory: pytest.TempPathFactory) -> Iter
         result = Stack(prometheus_url, vllm_pool.url, [w.url for w in vllm_pool.workers])
         wait_until_up(result, 3)
         drive_load(vllm_pool.url, MODEL, 12)
+        # One refused request of the served model (longer than its context): the
+        # errors-by-status panel has a series.
+        bad = {"model": MODEL, "prompt": list(range(1000, 3000)), "max_tokens": 2}
+        refused = httpx.post(f"{vllm_pool.url}/v1/completions", json=bad, timeout=60)
+        assert refused.status_code == 400, refused.text
         wait_for_scrapes_and_rules(result, after_s=time.time())
         yield result
     finally:
