@@ -119,9 +119,17 @@ def demo(
     )
     production = _current_production(params)
     if republish or production is None or production.manifest_digest != digest:
-        from workflows.local_runner import run_workflow
+        from workflows.local_runner import DEFAULT_STATE_DIR, WorkflowFailed, run_workflow
 
-        run_workflow(publish_workflow(), params)
+        try:
+            run_workflow(publish_workflow(), params, state_dir=DEFAULT_STATE_DIR)
+        except WorkflowFailed as exc:
+            typer.echo(
+                f"{exc}\nresume it with: strata publish --local --resume {exc.result.run_id}"
+                " (then `strata demo` serves what it promoted)",
+                err=True,
+            )
+            raise typer.Exit(1) from exc
         production = registry.resolve(
             params.mlflow_tracking_uri, f"models:/{DEMO_MODEL_NAME}@production"
         )

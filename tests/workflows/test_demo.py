@@ -1,12 +1,15 @@
 """Issue 4's acceptance: the demo publishes SmolLM2 from S3 through the workflow and serves it.
 
 Runs ``strata demo`` in a scratch directory on free ports (local S3, MLflow, frontend), then
-checks the endpoint answers and MLflow's REST API shows the promoted version with its
-evaluation and benchmark metrics.
+checks the endpoint answers, MLflow's REST API shows the promoted version with its evaluation
+and benchmark metrics, and the run's saved state shows SmolLM2's round trip through S3 (staged,
+checked against the published manifest, verified). The suite's one SmolLM2 publish: the other
+tests use the tiny model for the steps.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -67,6 +70,16 @@ def test_demo_publishes_and_serves_production(smollm2_dir: Path, tmp_path: Path)
         text = log.read_text()
         for step in ("stage", "verify", "register", "deploy", "evaluate", "benchmark", "promote"):
             assert f"{step}: Succeeded" in text
+        # The run's saved state: the whole checkpoint went through S3, every byte checked against
+        # the manifest published beside it, and the weights' shapes against config.json.
+        (state_path,) = (tmp_path / ".strata" / "runs").glob("local-*.json")
+        steps = json.loads(state_path.read_text())["steps"]
+        stage, verify = steps["stage"]["outputs"], steps["verify"]["outputs"]
+        assert stage["downloaded_bytes"] == stage["total_bytes"] > 500_000_000
+        assert verify["manifest_digest"] == stage["manifest_digest"] == tags["manifest_digest"]
+        assert verify["checked_published"] is True
+        assert verify["architecture"] == "LlamaForCausalLM"
+        assert 134_000_000 < verify["num_parameters"] < 136_000_000
         assert "curl -s" in text and "MLflow UI" in text
     finally:
         proc.send_signal(signal.SIGTERM)

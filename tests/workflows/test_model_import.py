@@ -78,6 +78,7 @@ def test_smollm2_checkpoint_layout(smollm2_dir: Path) -> None:
     assert config["architectures"] == ["LlamaForCausalLM"]
     assert config["dtype"] == config["torch_dtype"] == "float32"
     assert config["max_position_embeddings"] == 8192
+    assert config["num_hidden_layers"] == 30
     assert config["rope_theta"] == 100000.0
     assert config["tie_word_embeddings"] is True
     assert "<|im_start|>" in (smollm2_dir / "chat_template.jinja").read_text()
