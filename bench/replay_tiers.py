@@ -232,7 +232,12 @@ def _print_table(payload: dict[str, Any]) -> None:
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=compare.__doc__.split("\n\n")[0])
-    p.add_argument("--trace", type=Path, default=Path("../shared/traces/conversation_trace.jsonl"))
+    p.add_argument(
+        "--trace",
+        type=Path,
+        required=True,
+        help="a Mooncake-format trace (JSONL), e.g. its conversation trace",
+    )
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--kv-blocks-per-worker", type=int, default=1024)
     p.add_argument("--host-blocks", type=int, default=4096, help="G2 blocks per worker.")

@@ -201,7 +201,8 @@ def serve(
     ] = None,
 ) -> None:
     """Start local workers and the frontend (KV-aware router inside) until Ctrl-C."""
-    from serving.frontend.serve import ModelEntry, ServeConfig, parse_model_entry, run_serve
+    from serving.frontend.model_entry import ModelEntry, parse_model_entry
+    from serving.frontend.serve import ServeConfig, run_serve
 
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
