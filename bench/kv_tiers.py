@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from bench.engine import LLAMA3_8B_SHAPE
 from serving.engine.core import EngineCore
 from serving.engine.model_runner import ModelRunner
 from serving.engine.request import Request, SamplingParams
@@ -54,28 +55,11 @@ from serving.kvcache.stack import TierIndex, TierStack
 from serving.kvcache.tier import KVTier
 
 SUFFIX_TOKENS = 32
+# The engine bench's Llama-3-8B shape as a checkpoint's config.json (random weights, bf16).
 LLAMA3_8B_CONFIG: dict[str, Any] = {
     "architectures": ["LlamaForCausalLM"],
     "model_type": "llama",
-    "vocab_size": 128_256,
-    "hidden_size": 4096,
-    "intermediate_size": 14_336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "max_position_embeddings": 131_072,
-    "rms_norm_eps": 1e-5,
-    "tie_word_embeddings": False,
-    "bos_token_id": 128_000,
-    "eos_token_id": 128_001,
-    "rope_theta": 500_000.0,
-    "rope_scaling": {
-        "rope_type": "llama3",
-        "factor": 8.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8192,
-    },
+    **LLAMA3_8B_SHAPE,
     "torch_dtype": "bfloat16",
 }
 
