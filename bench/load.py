@@ -98,6 +98,10 @@ async def stream_completion(
                 now = time.perf_counter()
                 if result.first_token_s is None:
                     result.first_token_s = now - sent
+                    # the worker merges outputs queued behind a slow reader: the first
+                    # chunk's other tokens arrived with it (gaps of 0), so the record
+                    # keeps one gap per token after the first
+                    result.itl_s.extend([0.0] * (num_tokens - 1))
                 else:  # a chunk of k tokens after a gap g counts as k gaps of g / k
                     result.itl_s.extend([(now - last) / num_tokens] * num_tokens)
                 last = now

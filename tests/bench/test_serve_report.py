@@ -88,7 +88,8 @@ def test_synthetic_run_records_every_request_with_sane_times(synthetic_dir: Path
     assert summary["requests"] == {"total": 20, "completed": 20, "rejected": 0}
     assert summary["output_tokens"] == NUM_REQUESTS * OUTPUT_TOKENS
     assert 0 < summary["ttft_s"]["p50"] <= summary["ttft_s"]["p90"] <= summary["ttft_s"]["p99"]
-    assert 0 < summary["itl_s"]["p50"] <= summary["itl_s"]["p99"]
+    # gaps of 0: tokens merged into the first chunk behind a slow reader (bench.load)
+    assert 0 <= summary["itl_s"]["p50"] <= summary["itl_s"]["p99"] and summary["itl_s"]["p99"] > 0
     assert summary["throughput_tok_s"] > 0 and summary["errors"] == []
     assert run["label"] == "four-clients" and "api_key" not in run["config"]
     assert run["worker_load"] is None  # a bare worker has no router series
