@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import psutil
 
 from serving.frontend.auth import hash_key
@@ -53,6 +54,7 @@ class Outcome:
     failed: bool = False  # admitted (200) but the stream broke, or a non-429 error
     keyed: bool = False
     error: str = ""  # why it failed: the error event, the cut stream's tail, the exception
+    lag_s: float = 0.0  # how late the generator sent it after its scheduled arrival
 
 
 @dataclass(slots=True)
@@ -100,15 +102,19 @@ def worker_procs(serve: subprocess.Popen) -> list[psutil.Process]:
 
 
 async def one_request(http: httpx.AsyncClient, args: argparse.Namespace, t0: float,
-                      keyed: bool, run: Run) -> None:  # fmt: skip
+                      keyed: bool, run: Run, due_s: float | None = None) -> None:  # fmt: skip
+    """One streamed completion; ``due_s``: its scheduled arrival (seconds after ``t0``)."""
     sent = time.perf_counter()
     prompt = [random.randrange(1000, 40000) for _ in range(args.prompt_tokens)]
-    body = {"model": args.model.name, "prompt": prompt, "max_tokens": args.output_tokens,
-            "ignore_eos": True, "stream": True}  # fmt: skip
-    headers = {"Authorization": f"Bearer {KEY if keyed else 'sk-soak'}"}
+    body = msgspec.json.encode({"model": args.model.name, "prompt": prompt,
+                                "max_tokens": args.output_tokens, "ignore_eos": True,
+                                "stream": True})  # fmt: skip
+    headers = {"Authorization": f"Bearer {KEY if keyed else 'sk-soak'}",
+               "Content-Type": "application/json"}  # fmt: skip
     status, failed, error = 0, False, ""
     try:
-        async with http.stream("POST", "/v1/completions", json=body, headers=headers) as resp:
+        async with http.stream("POST", "/v1/completions", content=body,
+                               headers=headers) as resp:  # fmt: skip
             status = resp.status_code
             text = (await resp.aread()).decode(errors="replace")
             if status == 200:
@@ -120,8 +126,9 @@ async def one_request(http: httpx.AsyncClient, args: argparse.Namespace, t0: flo
                 error = text[-300:]
     except httpx.HTTPError as exc:
         failed, error = True, f"{type(exc).__name__}: {exc}"
+    lag_s = sent - t0 - due_s if due_s is not None else 0.0
     run.outcomes.append(Outcome(sent - t0, status, time.perf_counter() - sent, failed, keyed,
-                                error))  # fmt: skip
+                                error, lag_s))  # fmt: skip
 
 
 async def calibrate(url: str, args: argparse.Namespace) -> tuple[float, float]:
@@ -162,7 +169,8 @@ async def open_loop(url: str, rate: float, args: argparse.Namespace, run: Run,
                 if next_at >= end:
                     return
                 await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
-                task = asyncio.create_task(one_request(http, args, t0, keyed, run))
+                due_s = next_at - t0
+                task = asyncio.create_task(one_request(http, args, t0, keyed, run, due_s))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
 
@@ -272,8 +280,14 @@ def summarize(run: Run, args: argparse.Namespace, capacity: float, calib_p99: fl
         "workers": args.workers, "slots_per_worker": args.slots_per_worker,
         "capacity_req_per_s": round(capacity, 2), "offered_load": args.load,
         "sent": len(run.outcomes), "completed": len(done), "rejected_429": len(rejected),
-        # Longer than --duration-s when the load generator fell behind its schedule.
+        # The generator's own lateness: a Poisson schedule at the asked rate, each request
+        # sent when its task runs (a busy client falls behind and offers less than asked).
+        "asked_req_per_s": round(args.load * capacity, 2),
         "sending_span_s": round(max((o.sent_s for o in run.outcomes), default=0.0), 1),
+        "sent_req_per_s": round(len(run.outcomes) / max(
+            max((o.sent_s for o in run.outcomes), default=0.0), 1e-9), 2),
+        "generator_lag_ms_p50": round(1000 * percentile([o.lag_s for o in run.outcomes], 0.5), 1),
+        "generator_lag_ms_p99": round(1000 * percentile([o.lag_s for o in run.outcomes], 0.99), 1),
         "failed": sum(o.failed for o in run.outcomes),
         "failed_among_admitted": sum(o.failed for o in admitted),
         "kills": len(run.kills),

@@ -40,16 +40,24 @@ class ModelAdmission:
     num_inflight: int = 0
     num_queued_prompt_tokens: int = 0
 
-    def admit(self, num_prompt_tokens: int) -> None:
-        """Count a request in, or raise ``Overloaded``. A single prompt larger than the whole
-        token limit is admitted when nothing else is queued (it could never run otherwise)."""
+    def inflight_refusal(self) -> Overloaded | None:
+        """The refusal of one more request while the in-flight limit is reached, else None:
+        asks only, counts nothing (the edge calls it before parsing a body)."""
         if self.max_inflight_requests and self.num_inflight >= self.max_inflight_requests:
-            raise Overloaded(
+            return Overloaded(
                 f"too many requests in flight for this model ({self.max_inflight_requests}); "
                 "retry later",
                 reason="inflight_limit",
                 retry_after_s=OVERLOAD_RETRY_AFTER_S,
             )
+        return None
+
+    def admit(self, num_prompt_tokens: int) -> None:
+        """Count a request in, or raise ``Overloaded``. A single prompt larger than the whole
+        token limit is admitted when nothing else is queued (it could never run otherwise)."""
+        refusal = self.inflight_refusal()
+        if refusal is not None:
+            raise refusal
         queued = self.num_queued_prompt_tokens
         if (
             self.max_queued_prompt_tokens
@@ -121,17 +129,13 @@ class KeyRateLimiter:
         ``Overloaded``; None when the key has no limits."""
         if not requests_per_minute and not tokens_per_minute:
             return None
+        refusal = self.request_refusal(key, now_s, requests_per_minute=requests_per_minute)
+        if refusal is not None:
+            raise refusal
         requests = self._requests.setdefault(key, _Window())
         tokens = self._tokens.setdefault(key, _Window())
         requests.expire(now_s)
         tokens.expire(now_s)
-        if requests_per_minute and requests.total + 1 > requests_per_minute:
-            wait_s = requests.seconds_until_fits(1, requests_per_minute, now_s)
-            raise Overloaded(
-                f"key {key!r}: more than {requests_per_minute} requests per minute",
-                reason="key_requests_per_minute",
-                retry_after_s=math.ceil(wait_s),
-            )
         if tokens_per_minute and tokens.total and tokens.total + num_tokens > tokens_per_minute:
             wait_s = tokens.seconds_until_fits(num_tokens, tokens_per_minute, now_s)
             raise Overloaded(
@@ -146,6 +150,24 @@ class KeyRateLimiter:
         tokens.entries.append(entry)
         tokens.total += num_tokens
         return KeyCharge(key, entry)
+
+    def request_refusal(
+        self, key: str, now_s: float, *, requests_per_minute: int | None
+    ) -> Overloaded | None:
+        """The refusal of one more request from ``key`` while its request window is full,
+        else None: charges nothing (the edge asks before parsing a body)."""
+        if not requests_per_minute:
+            return None
+        requests = self._requests.setdefault(key, _Window())
+        requests.expire(now_s)
+        if requests.total + 1 <= requests_per_minute:
+            return None
+        wait_s = requests.seconds_until_fits(1, requests_per_minute, now_s)
+        return Overloaded(
+            f"key {key!r}: more than {requests_per_minute} requests per minute",
+            reason="key_requests_per_minute",
+            retry_after_s=math.ceil(wait_s),
+        )
 
     def settle(self, charge: KeyCharge, num_used_tokens: int) -> None:
         """Replace the admission estimate by the tokens really used (if still in the window)."""

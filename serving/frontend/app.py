@@ -95,7 +95,7 @@ def create_frontend_app(state: FrontendState) -> FastAPI:
         responses=error_responses(400, 401, 403, 413),
     )
     app.state.frontend = state
-    app.add_middleware(GuardMiddleware, keys=gate.keys, metrics=metrics,
+    app.add_middleware(GuardMiddleware, gate=gate, metrics=metrics,
                        max_request_bytes=settings.max_request_bytes)  # fmt: skip
     install_error_handlers(app, state)
     drop_validation_422(app)

@@ -8,12 +8,13 @@ with ``Retry-After``) and keeps the keys file current (``reload_keys``).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from serving.frontend.admission import KeyCharge, KeyRateLimiter, ModelAdmission, Overloaded
 from serving.frontend.auth import AuthError, KeysFileError, KeyStore, Principal, load_keys_file
@@ -92,7 +93,7 @@ class Gate:
         try:
             admission.admit(num_prompt_tokens)
         except Overloaded as exc:
-            self.metrics.rejected.labels(model=model, reason=exc.reason).inc()
+            self._count_refusal(model, principal, exc)
             raise
         try:
             charge = self.limiter.admit(
@@ -103,16 +104,35 @@ class Gate:
         except Overloaded as exc:
             admission.first_token(num_prompt_tokens)
             admission.finish()
-            self.metrics.rejected.labels(model=model, reason=exc.reason).inc()
-            self.metrics.key_requests.labels(
-                model=model, key=principal.name, outcome="rejected"
-            ).inc()
+            self._count_refusal(model, principal, exc)
             raise
         if charge is not None:
             self.metrics.key_requests.labels(
                 model=model, key=principal.name, outcome="admitted"
             ).inc()
         return Ticket(self, model, admission, charge, num_prompt_tokens)
+
+    def refuse_early(self, principal: Principal, model: str | None) -> None:
+        """Raise ``Overloaded`` (counted) for a request that ``admit`` would refuse whatever its
+        body holds: the model's in-flight limit is reached, or the key's request window is
+        full. Cheap facts only, so the edge asks before parsing or tokenizing anything; an
+        unknown model passes (the route answers 404)."""
+        admission = self.models.get(model) if model is not None else None
+        if admission is None:
+            return
+        refusal = admission.inflight_refusal() or self.limiter.request_refusal(
+            principal.name, self.clock(), requests_per_minute=principal.requests_per_minute
+        )
+        if refusal is not None:
+            self._count_refusal(model, principal, refusal)
+            raise refusal
+
+    def _count_refusal(self, model: str, principal: Principal, exc: Overloaded) -> None:
+        self.metrics.rejected.labels(model=model, reason=exc.reason).inc()
+        if exc.reason.startswith("key_"):
+            self.metrics.key_requests.labels(
+                model=model, key=principal.name, outcome="rejected"
+            ).inc()
 
     def refresh_gauges(self) -> None:
         for name, admission in self.models.items():
@@ -170,13 +190,17 @@ class Gate:
 
 
 class GuardMiddleware:
-    """ASGI middleware: body size limit, then keys (``/v1`` inference, ``/admin`` admin)."""
+    """ASGI middleware: body size limit, then keys (``/v1`` inference, ``/admin`` admin), then
+    the cheap half of admission for the generating routes (``Gate.refuse_early`` on the body's
+    ``model``, decoded alone): a request the frontend cannot take is answered 429 before
+    validation and tokenization spend CPU on it, which is what an overloaded frontend lacks."""
 
     def __init__(
-        self, app: Any, *, keys: KeyStore, metrics: FrontendMetrics, max_request_bytes: int
+        self, app: Any, *, gate: Gate, metrics: FrontendMetrics, max_request_bytes: int
     ) -> None:
         self.app = app
-        self.keys = keys
+        self.gate = gate
+        self.keys = gate.keys
         self.metrics = metrics
         self.max_request_bytes = max_request_bytes
 
@@ -205,22 +229,42 @@ class GuardMiddleware:
             return
         state = scope.setdefault("state", {})
         state["principal"], state["arrival_s"] = principal, arrival_s
-        receive = await self._limit_body(headers, receive, send, path)
-        if receive is not None:
-            await self.app(scope, receive, send)
+        body = await self._read_body(headers, receive, send, path)
+        if body is None:
+            return
+        generating = path in GENERATE_ENDPOINTS and scope["method"] == "POST"
+        if generating and await self._refused_early(principal, body, path, arrival_s, send):
+            return
+        await self.app(scope, _replay(body, receive), send)
 
-    async def _limit_body(
+    async def _refused_early(
+        self, principal: Principal, body: bytes, path: str, arrival_s: float, send: Send
+    ) -> bool:
+        """Answer 429 and return True when the gate refuses the request on cheap facts."""
+        model = peek_model(body)
+        try:
+            self.gate.refuse_early(principal, model)
+        except Overloaded as exc:
+            assert model is not None
+            self.metrics.rejection_seconds.labels(model=model).observe(
+                time.perf_counter() - arrival_s
+            )
+            retry_after = [(b"retry-after", str(exc.retry_after_s).encode())]
+            await _send_error(send, exc, path, self.metrics, model=model, headers=retry_after)
+            return True
+        return False
+
+    async def _read_body(
         self, headers: dict[str, str], receive: Receive, send: Send, path: str
-    ) -> Receive | None:
-        """``receive`` for the app, or None after answering 413 (body over the limit)."""
+    ) -> bytes | None:
+        """The whole request body, or None after answering 413 (over the limit, announced by
+        ``content-length`` or found while reading a chunked body)."""
         limit = self.max_request_bytes
         length = headers.get("content-length")
-        if length is not None and length.isdigit():
-            if int(length) <= limit:
-                return receive
+        if length is not None and length.isdigit() and int(length) > limit:
             await self._too_large(send, path)
             return None
-        chunks: list[bytes] = []  # no length given (chunked): read up to the limit
+        chunks: list[bytes] = []
         size = 0
         while True:
             message = await receive()
@@ -233,17 +277,7 @@ class GuardMiddleware:
                 return None
             if not message.get("more_body", False):
                 break
-        body = b"".join(chunks)
-        sent = False
-
-        async def replay() -> Message:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        return replay
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def _too_large(self, send: Send, path: str) -> None:
         self.metrics.rejected.labels(model="", reason="request_too_large").inc()
@@ -255,6 +289,36 @@ class GuardMiddleware:
         await _send_error(send, error, path, self.metrics)
 
 
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """``receive`` for the app: the body already read, then the connection's own messages."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+class _ModelField(msgspec.Struct):
+    model: str
+
+
+_MODEL_DECODER = msgspec.json.Decoder(_ModelField)
+
+
+def peek_model(body: bytes) -> str | None:
+    """The ``model`` of a JSON request body, decoded alone (other fields are skipped, not
+    validated); None when the body has no string ``model`` (the route's validation answers)."""
+    try:
+        return _MODEL_DECODER.decode(body).model
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
 def endpoint_label(path: str) -> str:
     """A bounded ``endpoint`` label: the API's paths as they are, anything else grouped."""
     if path in ENDPOINTS:
@@ -262,20 +326,29 @@ def endpoint_label(path: str) -> str:
     return "/admin" if path.startswith("/admin") else "other"
 
 
-ENDPOINTS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models"})
+GENERATE_ENDPOINTS = frozenset({"/v1/completions", "/v1/chat/completions"})
+ENDPOINTS = GENERATE_ENDPOINTS | {"/v1/models"}
 
 
-async def _send_error(send: Send, error: APIError, path: str, metrics: FrontendMetrics) -> None:
+async def _send_error(
+    send: Send,
+    error: APIError,
+    path: str,
+    metrics: FrontendMetrics,
+    *,
+    model: str = "",
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
     metrics.requests.labels(
-        model="", endpoint=endpoint_label(path), status=str(error.status_code)
+        model=model, endpoint=endpoint_label(path), status=str(error.status_code)
     ).inc()
-    body = json.dumps(error.to_dict()).encode()
+    body = msgspec.json.encode(error.to_dict())
     await send(
         {
             "type": "http.response.start",
             "status": error.status_code,
             "headers": [(b"content-type", b"application/json"),
-                        (b"content-length", str(len(body)).encode())],
+                        (b"content-length", str(len(body)).encode()), *(headers or [])],
         }
     )  # fmt: skip
     await send({"type": "http.response.body", "body": body})

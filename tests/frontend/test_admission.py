@@ -92,6 +92,49 @@ def test_in_flight_limit_answers_429_with_retry_after_and_admitted_complete(
         frontend.stop()
 
 
+def test_a_full_model_is_refused_at_the_edge_before_any_tokenizing(
+    smollm2_dir: Path, slow_worker: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At the in-flight limit a chat request gets its 429 from the body's ``model`` alone:
+    the prompt is never validated or tokenized (CPU an overloaded frontend does not have)."""
+    import serving.frontend.app as frontend_app
+
+    calls: list[int] = []
+    encode_chat = frontend_app.encode_chat
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return encode_chat(*args, **kwargs)
+
+    monkeypatch.setattr(frontend_app, "encode_chat", counted)
+    frontend = start_frontend(smollm2_dir, [slow_worker], max_inflight_requests=1)
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hello there"}]}
+    try:
+        with httpx.Client(base_url=frontend.base_url, timeout=120) as client:
+            body = {**chat, "max_tokens": 400, "stream": True}
+            with client.stream("POST", "/chat/completions", json=body) as held:
+                assert held.status_code == 200  # headers wait for the first token: admitted
+                assert calls == [1]
+                refused = client.post("/chat/completions", json={**chat, "max_tokens": 2})
+                # Not validated either: a field the route would refuse with 400.
+                unchecked = client.post("/chat/completions",
+                                        json={**chat, "max_tokens": "many"})  # fmt: skip
+                held.read()
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["code"] == "inflight_limit"
+        assert unchecked.status_code == 429
+        assert calls == [1]
+        values = scrape(frontend.url)
+        assert labelled(values, "strata_frontend_requests_total", model=MODEL, status="429") == 2
+        assert labelled(values, "strata_frontend_rejection_seconds_count", model=MODEL) == 2
+        # The slot is free again: the next one is tokenized and served.
+        assert httpx.post(f"{frontend.base_url}/chat/completions",
+                          json={**chat, "max_tokens": 2}).status_code == 200  # fmt: skip
+        assert calls == [1, 1]
+    finally:
+        frontend.stop()
+
+
 def test_inference_key_gets_403_on_admin_and_admin_key_works(keyed: FrontendServer) -> None:
     base = keyed.url
     team = {"Authorization": f"Bearer {TEAM}"}

@@ -126,3 +126,23 @@ def test_keys_file_errors_name_the_field(tmp_path: Path) -> None:
     path.write_text("keys: []\nmodels: {m: {max_inflight_requests: 2, typo: 1}}\n")
     with pytest.raises(KeysFileError, match=r"models\.m\.typo"):
         load_keys_file(path)
+
+
+def test_refusals_asked_first_charge_nothing() -> None:
+    admission = ModelAdmission(max_inflight_requests=1)
+    assert admission.inflight_refusal() is None
+    admission.admit(10)
+    refusal = admission.inflight_refusal()
+    assert refusal is not None and refusal.reason == "inflight_limit"
+    assert (admission.num_inflight, admission.num_queued_prompt_tokens) == (1, 10)
+    limiter = KeyRateLimiter()
+    assert limiter.request_refusal("a", 0.0, requests_per_minute=None) is None
+    for i in range(2):
+        assert limiter.request_refusal("a", float(i), requests_per_minute=2) is None
+        limiter.admit("a", 5, float(i), requests_per_minute=2, tokens_per_minute=None)
+    asked = limiter.request_refusal("a", 30.0, requests_per_minute=2)
+    assert asked is not None and asked.reason == "key_requests_per_minute"
+    assert asked.retry_after_s == 30  # the request at t=0 leaves the window at t=60
+    # Asking did not charge: once the first request ages out, exactly one more fits.
+    limiter.admit("a", 5, 60.0, requests_per_minute=2, tokens_per_minute=None)
+    assert limiter.request_refusal("a", 60.0, requests_per_minute=2) is not None
