@@ -1,7 +1,12 @@
 """A day of traffic under three ways to size the pool: ``strata bench replay --planner``.
 
-    .venv/bin/strata bench replay --trace ../shared/traces/conversation_trace.jsonl \\
+    .venv/bin/strata bench replay --trace conversation_trace.jsonl \\
         --planner static,reactive,lead-time --lead-time-s 180 --speedup 4
+
+The trace (required) is Mooncake's conversation trace (FAST'25; Apache-2.0), one hour of Kimi's
+requests: ``FAST25-release/traces/conversation_trace.jsonl`` in
+https://github.com/kvcache-ai/Mooncake (``curl -LO https://raw.githubusercontent.com/kvcache-ai/
+Mooncake/main/FAST25-release/traces/conversation_trace.jsonl``). Any Mooncake-format JSONL works.
 
 ``DayStudyConfig`` (validated once) -> ``run_study`` -> a report dict -> ``print_study``. The
 requests (``bench/replay_planner.day_requests``: the trace repeated over the day, thinned by a
@@ -81,8 +86,8 @@ class DayStudyConfig(BaseModel):
     seed: int = 0
 
 
-def run_study(config: DayStudyConfig, progress=lambda line: None) -> dict[str, Any]:
-    """Simulate each policy over the same requests; the report (plain values)."""
+def simulation(config: DayStudyConfig) -> tuple[SimSetup, PerfProfile]:
+    """The day (requests, workers, SLA, lead time) and the planner's profile of the workers."""
     trace = load_mooncake(config.trace)
     if not trace:
         raise ValueError(f"{config.trace}: no requests")
@@ -104,7 +109,12 @@ def run_study(config: DayStudyConfig, progress=lambda line: None) -> dict[str, A
         lead_time_s=config.lead_time_s, sla_ttft_s=config.sla_ttft_s, sla_itl_s=config.sla_itl_s,
         price_per_gpu_hour=config.price_usd_per_gpu_hour,
     )  # fmt: skip
-    profile = measure_profile(shape, timing)
+    return setup, measure_profile(shape, timing)
+
+
+def run_study(config: DayStudyConfig, progress=lambda line: None) -> dict[str, Any]:
+    """Simulate each policy over the same requests; the report (plain values)."""
+    setup, profile = simulation(config)
     planned = {p: planner_config(config, p) for p in config.policies if p != "static"}
     base = next(iter(planned.values()), None) or planner_config(config, "lead-time")
     capacity = CapacityModel(

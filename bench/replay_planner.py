@@ -1,7 +1,7 @@
-"""The planner in the offline simulator: a day of traffic, virtual time, three ways to size.
-
-    .venv/bin/strata bench planner --trace ../shared/traces/conversation_trace.jsonl \\
-        --peak-speedup 2 --lead-time-s 180
+"""The planner in the offline simulator: a day of traffic in virtual time, sized three ways, and
+a pool sized with hindsight as the reference. Driven by ``bench/planner_day.py`` (``strata
+bench replay --planner``) and ``bench/planner_frontier.py``; the trace is a required argument
+there (Mooncake's conversation trace: see ``bench/planner_day.py``).
 
 The day: the trace's own arrivals, replayed ``peak_speedup`` times faster and repeated to fill
 24 hours, each request kept with the probability of the hour's share of the peak (a diurnal
@@ -9,13 +9,14 @@ curve, ``DIURNAL``): the daily cycle on top of the trace's minute-scale burstine
 ``bench/replay_fluid.py``'s (the mock's H100 timing model); a scale-up serves one lead time
 after it is ordered and is paid for from that moment; a scale-down drains.
 
-Policies compared on the same requests:
+Runs on the same requests:
 
-* ``static``: as many replicas as the peak five minutes need (the planner's capacity model at
-  the day's peak load), all day;
-* ``reactive``: the planner sizing for the load it observes now (``lookahead: none``);
-* ``lead-time``: the planner sizing for the peak it predicts (Holt) until a replica ordered now
-  would serve (``lookahead: lead_time``).
+* ``run_static``: a fixed pool (the day study's ``static``: as many replicas as the peak five
+  minutes need by the planner's capacity model, or a given size);
+* ``run_planned``: the planner's core over the virtual connector (``reactive``: ``lookahead:
+  none``; ``lead-time``: the peak it predicts until a replica ordered now would serve);
+* ``run_hindsight``: every window sized for its own arrivals, known in advance (no policy can
+  do that: the reference for what following the load costs and attains).
 
 Figures: SLA attainment (requests with TTFT <= the SLA and mean ITL <= the SLA), TTFT and ITL
 percentiles, GPU-hours, cost and cost per million output tokens. No I/O besides the report.
@@ -322,24 +323,71 @@ def peak_replicas(
     return capacity.replicas_needed(role, peak, isl / n, osl / n), peak
 
 
-def hindsight_gpu_hours(
-    setup: SimSetup, capacity: CapacityModel, role: Role, min_replicas: int, window_s: float = 300.0
-) -> float:
-    """GPU-hours of a pool sized, with hindsight and no lead time, for each ``window_s`` of the
-    measured period by the same capacity model: what following the day perfectly would cost
-    (a floor for the planners' GPU-hours, not a simulated policy)."""
-    num_windows = math.ceil(setup.duration_s / window_s)
+def hindsight_sizes(
+    setup: SimSetup,
+    capacity: CapacityModel,
+    role: Role,
+    min_replicas: int,
+    window_s: float = 300.0,
+    headroom: float = 1.0,
+) -> list[int]:
+    """Replicas for each ``window_s`` of ``[0, end_s)``, sized with hindsight by the capacity
+    model for that window's own arrivals (rate and mean lengths) times ``headroom``."""
+    num_windows = math.ceil(setup.end_s / window_s)
     counts = [0] * num_windows
     tokens = [[0.0, 0.0] for _ in range(num_windows)]
     for r in setup.requests():
-        if r.arrival_s < setup.warmup_s:
-            continue
-        w = min(int((r.arrival_s - setup.warmup_s) // window_s), num_windows - 1)
+        w = min(int(r.arrival_s // window_s), num_windows - 1)
         counts[w] += 1
         tokens[w][0] += r.input_tokens
         tokens[w][1] += r.output_tokens
-    replica_s = 0.0
+    sizes = []
     for n, (isl, osl) in zip(counts, tokens, strict=True):
-        needed = capacity.replicas_needed(role, n / window_s, isl / n, osl / n) if n else 0
-        replica_s += max(needed, min_replicas) * window_s
+        rate = headroom * n / window_s
+        needed = capacity.replicas_needed(role, rate, isl / n, osl / n) if n else 0
+        sizes.append(max(needed, min_replicas))
+    return sizes
+
+
+def hindsight_gpu_hours(
+    setup: SimSetup, capacity: CapacityModel, role: Role, min_replicas: int, window_s: float = 300.0
+) -> float:
+    """GPU-hours of the measured period under ``hindsight_sizes`` (no lead time, no drains):
+    what following the day perfectly by the capacity model would cost. Not simulated; see
+    ``run_hindsight`` for the SLA such a pool attains."""
+    sizes = hindsight_sizes(setup, capacity, role, min_replicas, window_s)
+    first = int(setup.warmup_s // window_s)
+    replica_s = 0.0
+    for i, n in enumerate(sizes[first:], start=first):
+        start, end = max(i * window_s, setup.warmup_s), min((i + 1) * window_s, setup.end_s)
+        replica_s += n * max(end - start, 0.0)
     return replica_s * setup.gpus_per_replica / 3600.0
+
+
+def run_hindsight(
+    setup: SimSetup, sizes: Sequence[int], window_s: float, role: Role, name: str = "hindsight"
+) -> Outcome:
+    """A pool that knows the day in advance: at the start of window ``i`` it has ``sizes[i]``
+    replicas serving (ordered ``setup.lead_time_s`` ahead, so they serve on time; drains on the
+    way down, paid until their streams finish). No planner can do this: it is the reference for
+    what following the load perfectly costs and attains."""
+    outcome = Outcome(name)
+    cluster = _cluster(setup, outcome)
+    lead_s = setup.lead_time_s
+
+    def resize(i: int) -> None:
+        now, wanted = cluster.now, sizes[i]
+        counts = cluster.counts(role)
+        for _ in range(wanted - counts.current):
+            worker = cluster.provision(role, lead_time_s=0.0)
+            worker.created_s = now - lead_s  # ordered one lead time ago: paid from then
+        for _ in range(counts.ready - wanted):  # nothing starts: replicas serve when ordered
+            cluster.drain_one(role)
+        if now >= setup.warmup_s:
+            outcome.replicas.append((now, wanted))
+            outcome.scale_events += wanted != counts.current
+        if i + 1 < len(sizes):
+            cluster.schedule((i + 1) * window_s, lambda: resize(i + 1))
+
+    resize(0)
+    return _finish(setup, cluster, outcome)

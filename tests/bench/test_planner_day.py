@@ -9,8 +9,11 @@ from pathlib import Path
 import yaml
 from typer.testing import CliRunner
 
+from bench.planner_day import DayStudyConfig, simulation
+from bench.planner_frontier import equal_sla_static
+from bench.planner_frontier import main as frontier_main
 from bench.replay_fluid import SimRequest
-from bench.replay_planner import WindowStats
+from bench.replay_planner import WindowStats, run_hindsight
 from workflows.bench_cli import app as bench_app
 
 
@@ -66,3 +69,58 @@ def test_window_counts_arrivals_not_only_finished_requests() -> None:
         window.arrive(SimRequest(i, arrival_s=i * 0.5, input_tokens=100, output_tokens=10))
     traffic = window.traffic(now_s=10.0)
     assert traffic.request_rate == 2.0 and traffic.num_requests == 0.0
+
+
+def test_hindsight_pool_has_each_window_s_size_on_time(tmp_path: Path) -> None:
+    """The hindsight reference: every window's replicas serve from its start, paid from one
+    lead time before; GPU-hours follow the sizes."""
+    config = DayStudyConfig(trace=_trace(tmp_path / "trace.jsonl"), peak_speedup=8.0,
+                            duration_s=1200.0, warmup_s=600.0, lead_time_s=60.0,
+                            max_num_seqs=4, max_num_batched_tokens=512,
+                            kv_capacity_tokens=4096)  # fmt: skip
+    setup, _ = simulation(config)
+    sizes = [1, 2, 3, 1, 2, 2]  # 300 s windows over the warm-up and the measured 1200 s
+    outcome = run_hindsight(setup, sizes, 300.0, "both")
+    assert outcome.replicas == [(600.0, 3), (900.0, 1), (1200.0, 2), (1500.0, 2)]
+    # Measured from 600 s: 3 + 1 + 2 + 2 replicas x 300 s, plus the lead time of the two
+    # replicas ordered for 1200 s (drained replicas pay until their streams end: >= 0).
+    paid_s = outcome.gpu_s
+    assert (3 + 1 + 2 + 2) * 300 + 60 <= paid_s <= (3 + 1 + 2 + 2) * 300 + 60 + 2 * 30
+    assert outcome.rejected == 0 and outcome.ttft_s
+
+
+def test_equal_sla_static_interpolates_between_static_pools() -> None:
+    points = {
+        "static:9": {"sla_attainment": 0.90, "gpu_hours": 216.0},
+        "static:10": {"sla_attainment": 0.98, "gpu_hours": 240.0},
+        "lead-time": {"sla_attainment": 0.96, "gpu_hours": 180.0},
+    }
+    same = equal_sla_static(points, 0.96)
+    assert same is not None
+    assert same["replicas"] == 10 and same["gpu_hours"] == 240.0
+    assert abs(same["interpolated_replicas"] - 9.75) < 1e-9
+    assert abs(same["interpolated_gpu_hours"] - 234.0) < 1e-9
+    assert equal_sla_static(points, 0.99) is None  # no static pool that good was simulated
+
+
+def test_frontier_merges_points_into_one_file(tmp_path: Path, capsys) -> None:
+    trace, out = _trace(tmp_path / "trace.jsonl"), tmp_path / "frontier.json"
+    common = ["--trace", str(trace), "--duration-s", "1200", "--speedup", "8", "--out", str(out)]
+    frontier_main([*common, "--point", "static:1"])
+    frontier_main(
+        [
+            *common,
+            "--point",
+            "hindsight:300:1.0",
+            "--point",
+            "lead-time:predictor.kind=moving_average,scaling.interval_s=30",
+        ]
+    )
+    points = json.loads(out.read_text())["points"]
+    assert set(points) == {
+        "static:1",
+        "hindsight:300:1.0",
+        "lead-time:predictor.kind=moving_average,scaling.interval_s=30",
+    }
+    assert all(p["requests"] == points["static:1"]["requests"] > 0 for p in points.values())
+    assert "static of equal SLA" in capsys.readouterr().out

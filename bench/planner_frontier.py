@@ -1,0 +1,160 @@
+"""SLA attainment against GPU-hours on the day study's day, for static pools, the planners under
+chosen settings, and a pool sized with hindsight: is a planner's saving real at equal SLA?
+
+    .venv/bin/python -m bench.planner_frontier --trace conversation_trace.jsonl \\
+        --point static:9 --point static:10 --point lead-time \\
+        --point 'lead-time:scaling.target_utilization=1.0' --point hindsight:300:1.15
+
+The trace is Mooncake's conversation trace (FAST'25, Apache-2.0): ``FAST25-release/traces/
+conversation_trace.jsonl`` in https://github.com/kvcache-ai/Mooncake. The day, workers, SLA and
+lead time are ``bench/planner_day.py``'s (its defaults: 4x at the peak, lead time 180 s, TTFT
+2 s, mean ITL 50 ms). Points:
+
+* ``static:N``: N replicas all day;
+* ``reactive[:key=value,...]``, ``lead-time[:key=value,...]``: the planner with these config
+  overrides (dotted keys of ``PlannerConfig``, values parsed as YAML);
+* ``hindsight:WINDOW_S:HEADROOM``: every window sized for its own arrivals times ``HEADROOM``
+  by the capacity model, ordered one lead time ahead (``replay_planner.run_hindsight``): no
+  planner can do better at following the load, so its curve bounds what any can save.
+
+Each point's figures are merged into ``--out`` (one process per point keeps runs short and the
+CPU lock released in between); the table covers every point in the file. For each point it
+gives the static pool of equal SLA: the smallest static pool in the file whose SLA is at least
+the point's, and the fractional pool interpolated between the two static points around it (a
+static pool's SLA rises in steps; the interpolation compares without the step's luck).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench.planner_day import DayStudyConfig, planner_config, simulation
+from bench.replay_planner import hindsight_sizes, run_hindsight, run_planned, run_static
+from serving.planner.capacity import CapacityModel
+from serving.planner.config import PlannerConfig, parse_config
+
+
+def run_point(config: DayStudyConfig, point: str) -> dict[str, Any]:
+    """Simulate one point of the frontier; its figures (plain values)."""
+    kind, _, rest = point.partition(":")
+    setup, profile = simulation(config)
+    if kind == "static":
+        outcome = run_static(setup, {"both": int(rest)}, name=point)
+    elif kind == "hindsight":
+        window_s, headroom = (float(x) for x in rest.split(":"))
+        base = planner_config(config, "lead-time")
+        capacity = CapacityModel(
+            profile, base.sla, target_utilization=base.scaling.target_utilization
+        )
+        sizes = hindsight_sizes(setup, capacity, "both", config.min_replicas, window_s, headroom)
+        outcome = run_hindsight(setup, sizes, window_s, "both", name=point)
+    elif kind in ("reactive", "lead-time"):
+        planner = with_overrides(planner_config(config, kind), rest)
+        capacity = CapacityModel(
+            profile, planner.sla, target_utilization=planner.scaling.target_utilization
+        )
+        outcome = run_planned(setup, planner, capacity, point)
+    else:
+        raise ValueError(f"{point}: not static:N, reactive[:k=v], lead-time[:k=v], hindsight:W:H")
+    figures = outcome.figures(config.price_usd_per_gpu_hour)
+    figures["peak_hour_sla_attainment"] = _peak_hour(figures, outcome.hourly)
+    return figures
+
+
+def with_overrides(planner: PlannerConfig, spec: str) -> PlannerConfig:
+    """``planner`` with ``key=value,...`` applied (dotted keys; YAML values)."""
+    if not spec:
+        return planner
+    data = planner.model_dump(mode="json")
+    for item in spec.split(","):
+        dotted, _, value = item.partition("=")
+        node = data
+        *parents, leaf = dotted.strip().split(".")
+        for key in parents:
+            node = node[key]
+        node[leaf] = yaml.safe_load(value)
+    return parse_config(data, source=spec)
+
+
+def _peak_hour(figures: dict[str, Any], hourly: dict[int, list[int]]) -> float:
+    """SLA attainment over the hour with the most requests."""
+    busiest = max(hourly.items(), key=lambda item: item[1][0])
+    return busiest[1][1] / busiest[1][0]
+
+
+def equal_sla_static(points: dict[str, dict[str, Any]], sla: float) -> dict[str, Any] | None:
+    """The static pool of SLA ``sla``: the smallest simulated one at or above it, and the
+    fractional size interpolated between the static points around it (GPU-hours scale with the
+    size). None without a static point at or above ``sla``."""
+    statics = sorted(
+        (int(name.split(":")[1]), p) for name, p in points.items() if name.startswith("static:")
+    )
+    above = [(n, p) for n, p in statics if p["sla_attainment"] >= sla]
+    if not above:
+        return None
+    n, p = above[0]
+    below = [(m, q) for m, q in statics if m < n]
+    size = float(n)
+    if below:
+        m, q = below[-1]
+        low, high = q["sla_attainment"], p["sla_attainment"]
+        size = m + (n - m) * (sla - low) / (high - low) if high > low else float(n)
+    return {"replicas": n, "gpu_hours": p["gpu_hours"], "interpolated_replicas": size,
+            "interpolated_gpu_hours": p["gpu_hours"] * size / n}  # fmt: skip
+
+
+def print_frontier(points: dict[str, dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="SLA attainment vs GPU-hours (one simulated day)")
+    for column in ("point", "SLA met", "peak hour", "GPU-hours", "replicas mean/max",
+                   "static of equal SLA", "saved", "saved (interp.)"):  # fmt: skip
+        table.add_column(column, justify="right")
+    for name, p in sorted(points.items(), key=lambda item: item[1]["gpu_hours"]):
+        same = equal_sla_static(points, p["sla_attainment"])
+        saved = saved_interp = equal = "-"
+        if same is not None:
+            equal = f"{same['replicas']} ({same['interpolated_replicas']:.2f})"
+            saved = f"{1 - p['gpu_hours'] / same['gpu_hours']:.1%}"
+            saved_interp = f"{1 - p['gpu_hours'] / same['interpolated_gpu_hours']:.1%}"
+        table.add_row(
+            name, f"{p['sla_attainment']:.2%}", f"{p['peak_hour_sla_attainment']:.2%}",
+            f"{p['gpu_hours']:.1f}", f"{p['replicas']['mean']:.2f} / {p['replicas']['max']}",
+            equal, saved, saved_interp,
+        )  # fmt: skip
+    Console(width=150).print(table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trace", type=Path, required=True, help="Mooncake-format JSONL trace.")
+    parser.add_argument("--point", action="append", default=[], help="See the module docstring.")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/planner-frontier.json"))
+    parser.add_argument("--speedup", type=float, default=4.0, help="Trace speed-up at the peak.")
+    parser.add_argument("--duration-s", type=float, default=86_400.0)
+    args = parser.parse_args(argv)
+    config = DayStudyConfig(
+        trace=args.trace, peak_speedup=args.speedup, duration_s=args.duration_s
+    )  # fmt: skip
+    points = json.loads(args.out.read_text())["points"] if args.out.is_file() else {}
+    for point in args.point:
+        started = time.process_time()
+        points[point] = run_point(config, point)
+        points[point]["sim_cpu_s"] = time.process_time() - started
+        print(f"{point}: SLA {points[point]['sla_attainment']:.2%}, "
+              f"{points[point]['gpu_hours']:.1f} GPU-hours", flush=True)  # fmt: skip
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"config": config.model_dump(mode="json"),
+                                        "points": points}, indent=1) + "\n")  # fmt: skip
+    print_frontier(points)
+
+
+if __name__ == "__main__":
+    main()
