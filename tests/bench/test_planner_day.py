@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 from typer.testing import CliRunner
 
-from bench.planner_day import DayStudyConfig, simulation
+from bench.planner_day import DayStudyConfig, equal_sla_statics, simulation, verdict
 from bench.planner_frontier import equal_sla_static
 from bench.planner_frontier import main as frontier_main
 from bench.replay_fluid import SimRequest
@@ -124,3 +124,29 @@ def test_frontier_merges_points_into_one_file(tmp_path: Path, capsys) -> None:
     }
     assert all(p["requests"] == points["static:1"]["requests"] > 0 for p in points.values())
     assert "static of equal SLA" in capsys.readouterr().out
+
+
+def test_verdict_compares_with_the_static_pool_of_equal_sla() -> None:
+    def row(policy: str, sla: float, gpu_hours: float) -> dict:
+        return {"policy": policy, "sla_attainment": sla, "gpu_hours": gpu_hours}
+
+    v = verdict([row("static", 0.90, 216.0), row("reactive", 0.93, 180.0),
+                 row("lead-time", 0.96, 180.0), row("static-10", 0.98, 240.0)])  # fmt: skip
+    assert v["sla_at_least_static"] and not v["saves_30_percent"]
+    assert v["equal_sla_static_replicas"] == 10
+    assert abs(v["gpu_hours_saved_vs_equal_sla_static"] - 0.25) < 1e-9
+    assert abs(v["equal_sla_static_interpolated_replicas"] - 9.75) < 1e-9
+    assert abs(v["gpu_hours_saved_vs_interpolated_static"] - (1 - 180 / 234)) < 1e-9
+    assert v["more_sla_than_reactive"]
+
+
+def test_study_adds_static_pools_until_one_attains_lead_time_sla(tmp_path: Path) -> None:
+    config = DayStudyConfig(trace=_trace(tmp_path / "trace.jsonl"), peak_speedup=8.0,
+                            duration_s=600.0, warmup_s=0.0, max_num_seqs=4,
+                            max_num_batched_tokens=512, kv_capacity_tokens=4096)  # fmt: skip
+    setup, _ = simulation(config)
+    results = [{"policy": "static", "sla_attainment": 0.5},
+               {"policy": "lead-time", "sla_attainment": 0.99}]  # fmt: skip
+    extra = equal_sla_statics(setup, config, results, 1, progress=lambda line: None)
+    assert [r["policy"] for r in extra] == ["static-2"]  # two replicas serve every request
+    assert extra[0]["sla_attainment"] == 1.0 and extra[0]["replicas"]["max"] == 2
