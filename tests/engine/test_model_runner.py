@@ -23,7 +23,13 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from serving.engine.layers.attention import SeqSpan, make_attn_metadata
+from serving.engine.layers.attention import (
+    SeqSpan,
+    make_attn_metadata,
+    paged_attention,
+    store_kv,
+    write_kv,
+)
 from serving.engine.model_runner import ModelRunner
 from serving.engine.request import SamplingParams
 from serving.engine.scheduler_output import ScheduledSeq, SchedulerOutput
@@ -197,6 +203,43 @@ def test_attn_metadata_slots_rows_and_masks() -> None:
     assert meta.paged is None
     with pytest.raises(ValueError, match="must precede"):
         make_attn_metadata(spans[::-1], 4, 10, torch.device("cpu"))
+
+
+def _reference_attention(
+    q: torch.Tensor, layer: torch.Tensor, block_ids: list[int], start: int
+) -> torch.Tensor:
+    """Causal attention of ``q [n, Hq, D]`` at positions ``start..`` over the blocks' K/V."""
+    end = start + q.shape[0]
+    keys = torch.cat([layer[b, 0] for b in block_ids])[:end].double()
+    values = torch.cat([layer[b, 1] for b in block_ids])[:end].double()
+    group = q.shape[1] // keys.shape[1]
+    keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+    scores = torch.einsum("qhd,khd->hqk", q.double(), keys) * q.shape[-1] ** -0.5
+    causal = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]
+    weights = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+    return torch.einsum("hqk,khd->qhd", weights, values).float()
+
+
+def test_step_rows_are_built_once_and_fit_every_layer() -> None:
+    """Torch backend: the rows into the cache, computed at the first layer, store and gather
+    at the right places in every layer of a block-major pool."""
+    spans = [SeqSpan(5, 1, [7, 2, 9]), SeqSpan(2, 5, [3, 0, 6])]
+    meta, _ = make_attn_metadata(spans, 4, 10, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    pool = torch.randn(10, 3, 2, 4, 2, 8, generator=gen)  # [blocks, layers, K/V, 4, 2, 8]
+    expected_pool = pool.clone()
+    q = torch.randn(6, 4, 8, generator=gen)
+    for layer in range(3):
+        k, v = torch.randn(2, 6, 2, 8, generator=gen)
+        store_kv(k, v, pool[:, layer], meta)
+        rows = meta.rows
+        out = paged_attention(q, k, v, pool[:, layer], meta, 8**-0.5)
+        assert rows is not None and meta.rows is rows, "rebuilt within the step"
+        write_kv(k, v, expected_pool[:, layer], meta.slot_mapping)
+        assert torch.equal(pool, expected_pool)
+        view = pool[:, layer]
+        torch.testing.assert_close(out[:1], _reference_attention(q[:1], view, [7, 2], 5))
+        torch.testing.assert_close(out[1:], _reference_attention(q[1:], view, [3, 0], 2))
 
 
 def test_attn_metadata_for_the_paged_kernel() -> None:

@@ -85,8 +85,11 @@ def test_rotary_and_cache_matches_reference(
     got_pool = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
     ref_pool = got_pool.clone()
     scratch = torch.empty_like(ref_pool[:, 1])
+    scratch_meta, _ = make_attn_metadata(
+        [SeqSpan(0, num_tokens, range(num_blocks))], block_size, num_blocks, DEVICE
+    )
     ref_q, ref_k, ref_v = TorchOps.rotary_and_cache(
-        qkv, cos, sin, scratch, torch.arange(num_tokens, device=DEVICE), num_heads, num_kv_heads
+        qkv, cos, sin, scratch, scratch_meta, num_heads, num_kv_heads
     )
     stored = slots >= 0  # slot -1 stores nothing
     write_kv(ref_k[stored], ref_v[stored], ref_pool[:, 1], slots[stored])

@@ -10,7 +10,9 @@ Two backends share one ``AttentionMetadata`` built once per step:
 
 * ``torch`` (CPU, and the reference everywhere): decodes in one SDPA call over each sequence's
   gathered blocks, padded and masked; each prefill chunk in its own SDPA call, causal, and over
-  its gathered cached context with an explicit mask when it has one;
+  its gathered cached context with an explicit mask when it has one. The indices into the
+  layer views and the masks' additive form are built at the first layer and reused by the
+  others (``StepRows``): per layer only the copies and SDPA run;
 * ``triton`` (CUDA): decodes and chunks with cached context in one launch of a kernel that reads
   the blocks in place through the block table (``triton_kernels.paged_attention``), no gather,
   no mask; fresh prefill chunks (no cached context) in SDPA's causal flash kernel.
@@ -20,6 +22,7 @@ Owns the per-step index tensors and the attention math; no weights.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -70,6 +73,24 @@ class PagedBatch:
     max_query_len: int
 
 
+@dataclass(frozen=True, slots=True)
+class StepRows:
+    """The torch backend's per-step indices into a layer seen as rows (``_rows``), and its masks
+    as SDPA's additive float form (0 / -inf, the query's dtype).
+
+    The layers of one pool differ only in their storage offset, so the rows computed for the
+    first layer serve every layer of the step; ``key`` (the view's outer strides and the
+    query dtype) tells when they do not.
+    """
+
+    key: tuple[int, int, torch.dtype]
+    store_k: torch.Tensor  # [T] token row of each new token's K
+    store_v: torch.Tensor  # [T] ... and of its V
+    decode: torch.Tensor | None  # block rows: K of every decode's blocks, then their V
+    decode_mask: torch.Tensor | None  # [B, 1, 1, max_blocks * block_size]
+    chunks: tuple[tuple[torch.Tensor, torch.Tensor] | None, ...]  # per prefill: (rows, mask)
+
+
 @dataclass(slots=True)
 class AttentionMetadata:
     """Index tensors for one step, built once and shared by every layer."""
@@ -83,6 +104,8 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_blocks * block_size], True = attend
     # triton backend: decodes and chunks with cached context
     paged: PagedBatch | None = None
+    # torch backend: row indices and additive masks, built at the first layer (``_step_rows``)
+    rows: StepRows | None = None
 
 
 def make_attn_metadata(
@@ -193,14 +216,70 @@ def _rows(kv_cache: torch.Tensor, unit: int) -> torch.Tensor:
     return kv_cache.as_strided((num_rows, unit), (unit, 1))
 
 
-def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor) -> None:
-    """Store the new ``k``/``v`` ``[T, Hkv, D]`` at their flat slots (the reference path)."""
+def _token_rows(kv_cache: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K rows and the V rows (``unit = heads * dim``) of the flat ``slots``."""
     block_size, num_kv_heads, head_dim = kv_cache.shape[2:]
     unit = num_kv_heads * head_dim
-    rows = _rows(kv_cache, unit)
     k_rows = (slots // block_size) * (kv_cache.stride(0) // unit) + slots % block_size
+    return k_rows, k_rows + kv_cache.stride(1) // unit
+
+
+def _block_rows(kv_cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """The blocks' K rows, then their V rows (``unit = block_size * heads * dim``), flat."""
+    unit = kv_cache[0, 0].numel()
+    k_rows = block_ids.reshape(-1) * (kv_cache.stride(0) // unit)
+    return torch.cat((k_rows, k_rows + kv_cache.stride(1) // unit))
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask (True = attend) as SDPA converts it: 0 where True, -inf elsewhere."""
+    return torch.where(mask, 0.0, torch.scalar_tensor(-math.inf, dtype=dtype, device=mask.device))
+
+
+def step_rows(kv_cache: torch.Tensor, meta: AttentionMetadata, dtype: torch.dtype) -> StepRows:
+    """The step's rows into ``kv_cache`` (a layer view) and its masks, built once per step."""
+    key = (kv_cache.stride(0), kv_cache.stride(1), dtype)
+    if meta.rows is not None and meta.rows.key == key:
+        return meta.rows
+    store_k, store_v = _token_rows(kv_cache, meta.slot_mapping)
+    decode = decode_mask = None
+    if meta.decode_block_ids is not None and meta.decode_mask is not None:
+        decode = _block_rows(kv_cache, meta.decode_block_ids)
+        decode_mask = _additive(meta.decode_mask, dtype)
+    chunks = tuple(
+        None
+        if c.block_ids is None or c.mask is None
+        else (_block_rows(kv_cache, c.block_ids), _additive(c.mask, dtype))
+        for c in meta.prefills
+    )
+    meta.rows = StepRows(key, store_k, store_v, decode, decode_mask, chunks)
+    return meta.rows
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor) -> None:
+    """Store the new ``k``/``v`` ``[T, Hkv, D]`` at their flat slots (the reference path)."""
+    _store(k, v, kv_cache, *_token_rows(kv_cache, slots))
+
+
+def store_kv(
+    k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
+) -> None:
+    """``write_kv`` at the step's slots, with the rows computed once for all layers."""
+    rows = step_rows(kv_cache, meta, k.dtype)
+    _store(k, v, kv_cache, rows.store_k, rows.store_v)
+
+
+def _store(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    k_rows: torch.Tensor,
+    v_rows: torch.Tensor,
+) -> None:
+    unit = kv_cache.shape[3] * kv_cache.shape[4]
+    rows = _rows(kv_cache, unit)
     rows.index_copy_(0, k_rows, k.reshape(-1, unit))
-    rows.index_copy_(0, k_rows + kv_cache.stride(1) // unit, v.reshape(-1, unit))
+    rows.index_copy_(0, v_rows, v.reshape(-1, unit))
 
 
 def paged_attention(
@@ -219,13 +298,16 @@ def paged_attention(
     """
     if meta.backend == "triton":
         return _triton_attention(q, k, v, kv_cache, meta, scale)
+    rows = step_rows(kv_cache, meta, q.dtype)
     outputs: list[torch.Tensor] = []
     num_decode = meta.num_decode_tokens
     if num_decode:
-        outputs.append(_decode_attention(q[:num_decode], kv_cache, meta, scale))
-    for chunk in meta.prefills:
+        outputs.append(_decode_attention(q[:num_decode], kv_cache, rows, scale))
+    for chunk, chunk_rows in zip(meta.prefills, rows.chunks, strict=True):
         span = slice(chunk.token_start, chunk.token_start + chunk.num_tokens)
-        outputs.append(_prefill_attention(q[span], k[span], v[span], kv_cache, chunk, scale))
+        outputs.append(
+            _prefill_attention(q[span], k[span], v[span], kv_cache, chunk, chunk_rows, scale)
+        )
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
@@ -265,30 +347,27 @@ def causal_attention(
 
 
 def _gather(
-    kv_cache: torch.Tensor, block_ids: torch.Tensor, num_seqs: int
+    kv_cache: torch.Tensor, rows: torch.Tensor, num_seqs: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V of the blocks, each ``[num_seqs, num_kv_heads, tokens, head_dim]`` (one copy)."""
-    ids = block_ids.reshape(-1)
+    """K and V of the blocks at ``rows`` (``_block_rows``), each ``[num_seqs, num_kv_heads,
+    tokens, head_dim]`` (one copy)."""
     block_size, num_kv_heads, head_dim = kv_cache.shape[2:]
-    unit = block_size * num_kv_heads * head_dim
-    k_rows = ids * (kv_cache.stride(0) // unit)
-    rows = torch.cat((k_rows, k_rows + kv_cache.stride(1) // unit))
-    kv = _rows(kv_cache, unit).index_select(0, rows)
+    kv = _rows(kv_cache, block_size * num_kv_heads * head_dim).index_select(0, rows)
     kv = kv.view(2, num_seqs, -1, num_kv_heads, head_dim).transpose(2, 3)
     return kv[0], kv[1]
 
 
 def _decode_attention(
-    q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    q: torch.Tensor, kv_cache: torch.Tensor, rows: StepRows, scale: float
 ) -> torch.Tensor:
     """One query per sequence; the query heads sharing a KV head act as that head's queries."""
-    assert meta.decode_block_ids is not None
+    assert rows.decode is not None
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = kv_cache.shape[3]
-    key, value = _gather(kv_cache, meta.decode_block_ids, num_seqs)
+    key, value = _gather(kv_cache, rows.decode, num_seqs)
     grouped_q = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
     out = F.scaled_dot_product_attention(
-        grouped_q, key, value, attn_mask=meta.decode_mask, scale=scale
+        grouped_q, key, value, attn_mask=rows.decode_mask, scale=scale
     )
     return out.reshape(num_seqs, num_heads, head_dim)
 
@@ -299,17 +378,19 @@ def _prefill_attention(
     v: torch.Tensor,
     kv_cache: torch.Tensor,
     chunk: PrefillChunk,
+    chunk_rows: tuple[torch.Tensor, torch.Tensor] | None,
     scale: float,
 ) -> torch.Tensor:
-    if chunk.block_ids is None:
+    if chunk_rows is None:
         return causal_attention(q, k, v, scale)
+    block_rows, mask = chunk_rows
     seq_len = chunk.start_pos + chunk.num_tokens
-    key, value = _gather(kv_cache, chunk.block_ids, 1)
+    key, value = _gather(kv_cache, block_rows, 1)
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1)[None],
         key[:, :, :seq_len],
         value[:, :, :seq_len],
-        attn_mask=chunk.mask,
+        attn_mask=mask,
         scale=scale,
         enable_gqa=True,
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from serving.engine.layers.attention import write_kv
+from serving.engine.layers.attention import AttentionMetadata, store_kv
 from serving.engine.layers.norm import rms_norm
 from serving.engine.layers.rotary import apply_rotary
 
@@ -40,7 +40,7 @@ class TorchOps:
         cos: torch.Tensor,
         sin: torch.Tensor,
         kv_cache: torch.Tensor,
-        slot_mapping: torch.Tensor,
+        attn_metadata: AttentionMetadata,
         num_heads: int,
         num_kv_heads: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -51,7 +51,7 @@ class TorchOps:
         # q and k heads rotate together: elementwise, so identical to rotating each alone.
         qk = apply_rotary(qkv[:, :num_qk], cos, sin)
         q, k, v = qk[:, :num_heads], qk[:, num_heads:], qkv[:, num_qk:]
-        write_kv(k, v, kv_cache, slot_mapping)
+        store_kv(k, v, kv_cache, attn_metadata)
         return q, k, v
 
 
@@ -80,7 +80,7 @@ class TritonOps:
         cos: torch.Tensor,
         sin: torch.Tensor,
         kv_cache: torch.Tensor,
-        slot_mapping: torch.Tensor,
+        attn_metadata: AttentionMetadata,
         num_heads: int,
         num_kv_heads: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -88,7 +88,7 @@ class TritonOps:
         from serving.engine.layers import triton_kernels
 
         q, k = triton_kernels.rotary_and_cache(
-            qkv, cos, sin, kv_cache, slot_mapping, num_heads, num_kv_heads
+            qkv, cos, sin, kv_cache, attn_metadata.slot_mapping, num_heads, num_kv_heads
         )
         head_dim = kv_cache.shape[-1]
         v = qkv.view(qkv.shape[0], -1, head_dim)[:, num_heads + num_kv_heads :]

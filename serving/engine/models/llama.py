@@ -52,7 +52,7 @@ class LlamaAttention(nn.Module):
         num_tokens = x.shape[0]
         qkv = F.linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
         q, k, v = ops.rotary_and_cache(
-            qkv, cos, sin, kv_cache, attn_metadata.slot_mapping, self.num_heads, self.num_kv_heads
+            qkv, cos, sin, kv_cache, attn_metadata, self.num_heads, self.num_kv_heads
         )
         out = paged_attention(q, k, v, kv_cache, attn_metadata, self.scale)
         return F.linear(out.reshape(num_tokens, -1), self.o_proj.weight, self.o_proj.bias)
