@@ -11,13 +11,14 @@ from serving.engine.output_processor import OutputProcessor
 from serving.kvcache.build import build_tiers
 from serving.kvcache.loop import TierLoop
 from serving.kvcache.metrics import TierMetrics
-from serving.worker.app import WorkerState, create_app
+from serving.worker.app import create_app
 from serving.worker.config import WorkerConfig
 from serving.worker.efa import check_efa
 from serving.worker.engine_loop import AsyncEngine
 from serving.worker.kv_connector import KVConnector, make_connector
 from serving.worker.kv_events import NullEventPublisher, ZmqEventPublisher
 from serving.worker.metrics import WorkerMetrics
+from serving.worker.state import WorkerState
 
 logger = logging.getLogger(__name__)
 

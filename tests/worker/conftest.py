@@ -17,7 +17,8 @@ import pytest
 import uvicorn
 
 from serving.netutil import free_port, wait_healthy
-from serving.worker.app import WorkerState, create_app
+from serving.worker.app import create_app
+from serving.worker.state import WorkerState
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
