@@ -9,7 +9,7 @@ panels after it (Grafana's row panel, expanded).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 SCHEMA_VERSION = 39
@@ -86,6 +86,11 @@ class Dashboard:
     @property
     def file_name(self) -> str:
         return f"{self.uid}.json"
+
+
+def thirds(*panels: Panel) -> tuple[Panel, ...]:
+    """The panels a third of the grid wide: three to a row."""
+    return tuple(replace(panel, width=GRID_WIDTH // 3) for panel in panels)
 
 
 def parse_label_values(query: str) -> tuple[str, str]:

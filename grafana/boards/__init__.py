@@ -1,0 +1,1 @@
+"""One module per Strata dashboard; ``grafana.dashboards`` lists them in order."""
