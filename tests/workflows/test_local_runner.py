@@ -162,15 +162,16 @@ def test_registry_outages_are_retried_refusals_are_not() -> None:
     assert attempts == {"outage": 3, "refused": 1}
 
 
-def test_resume_reuses_what_succeeded_except_what_the_exit_handler_undid(tmp_path) -> None:
-    calls: list[str] = []
-    broken = {"evaluate": True}
+def stage_deploy_evaluate(calls: list[str], failures: dict[str, BaseException]) -> WorkflowSpec:
+    """stage -> deploy -> evaluate, and an exit handler that undoes deploy unless the run
+    succeeded. Each step and the handler append their name to ``calls``; a step raises its
+    entry of ``failures`` the first time it runs."""
 
     def step(name: str):  # type: ignore[no-untyped-def]
         def fn(params: PublishParams, **inputs: object) -> dict:
             calls.append(name)
-            if broken.get(name):
-                raise ConnectionError("candidate unreachable")
+            if name in failures:
+                raise failures.pop(name)
             return {"out": name}
 
         return fn
@@ -179,15 +180,19 @@ def test_resume_reuses_what_succeeded_except_what_the_exit_handler_undid(tmp_pat
         calls.append(f"exit:{status}")
         return {"undone": ["deploy"] if status != "Succeeded" else []}
 
-    spec = WorkflowSpec("w", (
+    return WorkflowSpec("w", (
         StepSpec("stage", step("stage")),
         StepSpec("deploy", step("deploy"), depends=("stage",)),
         StepSpec("evaluate", step("evaluate"), depends=("deploy",)),
     ), on_exit=StepSpec("cleanup", on_exit))  # fmt: skip
+
+
+def test_resume_reuses_what_succeeded_except_what_the_exit_handler_undid(tmp_path) -> None:
+    calls: list[str] = []
+    spec = stage_deploy_evaluate(calls, {"evaluate": ConnectionError("candidate unreachable")})
     first = run_workflow(spec, PARAMS, console=quiet(), state_dir=tmp_path, raise_on_failure=False)
     assert first.phase == "Failed" and first.run_id.startswith("local-")
     assert (tmp_path / f"{first.run_id}.json").is_file()
-    broken["evaluate"] = False
     from workflows.local_runner import load_params
 
     params = load_params(tmp_path, first.run_id)
@@ -223,26 +228,7 @@ def test_an_interrupted_run_still_runs_the_exit_handler_and_resumes(tmp_path) ->
     step: the exit handler runs with "Failed" before the interruption goes on, and its result is
     saved, so a resume deploys again instead of reusing the removed deployment."""
     seen: list[str] = []
-    interrupt = {"evaluate": True}
-
-    def step(name: str):  # type: ignore[no-untyped-def]
-        def fn(params: PublishParams, **inputs: object) -> dict:
-            seen.append(name)
-            if interrupt.pop(name, False):
-                raise KeyboardInterrupt
-            return {"out": name}
-
-        return fn
-
-    def on_exit(params: PublishParams, status: str) -> dict:
-        seen.append(f"exit:{status}")
-        return {"undone": ["deploy"] if status != "Succeeded" else []}
-
-    spec = WorkflowSpec("w", (
-        StepSpec("stage", step("stage")),
-        StepSpec("deploy", step("deploy"), depends=("stage",)),
-        StepSpec("evaluate", step("evaluate"), depends=("deploy",)),
-    ), on_exit=StepSpec("cleanup", on_exit))  # fmt: skip
+    spec = stage_deploy_evaluate(seen, {"evaluate": KeyboardInterrupt()})
     params = PublishParams(name="m", run_id="local-interrupted")
     with pytest.raises(KeyboardInterrupt):
         run_workflow(spec, params, console=quiet(), state_dir=tmp_path)
