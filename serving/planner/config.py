@@ -125,6 +125,13 @@ class ScalingConfig(_Strict):
         description="No re-size for a load within this share of the current size (up only "
         "while the utilisation target, not the SLA, bounds a replica).",
     )
+    scale_down_tolerance: float | None = Field(
+        default=None,
+        ge=0,
+        lt=1,
+        description="No scale-down for a load within this share below the current size "
+        "(null: ``tolerance``); widens the band down without widening it up.",
+    )
     max_step_up: int = Field(default=4, ge=1, description="Replicas added per role per tick.")
     max_step_down: int = Field(default=1, ge=1, description="Replicas removed per role per tick.")
     scale_down_stabilization_s: float = Field(

@@ -264,7 +264,9 @@ def _model_targets(
         exact = rate * correction / per_replica.request_rate
         needed = math.ceil(exact - 1e-9)
         tolerance = cfg.scaling.tolerance
-        if needed < current[role] and exact > current[role] * (1 - tolerance):
+        down_tolerance = cfg.scaling.scale_down_tolerance
+        down_tolerance = tolerance if down_tolerance is None else down_tolerance
+        if needed < current[role] and exact > current[role] * (1 - down_tolerance):
             needed = current[role]  # barely below the current size: not worth a drain
         elif (
             needed > current[role]

@@ -202,3 +202,18 @@ def test_holt_sizes_for_an_upper_quantile_of_its_forecast() -> None:
     # Never narrower further out (as wide when the fit smooths the level almost flat, as here).
     assert upper[1] - point[1] >= upper[0] - point[0] - 1e-9 > 0
     assert point[1] > point[0] > 10  # it follows the ramp
+
+
+def test_scale_down_tolerance_widens_the_band_down_only(profile: PerfProfile) -> None:
+    """A load 20% below the current size: the default band (10%) lets the pool go down, a
+    30% down-only band holds it; the way up is unchanged."""
+    probe = make_planner(profile, predictor={"kind": "constant"})
+    per_replica = probe.capacity.per_replica("both", 1000, 200).request_rate
+    low = [traffic(per_replica * 8 * 0.8)] * 60  # ten minutes at 6.4 replicas' load
+    for band, floor in ((None, 7), (0.3, 8)):
+        state = make_planner(profile, predictor={"kind": "constant"},
+                             scaling={"scale_down_tolerance": band})  # fmt: skip
+        decisions = run(state, FakeClock(), {"both": 8}, low)
+        assert decisions[-1].roles["both"].target == floor
+        (up,) = run(state, FakeClock(5_000.0), {"both": 8}, [traffic(per_replica * 9.5)])
+        assert up.roles["both"].target == 10  # 9.5 replicas' load: up at once either way
