@@ -15,7 +15,7 @@ from tests.platform.conftest import Rendered
 from workflows.pipeline import PublishParams
 from workflows.steps import deploy, registry
 from workflows.steps.deploy import DeployError
-from workflows.steps.k8s_deploy import release_patches
+from workflows.steps.k8s_manifests import release_patches
 from workflows.steps.lifecycle import promote_step, rollback_step
 
 MODEL = "llama-3-70b-instruct"

@@ -19,13 +19,15 @@ from workflows.steps.k8s_deploy import (
     delete_deployment,
     delete_for_endpoint,
     deploy,
-    endpoint_for,
     make_api_client,
+    wait_ready,
+)
+from workflows.steps.k8s_manifests import (
+    endpoint_for,
     model_path_on_mount,
     render_worker_manifests,
     resource_name,
     service_from_endpoint,
-    wait_ready,
 )
 
 client = pytest.importorskip("kubernetes.client", reason="the official kubernetes client")

@@ -162,7 +162,7 @@ def promote_release(
     """Move the serving-chart release ``params.release`` to ``version`` and wait for its
     rollout, then delete the candidate's own Deployment (``candidate_endpoint``, a cluster
     Service URL), which the release now replaces. Settings as ``_deploy_kubernetes``."""
-    from workflows.steps import k8s_deploy
+    from workflows.steps import k8s_deploy, k8s_manifests
 
     if params.deploy_target != "kubernetes" or not params.release:
         raise DeployError("promoting a chart release needs deploy_target kubernetes and release")
@@ -176,7 +176,7 @@ def promote_release(
         api_client=api_client,
         timeout_s=float(os.environ.get("STRATA_K8S_READY_TIMEOUT_S", "1200")),
     )
-    if candidate_endpoint and k8s_deploy.service_from_endpoint(candidate_endpoint):
+    if candidate_endpoint and k8s_manifests.service_from_endpoint(candidate_endpoint):
         k8s_deploy.delete_for_endpoint(candidate_endpoint, api_client)
     logger.info("release %s serves version %s (%s)", params.release, version, ", ".join(patched))
     return patched
@@ -259,7 +259,7 @@ def switch_production(
     their Deployment and Service. ``admin_key`` (default ``$STRATA_ADMIN_KEY``): the
     frontend's admin credential.
     """
-    from workflows.steps import k8s_deploy
+    from workflows.steps import k8s_deploy, k8s_manifests
 
     base = frontend_url.rstrip("/")
     api_client = None
@@ -279,7 +279,7 @@ def switch_production(
                 continue
             client.delete(f"{base}/admin/workers/{worker['worker_id']}")
             removed.append(worker["worker_id"])
-            if k8s_deploy.service_from_endpoint(worker["url"]) is not None:
+            if k8s_manifests.service_from_endpoint(worker["url"]) is not None:
                 api_client = api_client or k8s_deploy.make_api_client()
                 k8s_deploy.delete_for_endpoint(worker["url"], api_client)
                 continue
