@@ -63,7 +63,7 @@ def run_point(config: DayStudyConfig, point: str) -> dict[str, Any]:
     else:
         raise ValueError(f"{point}: not static:N, reactive[:k=v], lead-time[:k=v], hindsight:W:H")
     figures = outcome.figures(config.price_usd_per_gpu_hour)
-    figures["peak_hour_sla_attainment"] = _peak_hour(figures, outcome.hourly)
+    figures["peak_hour_sla_attainment"] = _busiest_hour(outcome.hourly)
     return figures
 
 
@@ -82,7 +82,7 @@ def with_overrides(planner: PlannerConfig, spec: str) -> PlannerConfig:
     return parse_config(data, source=spec)
 
 
-def _peak_hour(figures: dict[str, Any], hourly: dict[int, list[int]]) -> float:
+def _busiest_hour(hourly: dict[int, list[int]]) -> float:
     """SLA attainment over the hour with the most requests."""
     busiest = max(hourly.items(), key=lambda item: item[1][0])
     return busiest[1][1] / busiest[1][0]
@@ -114,7 +114,7 @@ def print_frontier(points: dict[str, dict[str, Any]]) -> None:
     from rich.table import Table
 
     table = Table(title="SLA attainment vs GPU-hours (one simulated day)")
-    for column in ("point", "SLA met", "peak hour", "GPU-hours", "replicas mean/max",
+    for column in ("point", "SLA met", "busiest hour", "GPU-hours", "replicas mean/max",
                    "static of equal SLA", "saved", "saved (interp.)"):  # fmt: skip
         table.add_column(column, justify="right")
     for name, p in sorted(points.items(), key=lambda item: item[1]["gpu_hours"]):
