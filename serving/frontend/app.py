@@ -87,6 +87,7 @@ def create_frontend_app(state: FrontendState) -> FastAPI:
                 task.cancel()
             state.models.close()
             await state.http.aclose()
+            await state.workers_client.close()
 
     app = FastAPI(
         title="Strata frontend",

@@ -54,6 +54,14 @@ def serve(
     router: Annotated[str, typer.Option(help=" | ".join(POLICY_NAMES))] = "kv",
     host: Annotated[str, typer.Option(envvar="STRATA_HOST")] = "127.0.0.1",
     port: Annotated[int, typer.Option(envvar="STRATA_PORT")] = 8000,
+    reuse_port: Annotated[
+        bool,
+        typer.Option(
+            envvar="STRATA_REUSE_PORT",
+            help="Bind with SO_REUSEPORT, so several frontends (e.g. --workers 0 --worker-url "
+            "...) share the port; each keeps its own router index and admission counts.",
+        ),
+    ] = False,
     worker_url: Annotated[
         list[str] | None,
         typer.Option(
@@ -256,6 +264,7 @@ def serve(
         router=router,  # type: ignore[arg-type]
         host=host,
         port=port,
+        reuse_port=reuse_port,
         worker_urls=list(worker_url or []),
         api_key=api_key,
         served_model_name=first.name,

@@ -86,7 +86,8 @@ async def remote_prefill(
             pool.mark_failed(worker.worker_id, f"prefill HTTP {response.status_code}")
             return None
         if response.status_code != 200:
-            raise passthrough_error(response)  # the request itself is bad: tell the client
+            # The request itself is bad: tell the client.
+            raise passthrough_error(response.status_code, response.content)
         params = response.json().get("kv_transfer_params")
     except (httpx.TransportError, ValueError, AttributeError) as exc:  # unreachable, or no JSON
         pool.mark_failed(worker.worker_id, f"prefill failed: {exc!r}")

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -72,6 +73,9 @@ class ServeConfig:
     router: PolicyName = "kv"
     host: str = "127.0.0.1"
     port: int = 8000
+    # Bind with SO_REUSEPORT: several frontend processes share the port, the kernel spreads
+    # connections over them (each has its own router index from the same KV events).
+    reuse_port: bool = False
     worker_urls: list[str] = field(default_factory=list)
     api_key: str | None = None
     served_model_name: str | None = None
@@ -385,6 +389,19 @@ def build_frontend_state(
     )
 
 
+def reuse_port_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket bound with ``SO_REUSEPORT`` (Linux spreads new connections over
+    every process bound so to the same address)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
 def _stop_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
@@ -443,7 +460,8 @@ def run_serve(config: ServeConfig) -> None:
         # SIGTERM action that would kill this process before the workers are stopped below.
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, lambda signum, frame: None)
-        server.run()
+        server.run(sockets=[reuse_port_socket(config.host, config.port)] if config.reuse_port
+                   else None)  # fmt: skip
     finally:
         if planner is not None:
             planner.stop()

@@ -13,6 +13,7 @@ from serving.frontend.discovery import Discovery, DiscoverySource
 from serving.frontend.guard import Gate
 from serving.frontend.metrics import FrontendMetrics
 from serving.frontend.models import ModelSet
+from serving.frontend.worker_client import WorkerClient
 from serving.frontend.workers import WorkerSpec
 from serving.router.disagg import DisaggConfig
 
@@ -59,7 +60,8 @@ class FrontendState:
     # Where workers come from besides registration (None: from the settings, if any).
     discovery_source: DiscoverySource | None = None
     discovery: Discovery | None = None  # running once the app has started
-    http: httpx.AsyncClient | None = None
+    http: httpx.AsyncClient | None = None  # control plane: probes, registration, prefill
+    workers_client: WorkerClient = field(default_factory=WorkerClient)  # token streams
     initial_workers: list[WorkerSpec] = field(default_factory=list)
     # More registries to expose on /metrics (e.g. the workflow runner's, in `strata demo`).
     extra_registries: list[Any] = field(default_factory=list)

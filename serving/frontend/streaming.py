@@ -14,7 +14,6 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 import msgspec
 
 from serving.frontend import sse
@@ -34,7 +33,6 @@ logger = logging.getLogger(__name__)
 # How often a migrating request looks for a healthy worker again (the health loop's probes and
 # discovery bring workers back; they run every few seconds).
 _MIGRATION_POLL_S = 0.25
-_JSON_HEADERS = {"content-type": "application/json"}
 
 
 async def client_pieces(
@@ -162,33 +160,26 @@ async def stream_from_worker(
     Raises ``WorkerFailed`` (migrate) on a broken connection, a 5xx or a stream that ends
     without a finish reason; ``APIError`` for a 4xx (the request itself is bad).
     """
-    assert state.http is not None
     payload = worker_payload(job, worker)
     if kv_params is not None:
         payload["kv_transfer_params"] = kv_params
     reader = _WorkerStream(router, job, routing_id)
-    try:
-        async with state.http.stream(
-            "POST", f"{worker.url}/v1/completions", content=sse.encode_json(payload),
-            headers=_JSON_HEADERS,
-        ) as response:  # fmt: skip
-            if response.status_code >= 500:
-                raise WorkerFailed(f"HTTP {response.status_code}")
-            if response.status_code != 200:
-                await response.aread()
-                raise passthrough_error(response)
-            decoder = sse.SSEDecoder()
-            async for raw in response.aiter_bytes():
-                # After [DONE] the body is read to its end, so the connection is reused.
-                choices, failure = reader.take(decoder.feed(raw))
-                for choice in sse.merge_choices(choices) if choices else ():
-                    yield choice
-                if failure is not None:
-                    raise failure
-            if job.finish_reason is None:
-                raise WorkerFailed("connection closed mid-stream")
-    except httpx.TransportError as exc:
-        raise WorkerFailed(f"{type(exc).__name__}: {exc}") from exc
+    url = f"{worker.url}/v1/completions"
+    async with state.workers_client.stream(url, sse.encode_json(payload)) as response:
+        if response.status >= 500:
+            raise WorkerFailed(f"HTTP {response.status}")
+        if response.status != 200:
+            raise passthrough_error(response.status, await response.read())
+        decoder = sse.SSEDecoder()
+        async for raw in response.chunks():
+            # After [DONE] the body is read to its end, so the connection is reused.
+            choices, failure = reader.take(decoder.feed(raw))
+            for choice in sse.merge_choices(choices) if choices else ():
+                yield choice
+            if failure is not None:
+                raise failure
+        if job.finish_reason is None:
+            raise WorkerFailed("connection closed mid-stream")
 
 
 class _WorkerStream:

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-import httpx
+import msgspec
 
 from serving.protocol.openai import APIError
 
@@ -12,16 +12,16 @@ class WorkerFailed(Exception):
     """The worker's connection broke or it answered 5xx: migrate."""
 
 
-def passthrough_error(response: httpx.Response) -> APIError:
+def passthrough_error(status_code: int, body: bytes) -> APIError:
     """A worker's 4xx answer as the client's error (the request itself is bad)."""
     try:
-        error = response.json()["error"]
+        error = msgspec.json.decode(body)["error"]
         return APIError(
             error.get("message", "worker rejected the request"),
-            status_code=response.status_code,
+            status_code=status_code,
             type=error.get("type", "invalid_request_error"),
             param=error.get("param"),
             code=error.get("code"),
         )
-    except (ValueError, KeyError, TypeError):
-        return APIError(response.text[:500], status_code=response.status_code)
+    except (msgspec.DecodeError, KeyError, TypeError, AttributeError):
+        return APIError(body[:500].decode(errors="replace"), status_code=status_code)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,9 +72,11 @@ def start_frontend(
     require_workers: bool = True,
     port: int | None = None,
     discovery_source: DiscoverySource | None = None,
+    sock: socket.socket | None = None,
     **overrides: Any,
 ) -> FrontendServer:
-    """``overrides``: more ``ServeConfig`` fields (admin_key, keys_file, max_inflight_requests,
+    """``sock``: serve on this listening socket (e.g. one bound with ``SO_REUSEPORT``).
+    ``overrides``: more ``ServeConfig`` fields (admin_key, keys_file, max_inflight_requests,
     extra_models, ...)."""
     config = ServeConfig(model_dir=model_dir, router=router, api_key=api_key,  # type: ignore[arg-type]
                          served_model_name="smollm2-135m-instruct", **overrides)  # fmt: skip
@@ -82,11 +85,12 @@ def start_frontend(
     state.settings.health_interval_s = health_interval_s
     state.settings.kv_events_grace_s = kv_events_grace_s
     state.discovery_source = discovery_source
-    port = port or free_port()
+    port = sock.getsockname()[1] if sock is not None else port or free_port()
     server = uvicorn.Server(
         uvicorn.Config(create_frontend_app(state), host="127.0.0.1", port=port, log_level="warning")
     )
-    thread = threading.Thread(target=server.run, daemon=True)
+    sockets = [sock] if sock is not None else None
+    thread = threading.Thread(target=server.run, kwargs={"sockets": sockets}, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
     if require_workers:
