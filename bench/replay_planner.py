@@ -277,10 +277,10 @@ def _cluster(
         hour[0] += 1
         hour[1] += met
 
-    from bench.replay import _ScalarTimingProfile  # the mock's polynomials, without numpy calls
+    from bench.replay_timing import ScalarTimingProfile  # the mock's polynomials, fast
 
     return FluidCluster(
-        StepCost(_ScalarTimingProfile.of(setup.timing), setup.shape),
+        StepCost(ScalarTimingProfile.of(setup.timing), setup.shape),
         lead_time_s=setup.lead_time_s,
         kv_bandwidth_gbps=setup.kv_bandwidth_gbps,
         on_finish=on_finish,

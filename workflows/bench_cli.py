@@ -210,14 +210,10 @@ def replay(
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
     from bench.load import LoadError
-    from bench.replay import (
-        ReplayConfig,
-        default_out_path,
-        print_report,
-        run_offline,
-        run_online,
-        run_online_managed,
-    )
+    from bench.replay import run_offline
+    from bench.replay_config import ReplayConfig, default_out_path
+    from bench.replay_online import run_online, run_online_managed
+    from bench.replay_report import print_report
 
     if planner:
         options = {

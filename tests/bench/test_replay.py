@@ -14,13 +14,10 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from bench.replay import (
-    OfflineReplay,
-    ReplayConfig,
-    run_offline,
-    run_online,
-    shared_cache_hit_rate,
-)
+from bench.replay import OfflineReplay, run_offline
+from bench.replay_config import ReplayConfig
+from bench.replay_online import run_online
+from bench.replay_report import shared_cache_hit_rate
 from bench.trace import (
     PromptBuilder,
     TraceRequest,
