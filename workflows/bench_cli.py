@@ -1,4 +1,4 @@
-"""``strata bench replay``: typer options -> ``ReplayConfig`` (validated once) -> the replay.
+"""``strata bench``: typer options (``workflows.bench_options``) -> a config, validated once.
 
 The benchmarks live in the repository's ``bench/`` directory, which is not an installed package:
 the commands import it from the checkout this module belongs to.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING
 
 import typer
 from pydantic import ValidationError
@@ -17,14 +17,14 @@ from rich.console import Console
 from rich.markup import escape
 
 from serving.router.policies import DEFAULT_PREFILL_SCALE
+from workflows import bench_options as opts
+
+if TYPE_CHECKING:  # bench/ is imported from the checkout at run time (below)
+    from bench.replay_config import ReplayConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 app = typer.Typer(no_args_is_help=True)
-
-
-def _opt(*names: str, help: str, env: str) -> object:
-    return typer.Option(*names, help=help, envvar=f"STRATA_BENCH_{env}", show_envvar=True)
 
 
 @app.callback()
@@ -34,186 +34,44 @@ def bench_commands() -> None:
 
 @app.command()
 def replay(
-    trace: Annotated[Path, _opt("--trace", help="Mooncake-format JSONL trace.", env="TRACE")],
-    workers: Annotated[
-        int | None,
-        _opt(
-            "--workers",
-            help="Aggregated engines (prefill + decode); default 8, 0 with --prefill/--decode.",
-            env="WORKERS",
-        ),
-    ] = None,
-    prefill: Annotated[
-        int,
-        _opt("--prefill", help="Prefill-only engines (disaggregated, offline).", env="PREFILL"),
-    ] = 0,
-    decode: Annotated[
-        int,
-        _opt("--decode", help="Decode-only engines (disaggregated, offline).", env="DECODE"),
-    ] = 0,
-    kv_bandwidth_gbps: Annotated[
-        float,
-        _opt(
-            "--kv-bandwidth-gbps",
-            help="Disaggregated: KV pull bandwidth, GB/s; a pull takes tokens * 128 KiB / this.",
-            env="KV_BANDWIDTH_GBPS",
-        ),
-    ] = 25.0,
-    max_local_prefill_tokens: Annotated[
-        int,
-        _opt(
-            "--max-local-prefill-tokens",
-            help="Disaggregated: the decode engine prefills itself when the uncached part of the "
-            "prompt is under this many tokens (and under --max-local-prefill-fraction of it).",
-            env="MAX_LOCAL_PREFILL_TOKENS",
-        ),
-    ] = 2048,
-    max_local_prefill_fraction: Annotated[
-        float,
-        _opt(
-            "--max-local-prefill-fraction",
-            help="Disaggregated: ... and under this share of the prompt.",
-            env="MAX_LOCAL_PREFILL_FRACTION",
-        ),
-    ] = 0.7,
-    router: Annotated[
-        list[str],
-        _opt(
-            "--router",
-            help="Routing policy: kv, approx, round-robin, random, least-loaded, session. "
-            "Repeat (or comma-separate) to compare several on the same trace.",
-            env="ROUTER",
-        ),
-    ] = ["kv"],  # noqa: B006 (typer reads the default, never mutates it)
-    engine: Annotated[str, _opt("--engine", help="Engine behind each worker.", env="ENGINE")] = (
-        "mock"
-    ),
-    kv_blocks_per_worker: Annotated[
-        int, _opt("--kv-blocks-per-worker", help="KV blocks per engine.", env="KV_BLOCKS")
-    ] = 1024,
-    block_size: Annotated[
-        int, _opt("--block-size", help="Tokens per trace hash id and KV block.", env="BLOCK_SIZE")
-    ] = 512,
-    kv_host_blocks_per_worker: Annotated[
-        int,
-        _opt(
-            "--kv-host-blocks-per-worker",
-            help="KV tiers: G2 (host memory) blocks behind each engine; 0: none.",
-            env="KV_HOST_BLOCKS",
-        ),
-    ] = 0,
-    kv_s3_blocks: Annotated[
-        int,
-        _opt(
-            "--kv-s3-blocks",
-            help="KV tiers: blocks of one G4 (S3) tier shared by every engine; 0: none.",
-            env="KV_S3_BLOCKS",
-        ),
-    ] = 0,
-    kv_s3_bandwidth_gbps: Annotated[
-        float,
-        _opt("--kv-s3-bandwidth-gbps", help="KV tiers: G4 -> device GB/s.", env="KV_S3_GBPS"),
-    ] = 2.0,
-    mode: Annotated[
-        str, _opt("--mode", help="offline (virtual time) | online (HTTP).", env="MODE")
-    ] = "offline",
-    speedup: Annotated[
-        float, _opt("--speedup", help="Divide trace arrival times by this.", env="SPEEDUP")
-    ] = 1.0,
-    limit: Annotated[
-        int | None, _opt("--limit", help="Replay only the first K requests.", env="LIMIT")
-    ] = None,
-    arrival_jitter_s: Annotated[
-        float | None,
-        _opt(
-            "--arrival-jitter-s",
-            help="Spread each arrival uniformly over this many trace seconds (default 0; "
-            "--planner: 3, the Mooncake trace's bucket).",
-            env="ARRIVAL_JITTER_S",
-        ),
-    ] = None,
-    kv_prefill_scale: Annotated[
-        float,
-        _opt(
-            "--kv-prefill-scale",
-            help="kv/approx cost: weight of each uncached prompt block against active KV blocks.",
-            env="KV_PREFILL_SCALE",
-        ),
-    ] = DEFAULT_PREFILL_SCALE,
-    seed: Annotated[int, _opt("--seed", help="Tokens, policies, jitter.", env="SEED")] = 0,
-    max_num_seqs: Annotated[
-        int, _opt("--max-num-seqs", help="Per engine.", env="MAX_NUM_SEQS")
-    ] = 64,
-    max_num_batched_tokens: Annotated[
-        int,
-        _opt("--max-num-batched-tokens", help="Per engine step.", env="MAX_NUM_BATCHED_TOKENS"),
-    ] = 8192,
-    timing_profile: Annotated[
-        Path | None,
-        _opt("--timing-profile", help="Mock engine timing profile (JSON).", env="PROFILE"),
-    ] = None,
-    url: Annotated[
-        str | None, _opt("--url", help="Online mode: OpenAI base URL.", env="URL")
-    ] = None,
-    planner: Annotated[
-        list[str] | None,
-        _opt(
-            "--planner",
-            help="Instead of routers: a day of the trace (diurnal cycle, --speedup at the peak)"
-            " under these pool sizings: static, reactive, lead-time (repeat or comma-separate);"
-            " offline, the planner over the virtual connector. docs/planner.md.",
-            env="PLANNER",
-        ),
-    ] = None,
-    lead_time_s: Annotated[
-        float,
-        _opt("--lead-time-s", help="--planner: order to serving replica, s.", env="LEAD_TIME_S"),
-    ] = 180.0,
-    sla_ttft_s: Annotated[
-        float, _opt("--sla-ttft-s", help="--planner: TTFT target, s.", env="SLA_TTFT_S")
-    ] = 2.0,
-    sla_itl_s: Annotated[
-        float, _opt("--sla-itl-s", help="--planner: mean ITL target, s.", env="SLA_ITL_S")
-    ] = 0.05,
-    duration_s: Annotated[
-        float,
-        _opt("--duration-s", help="--planner: simulated time measured, s.", env="DURATION_S"),
-    ] = 86_400.0,
-    static_replicas: Annotated[
-        int | None,
-        _opt(
-            "--static-replicas",
-            help="--planner static: this many replicas (default: what the day's peak five "
-            "minutes need by the planner's capacity model).",
-            env="STATIC_REPLICAS",
-        ),
-    ] = None,
-    planner_config: Annotated[
-        Path | None,
-        _opt(
-            "--planner-config",
-            help="--planner: planner YAML for the planned sizings (roles: both); the study "
-            "sets the SLA, lead time and connector.",
-            env="PLANNER_CONFIG",
-        ),
-    ] = None,
-    out: Annotated[
-        Path | None,
-        _opt("--out", help="JSON report (default: bench/results/replay-*.json).", env="OUT"),
-    ] = None,
-    model: Annotated[
-        Path,
-        typer.Option(help="Online mode without --url: checkpoint dir for `strata serve`."),
-    ] = REPO_ROOT / ".strata" / "test-cache" / "smollm2-135m-instruct",
+    trace: opts.TraceOpt,
+    workers: opts.WorkersOpt = None,
+    prefill: opts.PrefillOpt = 0,
+    decode: opts.DecodeOpt = 0,
+    kv_bandwidth_gbps: opts.KvBandwidthGbpsOpt = 25.0,
+    max_local_prefill_tokens: opts.MaxLocalPrefillTokensOpt = 2048,
+    max_local_prefill_fraction: opts.MaxLocalPrefillFractionOpt = 0.7,
+    router: opts.RouterOpt = ["kv"],  # noqa: B006 (typer reads the default, never mutates it)
+    engine: opts.EngineOpt = "mock",
+    kv_blocks_per_worker: opts.KvBlocksPerWorkerOpt = 1024,
+    block_size: opts.BlockSizeOpt = 512,
+    kv_host_blocks_per_worker: opts.KvHostBlocksPerWorkerOpt = 0,
+    kv_s3_blocks: opts.KvS3BlocksOpt = 0,
+    kv_s3_bandwidth_gbps: opts.KvS3BandwidthGbpsOpt = 2.0,
+    mode: opts.ModeOpt = "offline",
+    speedup: opts.SpeedupOpt = 1.0,
+    limit: opts.LimitOpt = None,
+    arrival_jitter_s: opts.ArrivalJitterSOpt = None,
+    kv_prefill_scale: opts.KvPrefillScaleOpt = DEFAULT_PREFILL_SCALE,
+    seed: opts.SeedOpt = 0,
+    max_num_seqs: opts.MaxNumSeqsOpt = 64,
+    max_num_batched_tokens: opts.MaxNumBatchedTokensOpt = 8192,
+    timing_profile: opts.TimingProfileOpt = None,
+    url: opts.UrlOpt = None,
+    planner: opts.PlannerOpt = None,
+    lead_time_s: opts.LeadTimeSOpt = 180.0,
+    sla_ttft_s: opts.SlaTtftSOpt = 2.0,
+    sla_itl_s: opts.SlaItlSOpt = 0.05,
+    duration_s: opts.DurationSOpt = 86_400.0,
+    static_replicas: opts.StaticReplicasOpt = None,
+    planner_config: opts.PlannerConfigOpt = None,
+    out: opts.OutOpt = None,
+    model: opts.OnlineModelOpt = REPO_ROOT / ".strata" / "test-cache" / "smollm2-135m-instruct",
 ) -> None:
     """Replay a Mooncake trace; print hit rates, TTFT, ITL, throughput and load imbalance."""
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
-    from bench.load import LoadError
-    from bench.replay import run_offline
-    from bench.replay_config import ReplayConfig, default_out_path
-    from bench.replay_online import run_online, run_online_managed
-    from bench.replay_report import print_report
+    from bench.replay_config import ReplayConfig
 
     if planner:
         options = {
@@ -261,6 +119,17 @@ def replay(
         )
     except ValidationError as exc:
         raise typer.BadParameter(_describe(exc)) from None
+    _run_replay(config, model)
+
+
+def _run_replay(config: ReplayConfig, model: Path) -> None:
+    """Run the replay; print the table and write the JSON report."""
+    from bench.load import LoadError
+    from bench.replay import run_offline
+    from bench.replay_config import default_out_path
+    from bench.replay_online import run_online, run_online_managed
+    from bench.replay_report import print_report
+
     err = Console(stderr=True, soft_wrap=True)
     try:
         if config.mode == "offline":
@@ -308,62 +177,24 @@ def _planner_study(options: dict, out: Path | None) -> None:
 
 @app.command()
 def serve(
-    runs: Annotated[
-        list[Path] | None,
-        typer.Argument(
-            help="With --compare: run directories (each holds a run.json).", show_default=False
-        ),
-    ] = None,
-    url: Annotated[
-        str | None, _opt("--url", help="OpenAI base URL, e.g. http://127.0.0.1:8000/v1.", env="URL")
-    ] = None,
-    out: Annotated[
-        Path | None, _opt("--out", help="Directory for run.json, *.png, report.html.", env="OUT")
-    ] = None,
-    trace: Annotated[
-        Path | None, _opt("--trace", help="Mooncake-format JSONL trace (open loop).", env="TRACE")
-    ] = None,
-    speedup: Annotated[
-        float, _opt("--speedup", help="Trace: divide arrival times by this.", env="SPEEDUP")
-    ] = 1.0,
-    limit: Annotated[
-        int | None, _opt("--limit", help="Trace: send only the first K requests.", env="LIMIT")
-    ] = None,
-    synthetic: Annotated[
-        bool, _opt("--synthetic", help="Constant concurrency, fixed lengths.", env="SYNTHETIC")
-    ] = False,
-    concurrency: Annotated[
-        int, _opt("--concurrency", help="Synthetic: requests in flight.", env="CONCURRENCY")
-    ] = 8,
-    num_requests: Annotated[
-        int, _opt("--num-requests", help="Synthetic: requests in all.", env="NUM_REQUESTS")
-    ] = 100,
-    prompt_tokens: Annotated[
-        int, _opt("--prompt-tokens", help="Synthetic: tokens per prompt.", env="PROMPT_TOKENS")
-    ] = 256,
-    output_tokens: Annotated[
-        int, _opt("--output-tokens", help="Synthetic: max_tokens.", env="OUTPUT_TOKENS")
-    ] = 64,
-    block_size: Annotated[
-        int, _opt("--block-size", help="Trace: tokens per hash id.", env="BLOCK_SIZE")
-    ] = 512,
-    vocab_size: Annotated[
-        int, _opt("--vocab-size", help="Prompt token ids are below this.", env="VOCAB_SIZE")
-    ] = 32_000,
-    seed: Annotated[int, _opt("--seed", help="Prompt tokens.", env="SEED")] = 0,
-    model_name: Annotated[
-        str | None, _opt("--model", help="Model name (default: the first listed).", env="MODEL")
-    ] = None,
-    api_key: Annotated[
-        str | None, _opt("--api-key", help="Bearer token (not written out).", env="API_KEY")
-    ] = None,
-    label: Annotated[
-        str | None,
-        _opt("--label", help="Run name in reports (default: --out's name).", env="LABEL"),
-    ] = None,
-    compare: Annotated[
-        bool, typer.Option("--compare", help="Compare the RUNS directories in one report.")
-    ] = False,
+    runs: opts.ServeRunsOpt = None,
+    url: opts.ServeUrlOpt = None,
+    out: opts.ServeOutOpt = None,
+    trace: opts.ServeTraceOpt = None,
+    speedup: opts.ServeSpeedupOpt = 1.0,
+    limit: opts.ServeLimitOpt = None,
+    synthetic: opts.ServeSyntheticOpt = False,
+    concurrency: opts.ServeConcurrencyOpt = 8,
+    num_requests: opts.ServeNumRequestsOpt = 100,
+    prompt_tokens: opts.ServePromptTokensOpt = 256,
+    output_tokens: opts.ServeOutputTokensOpt = 64,
+    block_size: opts.ServeBlockSizeOpt = 512,
+    vocab_size: opts.ServeVocabSizeOpt = 32_000,
+    seed: opts.ServeSeedOpt = 0,
+    model_name: opts.ServeModelNameOpt = None,
+    api_key: opts.ServeApiKeyOpt = None,
+    label: opts.ServeLabelOpt = None,
+    compare: opts.ServeCompareOpt = False,
 ) -> None:
     """Load an OpenAI endpoint (trace or constant concurrency); write run.json and a report."""
     if str(REPO_ROOT) not in sys.path:
