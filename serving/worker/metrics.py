@@ -47,18 +47,29 @@ class WorkerMetrics:
         efa: str = "off",
     ) -> None:
         self.registry = CollectorRegistry()
-        r = self.registry
         self.labels = {"model_name": model_name, "engine": engine}
+        self.transport = transport
+        # Registration order is exposition order: step metrics, request metrics, then Strata's.
+        self._add_step_metrics()
+        self._add_request_metrics()
+        self._add_worker_info(role, transport_fallback, efa)
+        self._add_kv_transfer_metrics()
+        self._init_labelled_children()
 
-        def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(name, doc, _LABELS, registry=r).labels(**self.labels)
+    def _gauge(self, name: str, doc: str) -> Gauge:
+        return Gauge(name, doc, _LABELS, registry=self.registry).labels(**self.labels)
 
-        def counter(name: str, doc: str) -> Counter:
-            return Counter(name, doc, _LABELS, registry=r).labels(**self.labels)
+    def _counter(self, name: str, doc: str) -> Counter:
+        return Counter(name, doc, _LABELS, registry=self.registry).labels(**self.labels)
 
-        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
-            return Histogram(name, doc, _LABELS, buckets=buckets, registry=r).labels(**self.labels)
+    def _histogram(self, name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+        return Histogram(name, doc, _LABELS, buckets=buckets, registry=self.registry).labels(
+            **self.labels
+        )
 
+    def _add_step_metrics(self) -> None:
+        """The scheduler's per-step gauges and counters (``record_step``)."""
+        gauge, counter = self._gauge, self._counter
         self.num_requests_running = gauge(
             "vllm:num_requests_running", "Number of requests in model execution batches."
         )
@@ -80,11 +91,15 @@ class WorkerMetrics:
             "vllm:generation_tokens", "Number of generation tokens processed."
         )
         self.num_preemptions = counter("vllm:num_preemptions", "Cumulative number of preemptions.")
+
+    def _add_request_metrics(self) -> None:
+        """Per-request outcomes, latencies, token counts (``record_token``, ``record_finished``)."""
+        histogram = self._histogram
         self._request_success = Counter(
             "vllm:request_success",
             "Count of successfully processed requests.",
             (*_LABELS, "finished_reason"),
-            registry=r,
+            registry=self.registry,
         )
         self.ttft = histogram(
             "vllm:time_to_first_token_seconds", "Histogram of time to first token.", TTFT_BUCKETS_S
@@ -120,21 +135,26 @@ class WorkerMetrics:
             "Number of generation tokens processed.",
             TOKEN_BUCKETS,
         )
-        # Disaggregation (Strata's own names): the role, the KV transport and its traffic.
-        self.transport = transport
+
+    def _add_worker_info(self, role: str, transport_fallback: bool, efa: str) -> None:
+        """Disaggregation (Strata's own names): the role and the KV transport, as a constant 1."""
         Gauge(
             "strata_worker_info",
             "Constant 1: this worker's role and KV transport (fallback=true: NIXL was unusable; "
             "efa: off | ok | fallback, the EFA check at start).",
             (*_LABELS, "role", "transport", "fallback", "efa"),
-            registry=r,
+            registry=self.registry,
         ).labels(
             **self.labels,
             role=role,
-            transport=transport,
+            transport=self.transport,
             fallback=str(transport_fallback).lower(),
             efa=efa,
         ).set(1)
+
+    def _add_kv_transfer_metrics(self) -> None:
+        """KV traffic: bytes, pull times and outcomes, prefill leases (``record_kv_pull``)."""
+        r, transport = self.registry, self.transport
         # One name for every KV byte movement: tier changes (offload/onboard, later) and
         # worker-to-worker pulls (direction "receive" into the device tier G1).
         self.transfer_bytes_family = Counter(
@@ -166,14 +186,16 @@ class WorkerMetrics:
             (*_LABELS, "how"),
             registry=r,
         )
-        self.kv_leases = gauge(
+        self.kv_leases = self._gauge(
             "strata_kv_leases", "Finished prefill requests whose blocks wait for a decode pull."
         )
-        # Initialise the labelled children so every series exists from the first scrape.
+
+    def _init_labelled_children(self) -> None:
+        """Create the labelled children so that every series exists from the first scrape."""
         for reason in ("stop", "length", "abort"):
             self._request_success.labels(**self.labels, finished_reason=reason)
         for outcome in ("ok", "failed"):
-            self._pulls.labels(**self.labels, transport=transport, outcome=outcome)
+            self._pulls.labels(**self.labels, transport=self.transport, outcome=outcome)
         for how in ("pulled", "released", "expired"):
             self._leases_released.labels(**self.labels, how=how)
 
