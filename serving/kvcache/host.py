@@ -14,6 +14,7 @@ class HostTier(KVTier):
     """Owns the slot tensor, the free-slot list and each slot's header; no eviction policy."""
 
     name = "G2"
+    in_memory = True
 
     def __init__(self, capacity_blocks: int, block_bytes: int, *, pin_memory: bool = False) -> None:
         if capacity_blocks < 1:

@@ -90,6 +90,7 @@ class KVTierManager:
         }
         self._onboards = ThreadPoolExecutor(2, thread_name_prefix="kv-onboard")
         self._reads = ThreadPoolExecutor(num_read_threads, thread_name_prefix="kv-read")
+        self._num_read_threads = num_read_threads
         self._cuda_stream = None
         self._stream_lock = threading.Lock()  # read threads ask for the stream at once
         # False only to measure what checking costs (bench/kv_tiers.py --no-verify).
@@ -195,64 +196,100 @@ class KVTierManager:
     # -- onboarding ------------------------------------------------------------------------------
 
     def _run_onboard(self, onboard: KVOnboard) -> None:
+        """Read every block, launch its copy as soon as its header passes, check the payloads'
+        checksums in parallel with the copies, and report once all have ended.
+
+        Bytes may land in a device block before their checksum is known: the block is not
+        findable until ``OnboardDone`` says it loaded, and a block at or after the first
+        rejected one is recomputed (overwritten) by the engine.
+        """
         started_s = time.perf_counter()
-        futures: list[Future[tuple[str | None, int]]] = [
-            self._reads.submit(self._load_block, block_hash, tier, block_id)
-            for block_hash, tier, block_id in zip(
-                onboard.block_hashes, onboard.tiers, onboard.local_block_ids, strict=True
-            )
-        ]
-        rejected: list[tuple[int, str]] = []
+        plan = list(zip(onboard.block_hashes, onboard.tiers, onboard.local_block_ids, strict=True))
+        reads = [self._start_read(block_hash, tier) for block_hash, tier, _ in plan]
+        reasons: list[str | None] = [None] * len(plan)
         num_bytes_by_tier: dict[str, int] = {}
-        for position, future in enumerate(futures):
-            try:
-                reason, num_bytes = future.result()
-            except Exception as exc:  # a bug in a read: the block is recomputed
-                logger.exception("KV onboard of block %d failed", position)
-                reason, num_bytes = f"io: {exc}", 0
-            if reason is not None:
-                rejected.append((position, reason.split(":")[0]))
-            tier = onboard.tiers[position]
-            num_bytes_by_tier[tier] = num_bytes_by_tier.get(tier, 0) + num_bytes
-        if self._cuda_stream is not None:
-            self._cuda_stream.synchronize()
-        num_loaded = rejected[0][0] if rejected else len(futures)
+        to_verify: list[tuple[int, BlockHeader, torch.Tensor]] = []
+        with self._copy_context(onboard):
+            for position, ((block_hash, tier, block_id), read) in enumerate(
+                zip(plan, reads, strict=True)
+            ):
+                reason, found = _read_result(read, tier)
+                num_bytes = 0 if found is None else found[1].numel()
+                if reason is None and found is not None:
+                    reason, header = self._admit(block_hash, tier, block_id, found)
+                    if reason is None and self.verify_checksums:
+                        to_verify.append((position, header, found[1]))
+                reasons[position] = reason
+                num_bytes_by_tier[tier] = num_bytes_by_tier.get(tier, 0) + num_bytes
+            for position, reason in self._verify_all(to_verify, onboard.tiers):
+                reasons[position] = reason
+            if self._cuda_stream is not None:
+                self._cuda_stream.synchronize()
+        rejected = tuple((i, r) for i, r in enumerate(reasons) if r is not None)
         result = OnboardResult(
             onboard.request_id,
-            num_loaded,
-            tuple(rejected),
+            rejected[0][0] if rejected else len(plan),
+            rejected,
             tuple(num_bytes_by_tier.items()),
             time.perf_counter() - started_s,
         )
         self.post(OnboardDone(onboard, result))
 
-    def _load_block(self, block_hash: int, tier: str, block_id: int) -> tuple[str | None, int]:
-        """Read, check and copy one block; (None, bytes) or (reason, bytes read)."""
-        try:
-            found = self.stores[tier].read(block_hash)
-        except TierIOError as exc:
-            logger.warning("KV tier %s: %s", tier, exc)
-            return "io", 0
-        if found is None:
-            return "missing", 0
+    def _start_read(self, block_hash: int, tier: str) -> Future[tuple[bytes, torch.Tensor] | None]:
+        """In-memory stores answer at once; the others read on the read pool."""
+        store = self.stores[tier]
+        if store.in_memory:
+            done: Future[tuple[bytes, torch.Tensor] | None] = Future()
+            try:
+                done.set_result(store.read(block_hash))
+            except Exception as exc:
+                done.set_exception(exc)
+            return done
+        return self._reads.submit(store.read, block_hash)
+
+    def _copy_context(self, onboard: KVOnboard) -> contextlib.AbstractContextManager[object]:
+        """The side CUDA stream (copies queue on it from this thread) when the pool is on a GPU."""
+        if not onboard.local_block_ids:
+            return contextlib.nullcontext()
+        device = self.block_view(onboard.local_block_ids[0]).device
+        if device.type != "cuda":
+            return contextlib.nullcontext()
+        return torch.cuda.stream(self._stream(device))
+
+    def _admit(
+        self, block_hash: int, tier: str, block_id: int, found: tuple[bytes, torch.Tensor]
+    ) -> tuple[str | None, BlockHeader | None]:
+        """Check one block's header and launch the copy of its bytes into the device block."""
         raw_header, payload = found
         try:
             header = BlockHeader.decode(raw_header)
             check_header(header, block_hash, self.identity)
-            if self.verify_checksums:
-                verify_payload(header, _bytes(payload))
         except BlockRejected as exc:
             logger.warning("KV tier %s: block refused, recomputing it: %s", tier, exc)
-            return exc.reason, payload.numel()
+            return exc.reason, None
         dest = self.block_view(block_id)
         if dest.numel() != payload.numel():
-            return "header", payload.numel()
-        if dest.device.type == "cpu":
-            dest.copy_(payload)
-        else:
-            with torch.cuda.stream(self._stream(dest.device)):
-                dest.copy_(payload, non_blocking=True)
-        return None, payload.numel()
+            return "header", None
+        dest.copy_(payload, non_blocking=dest.device.type == "cuda")
+        return None, header
+
+    def _verify_all(
+        self, to_verify: list[tuple[int, BlockHeader, torch.Tensor]], tiers: Sequence[str]
+    ) -> list[tuple[int, str]]:
+        """Checksums on the read pool, in chunks (xxhash releases the GIL): the failures."""
+        chunk = max(1, -(-len(to_verify) // (4 * self._num_read_threads)))
+        futures = [
+            self._reads.submit(_verify_chunk, to_verify[i : i + chunk])
+            for i in range(0, len(to_verify), chunk)
+        ]
+        failed: list[tuple[int, str]] = []
+        for future in futures:
+            for position, exc in future.result():
+                logger.warning(
+                    "KV tier %s: block refused, recomputing it: %s", tiers[position], exc
+                )
+                failed.append((position, exc.reason))
+        return failed
 
     # -- listing ---------------------------------------------------------------------------------
 
@@ -264,6 +301,32 @@ class KVTierManager:
                 except TierIOError as exc:
                     logger.warning("KV tier %s: %s", store.name, exc)
             self._closed.wait(self._list_interval_s)
+
+
+def _read_result(
+    read: Future[tuple[bytes, torch.Tensor] | None], tier: str
+) -> tuple[str | None, tuple[bytes, torch.Tensor] | None]:
+    try:
+        found = read.result()
+    except TierIOError as exc:
+        logger.warning("KV tier %s: %s", tier, exc)
+        return "io", None
+    except Exception:  # a bug in a read: the block is recomputed
+        logger.exception("KV tier %s: a block read failed", tier)
+        return "io", None
+    return (None, found) if found is not None else ("missing", None)
+
+
+def _verify_chunk(
+    items: list[tuple[int, BlockHeader, torch.Tensor]],
+) -> list[tuple[int, BlockRejected]]:
+    failed = []
+    for position, header, payload in items:
+        try:
+            verify_payload(header, _bytes(payload))
+        except BlockRejected as exc:
+            failed.append((position, exc))
+    return failed
 
 
 def _bytes(payload: torch.Tensor) -> memoryview:

@@ -8,7 +8,10 @@ tier holding it. Onboarding its first ``c`` blocks costs, per tier ``t`` with ``
 and saves ``recompute_s(c) = c * block_size * prefill_s_per_token``. The check takes the ``c``
 (at a tier boundary or the whole run) with the largest saving, and recomputes when no ``c``
 saves anything. Bandwidths and the prefill speed start from defaults and follow what the
-worker measures (exponential moving averages), so the choice adapts to the machine.
+worker measures, so the choice adapts to the machine: bandwidths as exponential moving averages,
+the prefill speed as the slope of step time against prompt tokens (a least-squares line with
+exponential forgetting, ``PrefillFit``): a step's fixed cost (reading the weights once) is not
+charged per token, so a 32-token step does not make a 16,000-token recompute look 25x dearer.
 
 **Frequency filter.** A block is written through to the first tier below G1; deeper tiers take
 a copy only once the block has been used by ``min_uses`` requests, so one-off blocks do not
@@ -31,6 +34,8 @@ DEFAULT_TIER_CONCURRENCY: dict[str, int] = {"G2": 1, "G3": 1, "G4": 8}
 DEFAULT_PREFILL_TOKENS_PER_S = 1000.0
 CUDA_PREFILL_TOKENS_PER_S = 20000.0
 _EMA_WEIGHT = 0.3
+_FIT_DECAY = 0.8  # per observed step: the fit remembers about the last ten prefill steps
+_MIN_RELATIVE_SPREAD = 0.25  # token counts closer than this: use their ratio, not a slope
 _MIN_MEASURED_BYTES = 1 << 16  # smaller transfers measure latency, not bandwidth
 _MIN_MEASURED_TOKENS = 32
 
@@ -55,6 +60,37 @@ class OnboardDecision:
         return self.num_blocks > 0
 
 
+@dataclass(slots=True)
+class PrefillFit:
+    """``seconds = fixed_s + s_per_token * tokens`` over observed prefill steps, by least
+    squares with exponential forgetting. Pure arithmetic on decayed sums."""
+
+    n: float = 0.0
+    sum_tokens: float = 0.0
+    sum_s: float = 0.0
+    sum_tokens_sq: float = 0.0
+    sum_tokens_s: float = 0.0
+
+    def add(self, num_tokens: int, seconds: float) -> None:
+        d = _FIT_DECAY
+        self.n = d * self.n + 1.0
+        self.sum_tokens = d * self.sum_tokens + num_tokens
+        self.sum_s = d * self.sum_s + seconds
+        self.sum_tokens_sq = d * self.sum_tokens_sq + num_tokens * num_tokens
+        self.sum_tokens_s = d * self.sum_tokens_s + num_tokens * seconds
+
+    def s_per_token(self) -> float:
+        """The marginal seconds per prompt token: the slope where the steps' sizes differ
+        enough to fit one, else the token-weighted mean (the fixed cost then included)."""
+        ratio = self.sum_s / self.sum_tokens
+        mean = self.sum_tokens / self.n
+        var = self.sum_tokens_sq / self.n - mean * mean
+        if self.n < 1.5 or var <= (_MIN_RELATIVE_SPREAD * mean) ** 2:  # one step: no slope
+            return ratio
+        slope = (self.sum_tokens_s / self.n - mean * self.sum_s / self.n) / var
+        return slope if 0 < slope <= ratio else ratio
+
+
 @dataclass
 class CostModel:
     """Owns the estimated tier speeds and prefill speed; updated by measurements."""
@@ -65,6 +101,7 @@ class CostModel:
     prefill_s_per_token: float = 1.0 / DEFAULT_PREFILL_TOKENS_PER_S
     # False: onboard every block found, whatever the estimates say (they are still reported).
     check: bool = True
+    prefill_fit: PrefillFit = field(default_factory=PrefillFit)
 
     @classmethod
     def make(
@@ -131,8 +168,8 @@ class CostModel:
         """A measured step that computed ``num_tokens`` prompt tokens in ``seconds``."""
         if num_tokens < _MIN_MEASURED_TOKENS or seconds <= 0:
             return
-        measured = seconds / num_tokens
-        self.prefill_s_per_token += _EMA_WEIGHT * (measured - self.prefill_s_per_token)
+        self.prefill_fit.add(num_tokens, seconds)
+        self.prefill_s_per_token = self.prefill_fit.s_per_token()
 
 
 class UseCounter:

@@ -42,6 +42,7 @@ class KVTier(ABC):
     name: str  # "G2" | "G3" | "G4"
     capacity_blocks: int | None  # None: no limit of its own (S3)
     shared: bool = False  # every worker of the model reads it (G4)
+    in_memory: bool = False  # ``read`` is a lookup, not I/O: the onboard calls it inline (G2)
 
     @property
     def medium(self) -> str:

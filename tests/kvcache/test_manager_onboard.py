@@ -1,0 +1,75 @@
+"""``KVTierManager`` onboarding on the CPU: good blocks land byte for byte, a damaged, foreign
+or missing block is refused (never counted as loaded), and the run stops at the first refusal."""
+
+from __future__ import annotations
+
+import queue
+from pathlib import Path
+
+import torch
+
+from serving.engine.kv_offload import KVOnboard
+from serving.kvcache.disk import DiskTier
+from serving.kvcache.header import ModelIdentity, make_header
+from serving.kvcache.host import HostTier
+from serving.kvcache.manager import KVTierManager, OnboardDone
+from serving.kvcache.tier import KVTier
+
+IDENTITY = ModelIdentity("sha256:abc", 30, 3, 64, "float32", 16)
+OTHER = ModelIdentity("sha256:def", 30, 3, 64, "float32", 16)
+BLOCK_BYTES = 4096
+NUM_DEVICE_BLOCKS = 16
+
+
+def payload(seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (BLOCK_BYTES,), dtype=torch.uint8, generator=g)
+
+
+def put(store: KVTier, block_hash: int, data: torch.Tensor, identity=IDENTITY) -> None:
+    tokens = list(range(16))
+    header = make_header(block_hash, None, tokens, memoryview(data.numpy()), identity)
+    store.write(block_hash, header.encode(), data)
+
+
+def onboard(stores: list[KVTier], hashes: list[int], tiers: list[str]) -> tuple:
+    pool = torch.zeros(NUM_DEVICE_BLOCKS, BLOCK_BYTES, dtype=torch.uint8)
+    inbox: queue.Queue = queue.Queue()
+    manager = KVTierManager(stores, block_view=lambda i: pool[i], identity=IDENTITY, post=inbox.put)
+    try:
+        block_ids = tuple(range(3, 3 + len(hashes)))
+        manager.submit_onboard(
+            KVOnboard("r1", tuple(hashes), tuple(tiers), block_ids, 0, 16 * len(hashes))
+        )
+        done = inbox.get(timeout=60)
+    finally:
+        manager.close()
+    assert isinstance(done, OnboardDone)
+    return done.result, pool, block_ids
+
+
+def test_every_good_block_lands_byte_for_byte(tmp_path: Path) -> None:
+    host = HostTier(8, BLOCK_BYTES)
+    disk = DiskTier(tmp_path, 8)
+    datas = [payload(i) for i in range(6)]
+    for i, data in enumerate(datas):
+        put(host if i % 2 == 0 else disk, 100 + i, data)
+    tiers = ["G2" if i % 2 == 0 else "G3" for i in range(6)]
+    result, pool, block_ids = onboard([host, disk], [100 + i for i in range(6)], tiers)
+    assert result.num_loaded_blocks == 6 and result.rejected == ()
+    for data, block_id in zip(datas, block_ids, strict=True):
+        assert torch.equal(pool[block_id], data)
+    assert dict(result.num_bytes_by_tier) == {"G2": 3 * BLOCK_BYTES, "G3": 3 * BLOCK_BYTES}
+
+
+def test_damaged_foreign_and_missing_blocks_are_refused(tmp_path: Path) -> None:
+    host = HostTier(8, BLOCK_BYTES)
+    for i in range(5):
+        put(host, 200 + i, payload(i), identity=OTHER if i == 3 else IDENTITY)
+    slot = host._hash_to_slot[201]
+    host.slots[slot][17] ^= 0xFF  # a flipped byte after the header was made
+    hashes = [200 + i for i in range(5)] + [999]  # 999 was never stored
+    result, pool, block_ids = onboard([host], hashes, ["G2"] * 6)
+    assert result.num_loaded_blocks == 1  # the run stops at the damaged second block
+    assert dict(result.rejected) == {1: "checksum", 3: "foreign", 5: "missing"}
+    assert torch.equal(pool[block_ids[0]], payload(0))
