@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
+from serving.engine.cpu_memory import zeros_on_huge_pages
 from serving.transfer.layout import BlockLayout
 
 
@@ -42,7 +43,10 @@ class KVPool:
         if min(num_blocks, num_layers, block_size, num_kv_heads, head_dim) < 1:
             raise ValueError("KV pool sizes must be >= 1")
         shape = (num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim)
-        self.tensor = torch.zeros(shape, dtype=dtype, device=device)
+        if torch.device(device).type == "cpu":
+            self.tensor = zeros_on_huge_pages(shape, dtype)
+        else:
+            self.tensor = torch.zeros(shape, dtype=dtype, device=device)
         self.num_blocks = num_blocks
         self.block_size = block_size
         # Layer i: [num_blocks, 2, block_size, kv_heads, head_dim], block stride = one block.

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from serving.engine.cpu_memory import keep_freed_memory, pack_on_huge_pages
 from serving.engine.cuda_graph import DecodeGraphs, graph_batch_sizes
 from serving.engine.kv_pool import KVPool
 from serving.engine.layers.attention import AttentionBackend, SeqSpan, make_attn_metadata
@@ -43,7 +44,7 @@ class ModelRunner:
     Never decides what runs: block ids, positions and tokens come from the scheduler.
     ``kernels``: ``auto`` (Triton on CUDA, PyTorch on CPU), ``torch`` or ``triton``.
     ``enforce_eager`` (vLLM's name): no CUDA graphs; decode steps run the same padded shapes
-    eagerly.
+    eagerly. On CPU it sets the process's heap to keep freed memory (``cpu_memory``).
     """
 
     def __init__(
@@ -64,6 +65,8 @@ class ModelRunner:
         enforce_eager: bool = False,
     ) -> None:
         self.device = torch.device(device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.arch: ModelArchConfig = load_arch_config(Path(model_dir))
         self.dtype = resolve_dtype(dtype, self.device, self.arch)
         self.block_size = block_size
@@ -290,6 +293,8 @@ def load_model(
     inv_freq = model.rotary_emb.inv_freq  # float32, computed on CPU: keep it exact
     model = model.to(dtype=dtype).to_empty(device=device)
     model.rotary_emb.inv_freq = inv_freq.to(device)
+    if device.type == "cpu":
+        pack_on_huge_pages(model)
     if load_format == "dummy":
         _fill_dummy_weights(model, device)
     else:
