@@ -152,6 +152,9 @@ class Driver:
                 self.manager.submit_onboard(onboard)
             if result.tier_jobs:
                 self.manager.submit(result.tier_jobs)
+            if result.idle:
+                self._drain(block=True)  # waiting for an onboard: sleep, as the worker does
+                continue
             for out in result.outputs:
                 if out.request_id == request_id:
                     ended_s = time.perf_counter()

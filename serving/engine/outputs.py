@@ -66,3 +66,16 @@ class EngineStepResult:
     # (``serving.kvcache.stack.StoreJob``/``DropJob``, reported with ``finish_tier_job``).
     kv_onboards: list[KVOnboard] = field(default_factory=list)
     tier_jobs: list[Any] = field(default_factory=list)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing computed, produced or started: the unfinished requests wait on something
+        outside the engine (a KV pull, a tier onboard, a copy that frees blocks)."""
+        return not (
+            self.outputs
+            or self.kv_pulls
+            or self.kv_onboards
+            or self.tier_jobs
+            or self.stats.num_prompt_tokens
+            or self.stats.num_generation_tokens
+        )

@@ -218,7 +218,12 @@ class AsyncEngine:
                     self._wake.wait(_LEASE_POLL_S if self.leases_snapshot else _IDLE_WAIT_S)
                     self._wake.clear()
                     continue
-                self._step()
+                if not self._step():
+                    # Every request waits on KV from elsewhere: sleep until a message comes
+                    # (pull and tier results post one) instead of spinning on empty steps,
+                    # which starves the copying threads of the GIL.
+                    self._wake.wait(_LEASE_POLL_S)
+                    self._wake.clear()
         except BaseException as exc:
             logger.exception("engine thread failed")
             self.dead_error = exc
@@ -327,7 +332,8 @@ class AsyncEngine:
             result = PullResult(request_id, False, 0, 0.0, error=repr(exc))
         self._post(result)
 
-    def _step(self) -> None:
+    def _step(self) -> bool:
+        """One engine step and its outputs; False when the step was idle (``EngineStepResult``)."""
         started_s = time.monotonic()
         result = self.core.step()
         if result.kv_pulls:
@@ -359,6 +365,7 @@ class AsyncEngine:
                 self.metrics.record_finished(out, now_s)
                 self._last_token_s.pop(out.request_id, None)
         self._send([(out.request_id, out) for out in outputs])
+        return not result.idle
 
     def _send(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
         if items and self._loop is not None and not self._loop.is_closed():
