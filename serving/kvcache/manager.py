@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from serving.engine.kv_offload import KVOnboard
+from serving.kvcache.copy_run import CopyRun
 from serving.kvcache.header import (
     BlockHeader,
     BlockRejected,
@@ -98,6 +99,7 @@ class KVTierManager:
         self._closed = threading.Event()
         self._list_interval_s = list_interval_s
         self._lister: threading.Thread | None = None
+        self.num_onboard_copies = 0  # copies launched by onboards (runs of blocks coalesce)
 
     def start(self) -> None:
         """Start listing shared stores (the first listing is posted right away)."""
@@ -196,8 +198,9 @@ class KVTierManager:
     # -- onboarding ------------------------------------------------------------------------------
 
     def _run_onboard(self, onboard: KVOnboard) -> None:
-        """Read every block, launch its copy as soon as its header passes, check the payloads'
-        checksums in parallel with the copies, and report once all have ended.
+        """Read every block, queue its copy as soon as its header passes (blocks that follow
+        each other on both sides go as one copy, ``CopyRun``), check the payloads' checksums in
+        parallel with the copies, and report once all have ended.
 
         Bytes may land in a device block before their checksum is known: the block is not
         findable until ``OnboardDone`` says it loaded, and a block at or after the first
@@ -209,18 +212,24 @@ class KVTierManager:
         reasons: list[str | None] = [None] * len(plan)
         num_bytes_by_tier: dict[str, int] = {}
         to_verify: list[tuple[int, BlockHeader, torch.Tensor]] = []
+        run = CopyRun()
         with self._copy_context(onboard):
             for position, ((block_hash, tier, block_id), read) in enumerate(
                 zip(plan, reads, strict=True)
             ):
+                if not read.done():
+                    run.flush()  # the copies go on while this read is awaited
                 reason, found = _read_result(read, tier)
                 num_bytes = 0 if found is None else found[1].numel()
                 if reason is None and found is not None:
-                    reason, header = self._admit(block_hash, tier, block_id, found)
+                    reason, header = self._admit(block_hash, tier, block_id, found, run)
                     if reason is None and self.verify_checksums:
                         to_verify.append((position, header, found[1]))
                 reasons[position] = reason
                 num_bytes_by_tier[tier] = num_bytes_by_tier.get(tier, 0) + num_bytes
+            run.flush()
+            with self._stream_lock:
+                self.num_onboard_copies += run.num_copies
             for position, reason in self._verify_all(to_verify, onboard.tiers):
                 reasons[position] = reason
             if self._cuda_stream is not None:
@@ -257,9 +266,14 @@ class KVTierManager:
         return torch.cuda.stream(self._stream(device))
 
     def _admit(
-        self, block_hash: int, tier: str, block_id: int, found: tuple[bytes, torch.Tensor]
+        self,
+        block_hash: int,
+        tier: str,
+        block_id: int,
+        found: tuple[bytes, torch.Tensor],
+        run: CopyRun,
     ) -> tuple[str | None, BlockHeader | None]:
-        """Check one block's header and launch the copy of its bytes into the device block."""
+        """Check one block's header and queue the copy of its bytes into the device block."""
         raw_header, payload = found
         try:
             header = BlockHeader.decode(raw_header)
@@ -270,7 +284,7 @@ class KVTierManager:
         dest = self.block_view(block_id)
         if dest.numel() != payload.numel():
             return "header", None
-        dest.copy_(payload, non_blocking=dest.device.type == "cuda")
+        run.add(dest, payload)
         return None, header
 
     def _verify_all(

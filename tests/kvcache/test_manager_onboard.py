@@ -73,3 +73,33 @@ def test_damaged_foreign_and_missing_blocks_are_refused(tmp_path: Path) -> None:
     assert result.num_loaded_blocks == 1  # the run stops at the damaged second block
     assert dict(result.rejected) == {1: "checksum", 3: "foreign", 5: "missing"}
     assert torch.equal(pool[block_ids[0]], payload(0))
+
+
+def test_blocks_in_consecutive_slots_and_blocks_go_as_one_copy(tmp_path: Path) -> None:
+    """Host slots 0..5 into device blocks 3..8: one copy, and still every byte right; a disk
+    block in between splits the run (its payload is a tensor of its own)."""
+    host = HostTier(8, BLOCK_BYTES)
+    datas = [payload(10 + i) for i in range(6)]
+    for i, data in enumerate(datas):
+        put(host, 300 + i, data)
+    pool = torch.zeros(NUM_DEVICE_BLOCKS, BLOCK_BYTES, dtype=torch.uint8)
+    inbox: queue.Queue = queue.Queue()
+    manager = KVTierManager([host], block_view=lambda i: pool[i], identity=IDENTITY, post=inbox.put)
+    try:
+        manager.submit_onboard(
+            KVOnboard("r1", tuple(range(300, 306)), ("G2",) * 6, tuple(range(3, 9)), 0, 96)
+        )
+        done = inbox.get(timeout=60)
+    finally:
+        manager.close()
+    assert done.result.num_loaded_blocks == 6
+    assert manager.num_onboard_copies == 1
+    for i, data in enumerate(datas):
+        assert torch.equal(pool[3 + i], data)
+    # mixed tiers: G2 G2 G3 G2 -> three copies (the disk payload breaks the run)
+    disk = DiskTier(tmp_path, 8)
+    put(disk, 400, payload(99))
+    result, pool2, block_ids = onboard([host, disk], [300, 301, 400, 302], ["G2", "G2", "G3", "G2"])
+    assert result.num_loaded_blocks == 4
+    for block_id, data in zip(block_ids, [datas[0], datas[1], payload(99), datas[2]], strict=True):
+        assert torch.equal(pool2[block_id], data)
