@@ -142,6 +142,37 @@ def test_paged_attention_matches_torch_backend(
     assert rel < (1e-5 if dtype == torch.float32 else 1e-2), rel
 
 
+@pytest.mark.parametrize("num_splits", [2, 3, 7])
+def test_split_keys_match_the_torch_backend(num_splits: int) -> None:
+    """Keys cut into pieces (flash-decoding) and merged: decodes of 1-37 keys and a chunk with
+    40 cached keys, so some pieces hold no key of a sequence and some rows see none of a piece."""
+    gen = torch.Generator(device="cpu").manual_seed(5)
+    block_size, num_blocks, num_heads, num_kv_heads, head_dim = 4, 40, 8, 2, 32
+    spans = _random_spans(gen, block_size, num_blocks)[:4]  # no fresh prefill: all paged
+    num_tokens = sum(s.num_tokens for s in spans)
+    pool = torch.randn(num_blocks, 2, 2, block_size, num_kv_heads, head_dim, generator=gen)
+    layer = pool.to(DEVICE)[:, 1]
+    q = torch.randn(num_tokens, num_heads, head_dim, generator=gen).to(DEVICE)
+    k = torch.randn(num_tokens, num_kv_heads, head_dim, generator=gen).to(DEVICE)
+    v = torch.randn(num_tokens, num_kv_heads, head_dim, generator=gen).to(DEVICE)
+    ref_meta, _ = make_attn_metadata(spans, block_size, num_blocks, DEVICE, "torch")
+    write_kv(k, v, layer, ref_meta.slot_mapping)
+    ref = paged_attention(q, k, v, layer, ref_meta, head_dim**-0.5)
+    meta, _ = make_attn_metadata(spans, block_size, num_blocks, DEVICE, "triton")
+    assert meta.paged is not None and meta.paged.max_seq_len == 40
+    out = torch.full_like(q, float("nan"))
+    triton_kernels.paged_attention(q, layer, out, meta.paged, head_dim**-0.5, num_splits)
+    assert _rel_err(out, ref) < 1e-5
+
+
+def test_keys_are_split_only_where_the_batch_leaves_the_gpu_idle() -> None:
+    assert triton_kernels.num_kv_splits(16, 16_384, 132) == 17  # a chunk on a long prefix
+    assert triton_kernels.num_kv_splits(8, 16_384, 132) == 32  # one decode: capped
+    assert triton_kernels.num_kv_splits(8, 1_000, 132) == 1  # too few keys to cut
+    assert triton_kernels.num_kv_splits(256, 16_384, 132) == 1  # the batch fills the GPU
+    assert triton_kernels.num_kv_splits(8, 0, 132) == 1  # length unknown (CUDA graph)
+
+
 def test_paged_attention_padding_rows_are_zero() -> None:
     """A sequence of length 0 (CUDA-graph padding) attends nothing and yields zeros."""
     layer = torch.randn(4, 2, 4, 2, 32).to(DEVICE)

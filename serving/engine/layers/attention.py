@@ -71,6 +71,8 @@ class PagedBatch:
     query_start: torch.Tensor  # [S]
     query_lens: torch.Tensor  # [S]
     max_query_len: int
+    # Longest ``seq_lens`` (host); 0 = unknown (a captured CUDA graph's decode): keys unsplit.
+    max_seq_len: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +203,7 @@ def _paged_batch(
         query_start=ints[0],
         query_lens=ints[1],
         max_query_len=max(columns[1]),
+        max_seq_len=max(columns[2]),
     )
 
 

@@ -9,6 +9,7 @@ the PyTorch path; float32 dots use IEEE precision (no TF32).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -72,7 +73,13 @@ def _paged_attention_kernel(
     stride_ks,
     stride_kh,
     stride_bt,
+    part_ptr,
+    ml_ptr,
+    split_len,
+    num_tokens,
+    num_heads,
     GROUP: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_M: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -83,10 +90,15 @@ def _paged_attention_kernel(
     INTERPRET: tl.constexpr,
 ):
     """One program: ``BLOCK_Q`` new tokens of one sequence x the ``GROUP`` query heads of one KV
-    head (``BLOCK_M`` rows, padded), online softmax over key tiles read through the table."""
+    head (``BLOCK_M`` rows, padded), online softmax over key tiles read through the table.
+
+    With ``NUM_SPLITS`` > 1 the keys are cut into ``split_len`` pieces, one program each, and
+    each writes its unnormalised sum and its (max, sum of weights) to ``part``/``ml`` for
+    ``_combine_splits_kernel`` (flash-decoding): a few long sequences then fill the GPU."""
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
-    q_tile = tl.program_id(2)
+    q_tile = tl.program_id(2) // NUM_SPLITS
+    split = tl.program_id(2) % NUM_SPLITS
     query_len = tl.load(query_lens_ptr + seq)
     if q_tile * BLOCK_Q >= query_len:
         return
@@ -104,13 +116,17 @@ def _paged_attention_kernel(
     q_pos = seq_len - query_len + tok
     last_tok = tl.minimum(q_tile * BLOCK_Q + BLOCK_Q, query_len) - 1
     kv_end = seq_len - query_len + last_tok + 1
+    kv_lo = 0
+    if NUM_SPLITS > 1:
+        kv_lo = split * split_len
+        kv_end = tl.minimum(kv_end, kv_lo + split_len)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
     k_base = kv_ptr + kv_head * stride_kh
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     if INTERPRET:  # the interpreter's scalars are 1-element arrays, which range() refuses
-        start = 0
+        start = kv_lo
         while start < kv_end:
             m_i, l_i, acc = _attend_tile(
                 q, q_pos, m_i, l_i, acc, start, kv_end, table, k_base, scale_log2e,
@@ -119,23 +135,104 @@ def _paged_attention_kernel(
             )  # fmt: skip
             start += TILE_N
     else:
-        for start in tl.range(0, kv_end, TILE_N):
+        for start in tl.range(kv_lo, kv_end, TILE_N):
             m_i, l_i, acc = _attend_tile(
                 q, q_pos, m_i, l_i, acc, start, kv_end, table, k_base, scale_log2e,
                 stride_kb, stride_kkv, stride_ks, dims, dim_valid,
                 BLOCK_SIZE, TILE_N, IEEE,
             )  # fmt: skip
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    o_offs = (q_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :]
-    tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=io_mask)
+    if NUM_SPLITS == 1:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        o_offs = (q_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :]
+        tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=io_mask)
+    else:  # part [NUM_SPLITS, T, Hq, HEAD_DIM_P], ml [NUM_SPLITS, T, Hq, 2], float32
+        row = (split * num_tokens + q_start + tok) * num_heads + head
+        tl.store(part_ptr + row[:, None] * HEAD_DIM_P + dims[None, :], acc, mask=io_mask)
+        tl.store(ml_ptr + row * 2, m_i, mask=row_valid)
+        tl.store(ml_ptr + row * 2 + 1, l_i, mask=row_valid)
+
+
+# A split holds at least this many keys (fewer: the combine costs more than the parallelism buys).
+_MIN_SPLIT_TOKENS = 512
+_MAX_SPLITS = 32
+
+
+@triton.jit
+def _combine_splits_kernel(
+    out_ptr,
+    part_ptr,
+    ml_ptr,
+    query_start_ptr,
+    query_lens_ptr,
+    stride_ot,
+    stride_oh,
+    num_tokens,
+    num_heads,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_P: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P: tl.constexpr,
+):
+    """One program: one new token x one query head; merges the splits' online softmaxes."""
+    seq = tl.program_id(0)
+    t = tl.program_id(1)
+    head = tl.program_id(2)
+    if t >= tl.load(query_lens_ptr + seq):
+        return
+    tok = tl.load(query_start_ptr + seq).to(tl.int64) + t
+    splits = tl.arange(0, SPLITS_P)
+    split_valid = splits < NUM_SPLITS
+    rows = (splits * num_tokens + tok) * num_heads + head
+    m = tl.load(ml_ptr + rows * 2, mask=split_valid, other=float("-inf"))
+    l_s = tl.load(ml_ptr + rows * 2 + 1, mask=split_valid, other=0.0)
+    m_max = tl.max(m, 0)
+    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.exp2(m - m_safe)  # 0 for an empty split (m = -inf)
+    dims = tl.arange(0, HEAD_DIM_P)
+    dim_valid = dims < HEAD_DIM
+    acc = tl.load(
+        part_ptr + rows[:, None] * HEAD_DIM_P + dims[None, :],
+        mask=split_valid[:, None] & dim_valid[None, :],
+        other=0.0,
+    )
+    total = tl.sum(l_s * w, 0)
+    out = tl.sum(acc * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(
+        out_ptr + tok * stride_ot + head * stride_oh + dims,
+        out.to(out_ptr.dtype.element_ty),
+        mask=dim_valid,
+    )
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    if _INTERPRET or not torch.cuda.is_available():
+        return 8
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_kv_splits(num_programs: int, max_seq_len: int, num_sms: int) -> int:
+    """How many pieces to cut each sequence's keys into: enough programs for about two waves
+    over the GPU's SMs, each piece at least ``_MIN_SPLIT_TOKENS`` keys; 1 when the batch alone
+    fills the GPU or ``max_seq_len`` is unknown (0: a captured CUDA graph's decode)."""
+    if max_seq_len <= 0 or num_programs >= num_sms:
+        return 1
+    wanted = -(-2 * num_sms // num_programs)
+    return max(1, min(wanted, max_seq_len // _MIN_SPLIT_TOKENS, _MAX_SPLITS))
 
 
 def paged_attention(
-    q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, batch: PagedBatch, scale: float
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    out: torch.Tensor,
+    batch: PagedBatch,
+    scale: float,
+    num_splits: int | None = None,
 ) -> None:
     """Write ``out`` rows of ``batch``'s sequences: ``q``/``out`` ``[T, Hq, D]`` (last dim
     contiguous), ``kv_cache`` one layer ``[num_blocks, 2, block_size, Hkv, D]`` (any strides
-    with a contiguous last dim)."""
+    with a contiguous last dim). ``num_splits`` (default: ``num_kv_splits``) cuts the keys of
+    each sequence into pieces attended in parallel and merged by a second kernel."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     group = num_heads // num_kv_heads
@@ -143,7 +240,22 @@ def paged_attention(
     block_q = 1 if batch.max_query_len == 1 else max(1, 64 // triton.next_power_of_2(group))
     block_m = max(16, triton.next_power_of_2(block_q * group))
     num_seqs = batch.seq_lens.shape[0]
-    grid = (num_seqs, num_kv_heads, triton.cdiv(batch.max_query_len, block_q))
+    num_q_tiles = triton.cdiv(batch.max_query_len, block_q)
+    tile_n = max(16, min(64, triton.next_power_of_2(block_size) * 4))
+    head_dim_p = max(16, triton.next_power_of_2(head_dim))
+    if num_splits is None:
+        num_programs = num_seqs * num_kv_heads * num_q_tiles
+        sms = _num_sms(q.device.index or 0) if q.device.type == "cuda" else _num_sms(0)
+        num_splits = num_kv_splits(num_programs, batch.max_seq_len, sms)
+    split_len = 0
+    part = ml = out  # placeholders: not read with one split
+    if num_splits > 1:
+        split_len = triton.cdiv(triton.cdiv(batch.max_seq_len, num_splits), tile_n) * tile_n
+        num_tokens = q.shape[0]
+        f32 = {"dtype": torch.float32, "device": q.device}
+        part = torch.empty((num_splits, num_tokens, num_heads, head_dim_p), **f32)
+        ml = torch.empty((num_splits, num_tokens, num_heads, 2), **f32)
+    grid = (num_seqs, num_kv_heads, num_q_tiles * num_splits)
     _paged_attention_kernel[grid](
         q,
         out,
@@ -162,17 +274,40 @@ def paged_attention(
         kv_cache.stride(2),
         kv_cache.stride(3),
         batch.block_tables.stride(0),
+        part,
+        ml,
+        split_len,
+        q.shape[0],
+        num_heads,
         GROUP=group,
+        NUM_SPLITS=num_splits,
         BLOCK_Q=block_q,
         BLOCK_M=block_m,
         HEAD_DIM=head_dim,
-        HEAD_DIM_P=max(16, triton.next_power_of_2(head_dim)),
+        HEAD_DIM_P=head_dim_p,
         BLOCK_SIZE=block_size,
-        TILE_N=max(16, min(64, triton.next_power_of_2(block_size) * 4)),
+        TILE_N=tile_n,
         IEEE=q.dtype == torch.float32,
         INTERPRET=_INTERPRET,
         num_warps=4,
     )
+    if num_splits > 1:
+        _combine_splits_kernel[(num_seqs, batch.max_query_len, num_heads)](
+            out,
+            part,
+            ml,
+            batch.query_start,
+            batch.query_lens,
+            out.stride(0),
+            out.stride(1),
+            q.shape[0],
+            num_heads,
+            NUM_SPLITS=num_splits,
+            SPLITS_P=max(2, triton.next_power_of_2(num_splits)),
+            HEAD_DIM=head_dim,
+            HEAD_DIM_P=head_dim_p,
+            num_warps=4,
+        )
 
 
 @triton.jit
