@@ -13,9 +13,11 @@ lead time are ``bench/planner_day.py``'s (its defaults: 4x at the peak, lead tim
 * ``static:N``: N replicas all day;
 * ``reactive[:key=value,...]``, ``lead-time[:key=value,...]``: the planner with these config
   overrides (dotted keys of ``PlannerConfig``, values parsed as YAML);
-* ``hindsight:WINDOW_S:HEADROOM``: every window sized for its own arrivals times ``HEADROOM``
-  by the capacity model, ordered one lead time ahead (``replay_planner.run_hindsight``): no
-  planner can do better at following the load, so its curve bounds what any can save.
+* ``hindsight:WINDOW_S:HEADROOM[:SQRT_HEADROOM]``: every window sized for its own arrivals by
+  the capacity model, ``ceil(HEADROOM * a + SQRT_HEADROOM * sqrt(a))`` replicas for a load of
+  ``a`` replicas (``serving/planner/sizing.py``; square-root staffing with ``HEADROOM`` 1),
+  ordered one lead time ahead (``replay_planner.run_hindsight``): no planner can do better at
+  following the load, so its curve bounds what any can save.
 
 Each point's figures are merged into ``--out`` (one process per point keeps runs short and the
 CPU lock released in between); the table covers every point in the file. For each point it
@@ -47,12 +49,14 @@ def run_point(config: DayStudyConfig, point: str) -> dict[str, Any]:
     if kind == "static":
         outcome = run_static(setup, {"both": int(rest)}, name=point)
     elif kind == "hindsight":
-        window_s, headroom = (float(x) for x in rest.split(":"))
+        window_s, headroom, *sqrt_headroom = (float(x) for x in rest.split(":"))
         base = planner_config(config, "lead-time")
         capacity = CapacityModel(
             profile, base.sla, target_utilization=base.scaling.target_utilization
         )
-        sizes = hindsight_sizes(setup, capacity, "both", config.min_replicas, window_s, headroom)
+        sizes = hindsight_sizes(
+            setup, capacity, "both", config.min_replicas, window_s, headroom, *sqrt_headroom
+        )
         outcome = run_hindsight(setup, sizes, window_s, "both", name=point)
     elif kind in ("reactive", "lead-time"):
         planner = with_overrides(planner_config(config, kind), rest)
@@ -61,7 +65,9 @@ def run_point(config: DayStudyConfig, point: str) -> dict[str, Any]:
         )
         outcome = run_planned(setup, planner, capacity, point)
     else:
-        raise ValueError(f"{point}: not static:N, reactive[:k=v], lead-time[:k=v], hindsight:W:H")
+        raise ValueError(
+            f"{point}: not static:N, reactive[:k=v], lead-time[:k=v], hindsight:W:H[:B]"
+        )
     figures = outcome.figures(config.price_usd_per_gpu_hour)
     figures["peak_hour_sla_attainment"] = _busiest_hour(outcome.hourly)
     return figures

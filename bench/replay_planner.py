@@ -41,6 +41,7 @@ from serving.planner.capacity import CapacityModel
 from serving.planner.config import PlannerConfig, Role
 from serving.planner.connectors.virtual import VirtualConnector
 from serving.planner.core import PlannerState, make_state, tick
+from serving.planner.sizing import replicas_for
 from serving.planner.types import Observation, RoleObservation, Traffic
 
 DAY_S = 86_400.0
@@ -330,9 +331,12 @@ def hindsight_sizes(
     min_replicas: int,
     window_s: float = 300.0,
     headroom: float = 1.0,
+    sqrt_headroom: float = 0.0,
 ) -> list[int]:
     """Replicas for each ``window_s`` of ``[0, end_s)``, sized with hindsight by the capacity
-    model for that window's own arrivals (rate and mean lengths) times ``headroom``."""
+    model for that window's own arrivals (rate and mean lengths): ``ceil(headroom * a +
+    sqrt_headroom * sqrt(a))`` for a load of ``a`` replicas (``planner.sizing.replicas_for``:
+    a multiplicative margin, a square-root one, or both)."""
     num_windows = math.ceil(setup.end_s / window_s)
     counts = [0] * num_windows
     tokens = [[0.0, 0.0] for _ in range(num_windows)]
@@ -343,9 +347,8 @@ def hindsight_sizes(
         tokens[w][1] += r.output_tokens
     sizes = []
     for n, (isl, osl) in zip(counts, tokens, strict=True):
-        rate = headroom * n / window_s
-        needed = capacity.replicas_needed(role, rate, isl / n, osl / n) if n else 0
-        sizes.append(max(needed, min_replicas))
+        load = n / window_s / capacity.per_replica(role, isl / n, osl / n).request_rate if n else 0
+        sizes.append(max(replicas_for(load, headroom, sqrt_headroom), min_replicas))
     return sizes
 
 

@@ -111,7 +111,7 @@ def test_frontier_merges_points_into_one_file(tmp_path: Path, capsys) -> None:
         [
             *common,
             "--point",
-            "hindsight:300:1.0",
+            "hindsight:300:1.0:0.5",
             "--point",
             "lead-time:predictor.kind=moving_average,scaling.interval_s=30",
         ]
@@ -119,7 +119,7 @@ def test_frontier_merges_points_into_one_file(tmp_path: Path, capsys) -> None:
     points = json.loads(out.read_text())["points"]
     assert set(points) == {
         "static:1",
-        "hindsight:300:1.0",
+        "hindsight:300:1.0:0.5",
         "lead-time:predictor.kind=moving_average,scaling.interval_s=30",
     }
     assert all(p["requests"] == points["static:1"]["requests"] > 0 for p in points.values())
