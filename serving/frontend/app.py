@@ -10,10 +10,8 @@ a request's path is ``job`` (parse and validate) -> ``responses`` (JSON or SSE) 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import functools
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -36,6 +34,7 @@ from serving.frontend.job import COMPLETIONS_DEFAULT_MAX_TOKENS, Job, make_job
 from serving.frontend.models import ServedModel, make_http_client, register_all
 from serving.frontend.responses import respond
 from serving.frontend.state import FrontendSettings, FrontendState
+from serving.frontend.tokenizing import Tokenizing, prompt_chars
 from serving.protocol.openai import (
     APIError,
     ChatCompletionRequest,
@@ -154,7 +153,9 @@ def create_frontend_app(state: FrontendState) -> FastAPI:
         raw.state.model = body.model
         served = state.models.get(body.model)
         if isinstance(body.prompt, str):
-            prompt_ids = await tokenize(encode_prompt, served.tokenizer, body.prompt)
+            prompt_ids = await tokenize(
+                len(body.prompt), encode_prompt, served.tokenizer, body.prompt
+            )
         else:
             prompt_ids = list(body.prompt)
         job = _job(served, body, prompt_ids, raw, "cmpl", body.max_tokens,
@@ -169,6 +170,7 @@ def create_frontend_app(state: FrontendState) -> FastAPI:
         try:
             messages = [m.for_template() for m in body.messages]
             prompt_ids = await tokenize(
+                prompt_chars(messages),
                 encode_chat,
                 served.tokenizer,
                 messages,
@@ -183,27 +185,6 @@ def create_frontend_app(state: FrontendState) -> FastAPI:
         return await respond(state, served, job, chat=True, ticket=ticket)
 
     return app
-
-
-class Tokenizing:
-    """Owns the frontend's tokenizer thread: prompts are rendered and tokenized there, one at a
-    time, while the event loop goes on relaying other requests' tokens (``tokenizers`` encodes
-    without the GIL: a transformers tokenizer calls its ``encode_batch``). One thread, as vLLM's
-    frontend does: a tokenizer is never used by two threads at once. Started on first use."""
-
-    def __init__(self) -> None:
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-
-    async def __call__(self, fn: Callable[..., list[int]], *args: Any, **kwargs: Any) -> list[int]:
-        if self._executor is None:
-            self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenize")
-        call = functools.partial(fn, *args, **kwargs)
-        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
-
-    def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
 
 
 def make_discovery_source(settings: FrontendSettings) -> DiscoverySource | None:
