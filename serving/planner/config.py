@@ -132,6 +132,15 @@ class ScalingConfig(_Strict):
         description="No scale-down for a load within this share below the current size "
         "(null: ``tolerance``); widens the band down without widening it up.",
     )
+    sqrt_headroom: float = Field(
+        default=0.0,
+        ge=0,
+        description="Square-root staffing (Halfin-Whitt's beta): a pool that grows for a "
+        "predicted load of a replicas gets ceil(a + sqrt_headroom * sqrt(a)), a margin the size "
+        "of the load's Poisson fluctuations, relatively larger on a small pool; the tolerance "
+        "bands still compare a with the current size (0: none; target_utilization is the "
+        "margin in proportion to the load). docs/planner.md: measured, not the default.",
+    )
     max_step_up: int = Field(default=4, ge=1, description="Replicas added per role per tick.")
     max_step_down: int = Field(default=1, ge=1, description="Replicas removed per role per tick.")
     scale_down_stabilization_s: float = Field(

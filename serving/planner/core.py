@@ -14,7 +14,10 @@ NOTE: one tick.
    ordered now would serve and the next re-size (``lookahead: lead_time``; the upper
    ``predictor.quantile`` of the prediction, whose interval widens with the lead time; ``none``
    sizes for the observed rate: a reactive planner), times the correction, over one replica's
-   capacity (``capacity.py``), clamped to ``[min_replicas, max_replicas]`` and the role's GPU
+   capacity (``capacity.py``): a load of ``a`` replicas gets ``ceil(a + sqrt_headroom *
+   sqrt(a))`` (``sizing.py``), unless the current size is within the ``tolerance`` bands
+   around ``a`` (then it stays: the margin is added when the pool grows and kept until the load
+   falls below the down band); clamped to ``[min_replicas, max_replicas]`` and the role's GPU
    budget.
 4. Fast loop, every tick: a role whose workers queue more than ``queue_per_replica_up``
    requests per replica for ``queue_ticks_up`` ticks gets one replica more than it has (while
@@ -35,6 +38,7 @@ from dataclasses import dataclass, field
 from serving.planner.capacity import CapacityModel
 from serving.planner.config import PlannerConfig, Role
 from serving.planner.predictors import MovingAveragePredictor, Predictor, make_predictor
+from serving.planner.sizing import replicas_for
 from serving.planner.types import Decision, Load, Observation, RoleDecision, Traffic
 
 _FALLBACK_INPUT_TOKENS = 1024.0
@@ -261,8 +265,9 @@ def _model_targets(
         state.predicted = load
         correction = _correction(role, state)
         per_replica = state.capacity.per_replica(role, load.input_tokens, load.output_tokens)
-        exact = rate * correction / per_replica.request_rate
-        needed = math.ceil(exact - 1e-9)
+        exact = rate * correction / per_replica.request_rate  # the load, in replicas
+        # The margin goes on the size; the bands below compare the load with the current size.
+        needed = replicas_for(exact, sqrt_headroom=cfg.scaling.sqrt_headroom)
         tolerance = cfg.scaling.tolerance
         down_tolerance = cfg.scaling.scale_down_tolerance
         down_tolerance = tolerance if down_tolerance is None else down_tolerance
@@ -280,10 +285,13 @@ def _model_targets(
         bound = (
             " (min)" if target > needed else (" (max)" if target < needed else "")
         )  # fmt: skip
+        margin = (
+            f" + {cfg.scaling.sqrt_headroom:g} sqrt" if cfg.scaling.sqrt_headroom else ""
+        )  # fmt: skip
         state.model_reasons[role] = (
             f"{rate:.2f} req/s ({how}; {load.input_tokens:.0f}/{load.output_tokens:.0f} tokens)"
             f" x{correction:.2f} / {per_replica.request_rate:.2f} per replica"
-            f" ({per_replica.limit}) -> {target}{bound}"
+            f" ({per_replica.limit}){margin} -> {target}{bound}"
         )
         if not state.queued_since_model[role]:
             state.queue_floor[role] = 0

@@ -18,9 +18,14 @@ from __future__ import annotations
 import math
 
 
-def replicas_for(load: float, headroom: float = 1.0, sqrt_headroom: float = 0.0) -> int:
-    """``ceil(headroom * load + sqrt_headroom * sqrt(load))``; 0 for no load. A hair above an
-    integer (floating-point noise, 1e-9) does not add a replica."""
+def size_for(load: float, headroom: float = 1.0, sqrt_headroom: float = 0.0) -> float:
+    """``headroom * load + sqrt_headroom * sqrt(load)`` replicas, not rounded; 0 for no load."""
     if load <= 0:
-        return 0
-    return math.ceil(headroom * load + sqrt_headroom * math.sqrt(load) - 1e-9)
+        return 0.0
+    return headroom * load + sqrt_headroom * math.sqrt(load)
+
+
+def replicas_for(load: float, headroom: float = 1.0, sqrt_headroom: float = 0.0) -> int:
+    """``size_for`` rounded up. A hair above an integer (floating-point noise, 1e-9) does not
+    add a replica."""
+    return math.ceil(size_for(load, headroom, sqrt_headroom) - 1e-9)

@@ -217,3 +217,24 @@ def test_scale_down_tolerance_widens_the_band_down_only(profile: PerfProfile) ->
         assert decisions[-1].roles["both"].target == floor
         (up,) = run(state, FakeClock(5_000.0), {"both": 8}, [traffic(per_replica * 9.5)])
         assert up.roles["both"].target == 10  # 9.5 replicas' load: up at once either way
+
+
+def test_sqrt_headroom_adds_a_square_root_margin(profile: PerfProfile) -> None:
+    """Square-root staffing: a load of ``a`` replicas makes the pool grow to ``ceil(a + beta *
+    sqrt(a))``, a margin relatively larger on a small pool (4 -> 6, +50%) than on a large one
+    (36 -> 42, +17%); without it (the default) the pool is the load rounded up. The bands
+    compare the load with the current size: a pool that covers its load keeps its size."""
+    probe = make_planner(profile)
+    per_replica = probe.capacity.per_replica("both", 1000, 200).request_rate
+    roles = {"both": {"min_replicas": 1, "max_replicas": 64}}
+    for beta, expected in ((0.0, {4: 4, 36: 36}), (1.0, {4: 6, 36: 42})):
+        for load, size in expected.items():
+            scaling = {"sqrt_headroom": beta, "max_step_up": 64}
+            state = make_planner(profile, roles=roles, scaling=scaling)
+            steady = [traffic(per_replica * load * 0.999)] * 12  # two minutes, a hair under
+            decisions = run(state, FakeClock(), {"both": 1}, steady)
+            assert [d.roles["both"].target for d in decisions] == [size] * 12, (beta, load)
+            assert ("+ 1 sqrt" in decisions[-1].roles["both"].reason) == (beta > 0)
+    state = make_planner(profile, roles=roles, scaling={"sqrt_headroom": 1.0})
+    (held,) = run(state, FakeClock(), {"both": 5}, [traffic(per_replica * 4 * 0.999)])
+    assert held.roles["both"].target == 5  # 4 replicas' load fits 5: no margin added
