@@ -14,6 +14,7 @@ frontend first (draining), then the workers.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -406,6 +407,17 @@ def _stop_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+def freeze_startup_heap() -> None:
+    """Move every object alive after start-up (the modules, torch, transformers, the tokenizers:
+    ~360k objects) out of the cyclic GC's reach, as vLLM (``freeze_gc_heap``) and SGLang
+    (``freeze_gc``) do. A full collection over that heap holds the GIL for 200-370 ms; while it
+    runs every stream in flight waits (seen under aiperf's light load as a TTFT cluster of all 16
+    requests). After the freeze a full collection walks only what requests left behind (~2 ms).
+    Objects frozen here stay freed by reference counting; only cycles among them are kept."""
+    gc.collect()
+    gc.freeze()
+
+
 def run_serve(config: ServeConfig) -> None:
     supervisor = WorkerSupervisor(config)
     planner = None
@@ -460,6 +472,7 @@ def run_serve(config: ServeConfig) -> None:
         # SIGTERM action that would kill this process before the workers are stopped below.
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, lambda signum, frame: None)
+            freeze_startup_heap()
         server.run(sockets=[reuse_port_socket(config.host, config.port)] if config.reuse_port
                    else None)  # fmt: skip
     finally:
