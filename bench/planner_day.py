@@ -188,9 +188,13 @@ def equal_sla_statics(
     return extra
 
 
-def planner_config(config: DayStudyConfig, policy: Policy) -> PlannerConfig:
+def planner_config(
+    config: DayStudyConfig, policy: Policy, roles: tuple[str, ...] = ("both",)
+) -> PlannerConfig:
     """The planner config of a planned policy: the YAML's (if any) with this study's SLA, lead
-    time and pool bounds; ``reactive`` sizes for the observed load."""
+    time and pool bounds; ``reactive`` sizes for the observed load. ``roles``: ``("both",)``
+    (the study's aggregated pool) or ``("prefill", "decode")`` (disaggregated pools, each with
+    the study's bounds; ``bench/planner_frontier.py``'s ``-pd`` points)."""
     sla = {"ttft_s": config.sla_ttft_s, "itl_s": config.sla_itl_s}
     lead = {"node_provisioning_s": config.lead_time_s, "weights_s": 0.0, "warmup_s": 0.0,
             "use_measured": False}  # fmt: skip
@@ -202,7 +206,7 @@ def planner_config(config: DayStudyConfig, policy: Policy) -> PlannerConfig:
     if config.planner_config is not None:
         base = load_config(config.planner_config, {"connector.kind": "virtual"})
         data = base.model_dump(mode="json")
-        if set(base.roles) != {"both"}:
+        if roles != ("both",) or set(base.roles) != {"both"}:
             raise ValueError(f"{config.planner_config}: the day study sizes one 'both' pool")
         role = {**data["roles"]["both"], **role}
         data.update(sla=sla, roles={"both": role},
@@ -213,7 +217,7 @@ def planner_config(config: DayStudyConfig, policy: Policy) -> PlannerConfig:
         "model": "day-study",
         "profile": "in-process-mock-profile.json",
         "sla": sla,
-        "roles": {"both": role},
+        "roles": {name: role for name in roles},
         "scaling": {"lookahead": lookahead},
         "connector": {"kind": "virtual"},
         "prices_usd_per_gpu_hour": overrides["prices_usd_per_gpu_hour"],

@@ -37,17 +37,47 @@ from typing import Any
 import yaml
 
 from bench.planner_day import DayStudyConfig, planner_config, simulation
-from bench.replay_planner import hindsight_sizes, run_hindsight, run_planned, run_static
+from bench.replay_planner import (
+    hindsight_sizes,
+    run_hindsight,
+    run_hindsight_roles,
+    run_planned,
+    run_static,
+)
 from serving.planner.capacity import CapacityModel
 from serving.planner.config import PlannerConfig, parse_config
+
+PD_ROLES = ("prefill", "decode")
 
 
 def run_point(config: DayStudyConfig, point: str) -> dict[str, Any]:
     """Simulate one point of the frontier; its figures (plain values)."""
     kind, _, rest = point.partition(":")
     setup, profile = simulation(config)
-    if kind == "static":
+    if kind == "static" and "+" in rest:
+        prefill, decode = (int(x) for x in rest.split("+"))
+        outcome = run_static(setup, {"prefill": prefill, "decode": decode}, name=point)
+    elif kind == "static":
         outcome = run_static(setup, {"both": int(rest)}, name=point)
+    elif kind == "hindsight-pd":
+        window_s, headroom, *sqrt_headroom = (float(x) for x in rest.split(":"))
+        base = planner_config(config, "lead-time", PD_ROLES)
+        capacity = CapacityModel(
+            profile, base.sla, target_utilization=base.scaling.target_utilization
+        )
+        sizes = {
+            role: hindsight_sizes(
+                setup, capacity, role, config.min_replicas, window_s, headroom, *sqrt_headroom
+            )
+            for role in PD_ROLES
+        }
+        outcome = run_hindsight_roles(setup, sizes, window_s, name=point)
+    elif kind in ("reactive-pd", "lead-time-pd"):
+        planner = with_overrides(planner_config(config, kind[:-3], PD_ROLES), rest)
+        capacity = CapacityModel(
+            profile, planner.sla, target_utilization=planner.scaling.target_utilization
+        )
+        outcome = run_planned(setup, planner, capacity, point)
     elif kind == "hindsight":
         window_s, headroom, *sqrt_headroom = (float(x) for x in rest.split(":"))
         base = planner_config(config, "lead-time")
@@ -66,7 +96,8 @@ def run_point(config: DayStudyConfig, point: str) -> dict[str, Any]:
         outcome = run_planned(setup, planner, capacity, point)
     else:
         raise ValueError(
-            f"{point}: not static:N, reactive[:k=v], lead-time[:k=v], hindsight:W:H[:B]"
+            f"{point}: not static:N, static:P+D, reactive[-pd][:k=v], lead-time[-pd][:k=v], "
+            "hindsight[-pd]:W:H[:B]"
         )
     figures = outcome.figures(config.price_usd_per_gpu_hour)
     figures["peak_hour_sla_attainment"] = _busiest_hour(outcome.hourly)
@@ -94,12 +125,20 @@ def _busiest_hour(hourly: dict[int, list[int]]) -> float:
     return busiest[1][1] / busiest[1][0]
 
 
-def equal_sla_static(points: dict[str, dict[str, Any]], sla: float) -> dict[str, Any] | None:
+def equal_sla_static(
+    points: dict[str, dict[str, Any]], sla: float, disagg: bool = False
+) -> dict[str, Any] | None:
     """The static pool of SLA ``sla``: the smallest simulated one at or above it, and the
     fractional size interpolated between the static points around it (GPU-hours scale with the
-    size). None without a static point at or above ``sla``."""
+    size). None without a static point at or above ``sla``. ``disagg``: among the static
+    prefill + decode pools (``static:P+D``, size ``P + D``), else among the aggregated ones."""
     statics = sorted(
-        (int(name.split(":")[1]), p) for name, p in points.items() if name.startswith("static:")
+        (
+            (_static_size(name), p)
+            for name, p in points.items()
+            if name.startswith("static:") and ("+" in name) == disagg
+        ),
+        key=lambda item: (item[0], item[1]["gpu_hours"]),
     )
     above = [(n, p) for n, p in statics if p["sla_attainment"] >= sla]
     if not above:
@@ -115,6 +154,15 @@ def equal_sla_static(points: dict[str, dict[str, Any]], sla: float) -> dict[str,
             "interpolated_gpu_hours": p["gpu_hours"] * size / n}  # fmt: skip
 
 
+def _static_size(name: str) -> int:
+    return sum(int(x) for x in name.split(":")[1].split("+"))
+
+
+def _is_disagg(name: str) -> bool:
+    kind, _, rest = name.partition(":")
+    return kind.endswith("-pd") or (kind == "static" and "+" in rest)
+
+
 def print_frontier(points: dict[str, dict[str, Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -124,7 +172,7 @@ def print_frontier(points: dict[str, dict[str, Any]]) -> None:
                    "static of equal SLA", "saved", "saved (interp.)"):  # fmt: skip
         table.add_column(column, justify="right")
     for name, p in sorted(points.items(), key=lambda item: item[1]["gpu_hours"]):
-        same = equal_sla_static(points, p["sla_attainment"])
+        same = equal_sla_static(points, p["sla_attainment"], _is_disagg(name))
         saved = saved_interp = equal = "-"
         if same is not None:
             equal = f"{same['replicas']} ({same['interpolated_replicas']:.2f})"

@@ -374,22 +374,35 @@ def run_hindsight(
     replicas serving (ordered ``setup.lead_time_s`` ahead, so they serve on time; drains on the
     way down, paid until their streams finish). No planner can do this: it is the reference for
     what following the load perfectly costs and attains."""
+    return run_hindsight_roles(setup, {role: sizes}, window_s, name)
+
+
+def run_hindsight_roles(
+    setup: SimSetup, sizes: dict[Role, Sequence[int]], window_s: float, name: str = "hindsight"
+) -> Outcome:
+    """``run_hindsight`` for several pools at once (a prefill and a decode pool: each role's
+    window ``i`` has ``sizes[role][i]`` replicas serving)."""
     outcome = Outcome(name)
     cluster = _cluster(setup, outcome)
     lead_s = setup.lead_time_s
+    num_windows = min(len(s) for s in sizes.values())
 
     def resize(i: int) -> None:
-        now, wanted = cluster.now, sizes[i]
-        counts = cluster.counts(role)
-        for _ in range(wanted - counts.current):
-            worker = cluster.provision(role, lead_time_s=0.0)
-            worker.created_s = now - lead_s  # ordered one lead time ago: paid from then
-        for _ in range(counts.ready - wanted):  # nothing starts: replicas serve when ordered
-            cluster.drain_one(role)
+        now, changed, total = cluster.now, False, 0
+        for role, role_sizes in sizes.items():
+            wanted = role_sizes[i]
+            counts = cluster.counts(role)
+            for _ in range(wanted - counts.current):
+                worker = cluster.provision(role, lead_time_s=0.0)
+                worker.created_s = now - lead_s  # ordered one lead time ago: paid from then
+            for _ in range(counts.ready - wanted):  # nothing starts: replicas serve when ordered
+                cluster.drain_one(role)
+            changed |= wanted != counts.current
+            total += wanted
         if now >= setup.warmup_s:
-            outcome.replicas.append((now, wanted))
-            outcome.scale_events += wanted != counts.current
-        if i + 1 < len(sizes):
+            outcome.replicas.append((now, total))
+            outcome.scale_events += changed
+        if i + 1 < num_windows:
             cluster.schedule((i + 1) * window_s, lambda: resize(i + 1))
 
     resize(0)

@@ -13,7 +13,7 @@ from bench.planner_day import DayStudyConfig, equal_sla_statics, simulation, ver
 from bench.planner_frontier import equal_sla_static
 from bench.planner_frontier import main as frontier_main
 from bench.replay_fluid import SimRequest
-from bench.replay_planner import WindowStats, run_hindsight
+from bench.replay_planner import WindowStats, run_hindsight, run_hindsight_roles
 from workflows.bench_cli import app as bench_app
 
 
@@ -150,3 +150,44 @@ def test_study_adds_static_pools_until_one_attains_lead_time_sla(tmp_path: Path)
     extra = equal_sla_statics(setup, config, results, 1, progress=lambda line: None)
     assert [r["policy"] for r in extra] == ["static-2"]  # two replicas serve every request
     assert extra[0]["sla_attainment"] == 1.0 and extra[0]["replicas"]["max"] == 2
+
+
+def test_hindsight_pools_per_role_serve_on_time(tmp_path: Path) -> None:
+    """Disaggregated hindsight: each role's window has its own size; the replica count is the
+    sum; every request is prefilled on a prefill worker and decoded on a decode worker."""
+    config = DayStudyConfig(trace=_trace(tmp_path / "trace.jsonl"), peak_speedup=8.0,
+                            duration_s=1200.0, warmup_s=600.0, lead_time_s=60.0,
+                            max_num_seqs=4, max_num_batched_tokens=512,
+                            kv_capacity_tokens=4096)  # fmt: skip
+    setup, _ = simulation(config)
+    sizes = {"prefill": [1, 1, 2, 1, 1, 1], "decode": [1, 2, 2, 1, 2, 2]}
+    outcome = run_hindsight_roles(setup, sizes, 300.0, "hindsight-pd")
+    assert outcome.replicas == [(600.0, 4), (900.0, 2), (1200.0, 3), (1500.0, 3)]
+    assert (4 + 2 + 3 + 3) * 300 + 60 <= outcome.gpu_s <= (4 + 2 + 3 + 3) * 300 + 60 + 3 * 30
+    assert outcome.rejected == 0 and outcome.ttft_s
+
+
+def test_equal_sla_static_keeps_disaggregated_pools_apart() -> None:
+    points = {
+        "static:9": {"sla_attainment": 0.99, "gpu_hours": 216.0},
+        "static:4+4": {"sla_attainment": 0.90, "gpu_hours": 192.0},
+        "static:5+5": {"sla_attainment": 0.98, "gpu_hours": 240.0},
+    }
+    same = equal_sla_static(points, 0.96, disagg=True)
+    assert same is not None and same["replicas"] == 10
+    assert abs(same["interpolated_replicas"] - 9.5) < 1e-9
+    assert equal_sla_static(points, 0.96)["replicas"] == 9  # the aggregated pools only
+
+
+def test_frontier_runs_disaggregated_points(tmp_path: Path, capsys) -> None:
+    trace, out = _trace(tmp_path / "trace.jsonl"), tmp_path / "frontier.json"
+    common = ["--trace", str(trace), "--duration-s", "1200", "--speedup", "8", "--out", str(out)]
+    frontier_main(
+        [*common, "--point", "static:1+1", "--point", "hindsight-pd:300:1.0",
+         "--point", "lead-time-pd:scaling.interval_s=30"]
+    )  # fmt: skip
+    points = json.loads(out.read_text())["points"]
+    assert len(points) == 3
+    assert all(p["requests"] == points["static:1+1"]["requests"] > 0 for p in points.values())
+    assert points["static:1+1"]["gpu_hours"] > 0 and points["static:1+1"]["replicas"]["max"] == 2
+    assert "static of equal SLA" in capsys.readouterr().out
