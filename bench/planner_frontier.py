@@ -19,6 +19,15 @@ lead time are ``bench/planner_day.py``'s (its defaults: 4x at the peak, lead tim
   ordered one lead time ahead (``replay_planner.run_hindsight``): no planner can do better at
   following the load, so its curve bounds what any can save.
 
+Disaggregated points (a prefill pool and a decode pool, ``bench/replay_fluid.py``'s routing and
+KV transfer; GPU-hours count both pools; compared with the disaggregated static pools only):
+
+* ``static:P+D``: P prefill and D decode replicas all day;
+* ``reactive-pd[:key=value,...]``, ``lead-time-pd[:key=value,...]``: the planner sizing both
+  roles (each with the study's SLA, lead time and bounds);
+* ``hindsight-pd:WINDOW_S:HEADROOM[:SQRT_HEADROOM]``: each role's windows sized with hindsight
+  by the capacity model's per-role capacity (``replay_planner.run_hindsight_roles``).
+
 Each point's figures are merged into ``--out`` (one process per point keeps runs short and the
 CPU lock released in between); the table covers every point in the file. For each point it
 gives the static pool of equal SLA: the smallest static pool in the file whose SLA is at least
@@ -131,14 +140,15 @@ def equal_sla_static(
     """The static pool of SLA ``sla``: the smallest simulated one at or above it, and the
     fractional size interpolated between the static points around it (GPU-hours scale with the
     size). None without a static point at or above ``sla``. ``disagg``: among the static
-    prefill + decode pools (``static:P+D``, size ``P + D``), else among the aggregated ones."""
+    prefill + decode pools (``static:P+D``, size ``P + D``; below ``sla``, a size's best split),
+    else among the aggregated ones."""
     statics = sorted(
         (
             (_static_size(name), p)
             for name, p in points.items()
             if name.startswith("static:") and ("+" in name) == disagg
         ),
-        key=lambda item: (item[0], item[1]["gpu_hours"]),
+        key=lambda item: (item[0], item[1]["sla_attainment"]),  # a size's best split last
     )
     above = [(n, p) for n, p in statics if p["sla_attainment"] >= sla]
     if not above:

@@ -171,6 +171,7 @@ def test_equal_sla_static_keeps_disaggregated_pools_apart() -> None:
     points = {
         "static:9": {"sla_attainment": 0.99, "gpu_hours": 216.0},
         "static:4+4": {"sla_attainment": 0.90, "gpu_hours": 192.0},
+        "static:3+5": {"sla_attainment": 0.60, "gpu_hours": 192.0},  # a worse split: ignored
         "static:5+5": {"sla_attainment": 0.98, "gpu_hours": 240.0},
     }
     same = equal_sla_static(points, 0.96, disagg=True)
