@@ -100,6 +100,7 @@ class KVTierManager:
         self._list_interval_s = list_interval_s
         self._lister: threading.Thread | None = None
         self.num_onboard_copies = 0  # copies launched by onboards (runs of blocks coalesce)
+        self._count_lock = threading.Lock()  # two onboard threads add to it
 
     def start(self) -> None:
         """Start listing shared stores (the first listing is posted right away)."""
@@ -228,7 +229,7 @@ class KVTierManager:
                 reasons[position] = reason
                 num_bytes_by_tier[tier] = num_bytes_by_tier.get(tier, 0) + num_bytes
             run.flush()
-            with self._stream_lock:
+            with self._count_lock:
                 self.num_onboard_copies += run.num_copies
             for position, reason in self._verify_all(to_verify, onboard.tiers):
                 reasons[position] = reason

@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton", reason="the triton package is not installed")
 
-from serving.engine.layers import triton_kernels
+from serving.engine.layers import triton_attention, triton_kernels
 from serving.engine.layers.attention import (
     PagedBatch,
     SeqSpan,
@@ -161,16 +161,16 @@ def test_split_keys_match_the_torch_backend(num_splits: int) -> None:
     meta, _ = make_attn_metadata(spans, block_size, num_blocks, DEVICE, "triton")
     assert meta.paged is not None and meta.paged.max_seq_len == 40
     out = torch.full_like(q, float("nan"))
-    triton_kernels.paged_attention(q, layer, out, meta.paged, head_dim**-0.5, num_splits)
+    triton_attention.paged_attention(q, layer, out, meta.paged, head_dim**-0.5, num_splits)
     assert _rel_err(out, ref) < 1e-5
 
 
 def test_keys_are_split_only_where_the_batch_leaves_the_gpu_idle() -> None:
-    assert triton_kernels.num_kv_splits(16, 16_384, 132) == 17  # a chunk on a long prefix
-    assert triton_kernels.num_kv_splits(8, 16_384, 132) == 32  # one decode: capped
-    assert triton_kernels.num_kv_splits(8, 1_000, 132) == 1  # too few keys to cut
-    assert triton_kernels.num_kv_splits(256, 16_384, 132) == 1  # the batch fills the GPU
-    assert triton_kernels.num_kv_splits(8, 0, 132) == 1  # length unknown (CUDA graph)
+    assert triton_attention.num_kv_splits(16, 16_384, 132) == 17  # a chunk on a long prefix
+    assert triton_attention.num_kv_splits(8, 16_384, 132) == 32  # one decode: capped
+    assert triton_attention.num_kv_splits(8, 1_000, 132) == 1  # too few keys to cut
+    assert triton_attention.num_kv_splits(256, 16_384, 132) == 1  # the batch fills the GPU
+    assert triton_attention.num_kv_splits(8, 0, 132) == 1  # length unknown (CUDA graph)
 
 
 def test_paged_attention_padding_rows_are_zero() -> None:
@@ -180,6 +180,6 @@ def test_paged_attention_padding_rows_are_zero() -> None:
     out = torch.full_like(q, float("nan"))
     ints = lambda xs: torch.tensor(xs, dtype=torch.int32, device=DEVICE)  # noqa: E731
     batch = PagedBatch(ints([[1, 2], [0, 0]]), ints([5, 0]), ints([0, 1]), ints([1, 1]), 1)
-    triton_kernels.paged_attention(q, layer, out, batch, 32**-0.5)
+    triton_attention.paged_attention(q, layer, out, batch, 32**-0.5)
     assert torch.equal(out[1], torch.zeros_like(out[1]))
     assert not torch.isnan(out[0]).any()

@@ -14,7 +14,7 @@ Two backends share one ``AttentionMetadata`` built once per step:
   layer views and the masks' additive form are built at the first layer and reused by the
   others (``StepRows``): per layer only the copies and SDPA run;
 * ``triton`` (CUDA): decodes and chunks with cached context in one launch of a kernel that reads
-  the blocks in place through the block table (``triton_kernels.paged_attention``), no gather,
+  the blocks in place through the block table (``triton_attention.paged_attention``), no gather,
   no mask; fresh prefill chunks (no cached context) in SDPA's causal flash kernel.
 
 Owns the per-step index tensors and the attention math; no weights.
@@ -322,11 +322,11 @@ def _triton_attention(
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    from serving.engine.layers import triton_kernels
+    from serving.engine.layers import triton_attention
 
     out = torch.empty_like(q)
     if meta.paged is not None:
-        triton_kernels.paged_attention(q, kv_cache, out, meta.paged, scale)
+        triton_attention.paged_attention(q, kv_cache, out, meta.paged, scale)
     for chunk in meta.prefills:
         if chunk.start_pos == 0:
             span = slice(chunk.token_start, chunk.token_start + chunk.num_tokens)

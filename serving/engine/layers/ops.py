@@ -1,8 +1,9 @@
 """The few fused steps of a decoder layer, in two implementations with one signature.
 
 ``TorchOps`` is plain PyTorch in Hugging Face's operation order (CPU, and the reference);
-``TritonOps`` runs the same steps as fused Triton kernels on CUDA (``triton_kernels``): one
-kernel each for residual add + RMSNorm, rotary + KV store, SiLU-and-mul.
+``TritonOps`` runs the same steps as fused Triton kernels on CUDA (``triton_kernels``; attention
+in ``triton_attention``): one kernel each for residual add + RMSNorm, rotary + KV store,
+SiLU-and-mul.
 """
 
 from __future__ import annotations
