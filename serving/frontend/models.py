@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 
 from serving.frontend.router import Router
+from serving.frontend.worker_client import WORKER_KEEPALIVE_S
 from serving.frontend.workers import (
     DEFAULT_VERSION,
     Worker,
@@ -220,7 +221,8 @@ class ModelSet:
 
 def make_http_client() -> httpx.AsyncClient:
     """The frontend's one client to its workers (no read timeout: streams last long)."""
-    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
+    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200,
+                          keepalive_expiry=WORKER_KEEPALIVE_S)  # fmt: skip
     return httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0), limits=limits)
 
 

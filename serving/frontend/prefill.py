@@ -77,11 +77,8 @@ async def remote_prefill(
     payload.pop("stream_options", None)
     started_s = time.monotonic()
     try:
-        response = await state.http.post(
-            f"{worker.url}/v1/completions",
-            json=payload,
-            headers={"x-request-id": f"{job.request_id}-prefill"},
-        )
+        response = await _post(state.http, f"{worker.url}/v1/completions", payload,
+                               {"x-request-id": f"{job.request_id}-prefill"})  # fmt: skip
         if response.status_code >= 500:
             pool.mark_failed(worker.worker_id, f"prefill HTTP {response.status_code}")
             return None
@@ -105,3 +102,14 @@ async def remote_prefill(
         )
         return None
     return params
+
+
+async def _post(
+    http: httpx.AsyncClient, url: str, payload: dict[str, Any], headers: dict[str, str]
+) -> httpx.Response:
+    """POST, once more on a new connection when a pooled one was closed under the request
+    before any answer (the worker's idle close raced this process; see ``WorkerClient``)."""
+    try:
+        return await http.post(url, json=payload, headers=headers)
+    except httpx.RemoteProtocolError:
+        return await http.post(url, json=payload, headers=headers)
