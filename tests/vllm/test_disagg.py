@@ -64,15 +64,17 @@ def vllm_pd(
 ) -> Iterator[dict[str, str]]:
     """``strata serve --engine vllm --prefill 1 --decode 1``, every prompt remote."""
     worker_args = [f"--worker-arg={arg}" for arg in VLLM_TEST_ARGS]
+    tmp = tmp_path_factory.mktemp("vllm-pd")
     proc, url = start_strata_serve(
-        smollm2_dir, tmp_path_factory.mktemp("vllm-pd"), "--engine", "vllm",
+        smollm2_dir, tmp, "--engine", "vllm",
         "--prefill", "1", "--decode", "1", "--router", "kv", "--max-local-prefill-tokens", "0",
         *worker_args,
     )  # fmt: skip
     try:
         listed = httpx.get(f"{url}/admin/workers", timeout=10).json()["workers"]
         roles = {w["role"]: w["url"] for w in listed}
-        yield {"url": url, "prefill": roles["prefill"], "decode": roles["decode"]}
+        yield {"url": url, "prefill": roles["prefill"], "decode": roles["decode"],
+               "log": str(tmp / "serve.log")}  # fmt: skip
     finally:
         stop_strata_serve(proc)
 
@@ -102,6 +104,9 @@ def test_vllm_prefill_and_decode_workers_match_one_aggregated_worker(
         "remote_prefill_s", round(metric(frontend, "strata_frontend_remote_prefill_seconds_sum"), 1)
     )
     assert remote == metric(frontend, "strata_router_disagg_decisions_total") == len(requests)
+    # A stream that failed over (a migration) would reach the prefill worker as a whole request.
+    migrations = metric(frontend, "strata_frontend_migrations_total")
+    assert migrations == 0, f"{migrations} streams migrated; see {vllm_pd['log']}"
     assert grew("prefill", "vllm:request_success_total") == len(requests)  # the prefill requests
     assert grew("decode", "vllm:request_success_total") == len(requests)
     assert transfers == len(requests)  # every prompt's KV pulled over NIXL

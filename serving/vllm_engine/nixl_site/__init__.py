@@ -1,0 +1,5 @@
+"""A ``sitecustomize`` for the vLLM processes ``strata serve`` starts with a NIXL connector.
+
+The directory goes first on their ``PYTHONPATH`` (``launcher.vllm_env``); see
+``sitecustomize.py``. Nothing here imports Strata: vLLM runs in a virtual environment of its own.
+"""
