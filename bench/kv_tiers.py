@@ -43,6 +43,7 @@ from serving.engine.model_runner import ModelRunner
 from serving.engine.request import Request, SamplingParams
 from serving.engine.scheduler import SchedulerConfig
 from serving.kvcache.build import model_identity
+from serving.kvcache.copy_run import DEFAULT_MAX_RUN_BYTES
 from serving.kvcache.disk import DiskTier
 from serving.kvcache.host import HostTier
 from serving.kvcache.manager import KVTierManager, Listed, OnboardDone, StoreDone
@@ -68,7 +69,15 @@ LLAMA3_8B_CONFIG: dict[str, Any] = {
 class Driver:
     """Steps one engine synchronously with one tier behind it; the manager's threads copy."""
 
-    def __init__(self, core: EngineCore, store: KVTier, *, on_cuda: bool, verify: bool) -> None:
+    def __init__(
+        self,
+        core: EngineCore,
+        store: KVTier,
+        *,
+        on_cuda: bool,
+        verify: bool,
+        max_copy_run_bytes: int = DEFAULT_MAX_RUN_BYTES,
+    ) -> None:
         self.core = core
         for block_hash in list(store.list_hashes()):  # a new stack starts from an empty tier
             store.delete(block_hash)
@@ -95,6 +104,7 @@ class Driver:
             post=self.inbox.put,
             list_interval_s=3600,
             num_read_threads=min(16, os.cpu_count() or 4),
+            max_copy_run_bytes=max_copy_run_bytes,
         )
         if not verify:
             self.manager.verify_checksums = False
@@ -218,7 +228,8 @@ def measure_tier(core: EngineCore, store: KVTier, args: argparse.Namespace, seed
         "g1_hit_s": [],
     }
     for verify in (True, False) if args.no_verify else (True,):
-        driver = Driver(core, store, on_cuda=on_cuda, verify=verify)
+        driver = Driver(core, store, on_cuda=on_cuda, verify=verify,
+                        max_copy_run_bytes=args.copy_run_mib << 20)  # fmt: skip
         try:
             for r in range(args.repeats + 1):  # the first round warms up (kernels, threads)
                 prefix = [rng.randrange(10, vocab) for _ in range(args.prefix_tokens)]
@@ -248,6 +259,8 @@ def measure_tier(core: EngineCore, store: KVTier, args: argparse.Namespace, seed
                 else:
                     rows.setdefault("onboard_no_verify_s", []).append(onboard_s)
             num_blocks = args.prefix_tokens // core.limits.block_size
+            if verify:  # copies launched per onboard: runs of consecutive blocks coalesce
+                copies_per_onboard = driver.manager.num_onboard_copies / (args.repeats + 1)
             driver.stack.cost.check = True
             decision = driver.stack.cost.decide([store.name] * num_blocks)
         finally:
@@ -257,6 +270,8 @@ def measure_tier(core: EngineCore, store: KVTier, args: argparse.Namespace, seed
         rows["one_pinned_copy_s"] = pinned_copy_s(prefix_bytes, torch.device(args.device))
     out: dict[str, Any] = {k: statistics.median(v) for k, v in rows.items() if v}
     out["samples"] = rows
+    out["copies_per_onboard"] = copies_per_onboard
+    out["copy_run_mib"] = args.copy_run_mib
     out["ratio_onboard_to_recompute"] = out["onboard_s"] / out["recompute_s"]
     out["cost_check"] = {
         "choice": "onboard" if decision.onboard else "recompute",
@@ -387,7 +402,10 @@ def machine() -> dict[str, Any]:
 
 def report(payload: dict) -> None:
     config = payload["config"]
-    print(f"\nprefix {config['prefix_tokens']} tokens, device {config['device']}")
+    print(
+        f"\nprefix {config['prefix_tokens']} tokens, device {config['device']}, onboard copies "
+        f"of up to {config['copy_run_mib']} MiB (0: one per block)"
+    )
     print(
         "| tier | TTFT recompute ms | TTFT onboard ms | onboard / recompute | copy ms "
         "| after copy ms | TTFT G1 hit ms | cost check (est onboard / recompute ms) |"
@@ -401,6 +419,7 @@ def report(payload: dict) -> None:
             f"{r['after_onboard_s'] * 1e3:.1f} | {r['g1_hit_s'] * 1e3:.1f} | "
             f"{c['choice']} ({c['est_onboard_s'] * 1e3:.1f} / {c['est_recompute_s'] * 1e3:.1f}) |"
         )
+        print(f"|   copies per onboard: {r['copies_per_onboard']:.0f} | | | | | | | |")
         if "onboard_no_verify_s" in r:
             print(
                 f"|   {tier} without checksums | | {r['onboard_no_verify_s'] * 1e3:.1f} | | | | | |"
@@ -422,6 +441,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-verify", action="store_true", help="Also onboard without checksums.")
     p.add_argument(
         "--warm-disk", action="store_true", help="G3: read from the page cache (not evicted)."
+    )
+    p.add_argument(
+        "--copy-run-mib",
+        type=int,
+        default=DEFAULT_MAX_RUN_BYTES >> 20,
+        help="Largest run of consecutive blocks onboarded as one copy (0: a copy per block).",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from serving.engine.kv_offload import KVOnboard
-from serving.kvcache.copy_run import CopyRun
+from serving.kvcache.copy_run import DEFAULT_MAX_RUN_BYTES, CopyRun
 from serving.kvcache.header import (
     BlockHeader,
     BlockRejected,
@@ -80,6 +80,7 @@ class KVTierManager:
         post: Callable[[TierMessage], None] | None = None,
         list_interval_s: float = 5.0,
         num_read_threads: int = 8,
+        max_copy_run_bytes: int = DEFAULT_MAX_RUN_BYTES,
     ) -> None:
         self.stores = {store.name: store for store in stores}
         self.block_view = block_view
@@ -100,6 +101,8 @@ class KVTierManager:
         self._list_interval_s = list_interval_s
         self._lister: threading.Thread | None = None
         self.num_onboard_copies = 0  # copies launched by onboards (runs of blocks coalesce)
+        # The largest run of consecutive blocks copied as one (0: a copy per block).
+        self.max_copy_run_bytes = max_copy_run_bytes
         self._count_lock = threading.Lock()  # two onboard threads add to it
 
     def start(self) -> None:
@@ -213,7 +216,7 @@ class KVTierManager:
         reasons: list[str | None] = [None] * len(plan)
         num_bytes_by_tier: dict[str, int] = {}
         to_verify: list[tuple[int, BlockHeader, torch.Tensor]] = []
-        run = CopyRun()
+        run = CopyRun(self.max_copy_run_bytes)
         with self._copy_context(onboard):
             for position, ((block_hash, tier, block_id), read) in enumerate(
                 zip(plan, reads, strict=True)
