@@ -37,13 +37,16 @@ from tests.vllm.fixtures import (
     VLLMWorker,
     token_ids,
 )
-from tests.worker.conftest import labelled, metric, scrape, wait_until
+from tests.worker.conftest import metric, scrape, wait_until
 
 # The first test to use the session pool also pays for its start (minutes on two cores).
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(POOL_TIMEOUT_S)]
 
 BLOCK_SIZE = 32
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+# Long enough that the streams are still running when the test sees them and kills the worker.
+# (vLLM streams ~100 tokens/s per stream here: 96 tokens were over in about a second.)
+MIGRATION_MAX_TOKENS = 400
 RecordProperty = Callable[[str, object], None]
 
 
@@ -158,11 +161,15 @@ def test_router_index_equals_vllms_blocks_after_evictions(
     rng = random.Random(15)
     prefixes = [[rng.randrange(1000, 40000) for _ in range(rng.randrange(4, 8) * BLOCK_SIZE)]
                 for _ in range(4)]  # fmt: skip
-    # 20 requests of 4-7 shared and 2-8 unique blocks (~120 blocks) through 2 x 40: evictions.
+    # 20 requests of 4-7 shared and 2-8 unique blocks (~120 blocks) into 2 x 40: evictions on
+    # both. Each prefix goes to one worker directly: the index is built from the events whoever
+    # sends the requests, and through the router a fresh pool could send every new prefix to the
+    # same idle worker, leaving the other without events (seen running this file alone).
     for _ in range(20):
-        prefix = rng.choice(prefixes)
+        which = rng.randrange(len(prefixes))
         suffix = [rng.randrange(1000, 40000) for _ in range(rng.randrange(64, 256))]
-        _complete(vllm_pool.url, prefix + suffix)
+        worker = vllm_pool.workers[which % len(vllm_pool.workers)]
+        _complete(worker.url, prefixes[which] + suffix)
 
     references: dict[str, set[int]] = {}
     num_removed = 0
@@ -229,11 +236,15 @@ def test_sigkilled_vllm_worker_streams_migrate_and_complete(
     vllm_pool: VLLMPool, record_property: RecordProperty
 ) -> None:
     victim = vllm_pool.workers[1]
-    prompts = [[{"role": "user", "content": f"Count from {i} to {i + 40}, one number a line."}]
+    listed = httpx.get(f"{vllm_pool.url}/admin/workers", timeout=10).json()["workers"]
+    states = {w["worker_id"]: (w["healthy"], w["draining"]) for w in listed}
+    assert states.get(victim.worker_id) == (True, False), f"pool before the kill: {states}"
+    prompts = [[{"role": "user", "content": f"Count from {i} to {i + 300}, one number a line."}]
                for i in range(4)]  # fmt: skip
     expected = []
     for messages in prompts:  # vLLM alone; it also caches the prompts on the victim
-        body = {"model": MODEL, "messages": messages, "temperature": 0, "max_tokens": 48}
+        body = {"model": MODEL, "messages": messages, "temperature": 0,
+                "max_tokens": MIGRATION_MAX_TOKENS}  # fmt: skip
         answer = httpx.post(f"{victim.url}/v1/chat/completions", json=body, timeout=600)
         expected.append(answer.json()["choices"][0]["message"]["content"])
     client = openai.OpenAI(base_url=vllm_pool.base_url, api_key="x", max_retries=0)
@@ -243,7 +254,11 @@ def test_sigkilled_vllm_worker_streams_migrate_and_complete(
     def stream(i: int) -> None:
         try:
             chunks = client.chat.completions.create(
-                model=MODEL, messages=prompts[i], temperature=0, max_tokens=48, stream=True
+                model=MODEL,
+                messages=prompts[i],
+                temperature=0,
+                max_tokens=MIGRATION_MAX_TOKENS,
+                stream=True,
             )
             for chunk in chunks:
                 if chunk.choices:
@@ -257,8 +272,11 @@ def test_sigkilled_vllm_worker_streams_migrate_and_complete(
     frontend = vllm_pool.url
 
     def victim_streaming() -> bool:
-        active = labelled(scrape(frontend), "strata_router_worker_active_requests",
-                          worker=victim.worker_id)  # fmt: skip
+        if not any(thread.is_alive() for thread in threads):  # too late to kill mid-stream
+            raise AssertionError(f"every stream ended before the victim was seen streaming: "
+                                 f"{[len(t) for t in texts]} chunks, errors {errors}")  # fmt: skip
+        listed = httpx.get(f"{frontend}/admin/workers", timeout=10).json()["workers"]
+        active = next(w["active_requests"] for w in listed if w["worker_id"] == victim.worker_id)
         return active >= 1 and all(len(t) >= 3 for t in texts)
 
     wait_until(victim_streaming, "streams running on the victim", timeout_s=300)
@@ -269,5 +287,6 @@ def test_sigkilled_vllm_worker_streams_migrate_and_complete(
     assert ["".join(t) for t in texts] == expected
     migrations = metric(scrape(frontend), "strata_frontend_migrations_total")
     record_property("streams", len(prompts))
+    record_property("stream_chunks", [len(t) for t in texts])
     record_property("migrations", migrations)
     assert migrations >= 1
