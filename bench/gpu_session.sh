@@ -4,6 +4,7 @@
 #   bash bench/gpu_session.sh engine     # CUDA kernel/model tests, bench.engine (Llama-3-8B shape)
 #   bash bench/gpu_session.sh transfer   # bench.transfer on one GPU, online strata serve run
 #   bash bench/gpu_session.sh equality   # SmolLM2 greedy equality (graphs on/off), disagg on 1 GPU
+#   bash bench/gpu_session.sh tiers      # issue 16: 16k-token prefix onboarded from pinned memory
 #
 # The device machine has torch + Triton but not this project's wheels, and only 64 MiB travel a
 # call: the wheels (.whl, see the device README) and the SmolLM2 GGUF in three parts (.dev/g1..g3,
@@ -66,8 +67,18 @@ case "${1:-}" in
       --num-blocks 4096 --gpu-memory-utilization 0.45 --log-dir "$OUT" \
       --out "$OUT/disagg-gpu-1xh200.json"
     ;;
+  tiers)
+    # Issue 16, acceptance 7: onboarding a 16,384-token prefix from pinned host memory; the two
+    # copy paths (a copy per 2 MiB block, runs of up to 64 MiB) in one session, same machine.
+    step tier-kernels 90 python3 -m pytest -q -x -p no:cacheprovider tests/engine/test_triton_kernels.py
+    for mib in 0 64; do
+      step "tiers-run$mib" 150 python3 -m bench.kv_tiers --device cuda --random-llama3-8b \
+        --prefix-tokens 16384 --tiers G2 --repeats 5 --no-verify --max-num-batched-tokens 16448 \
+        --copy-run-mib "$mib" --out "$OUT/kv-tiers-cuda-run$mib.json"
+    done
+    ;;
   *)
-    echo "usage: $0 engine|transfer|equality" >&2
+    echo "usage: $0 engine|transfer|equality|tiers" >&2
     exit 2
     ;;
 esac
