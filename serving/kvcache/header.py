@@ -79,14 +79,26 @@ class ModelIdentity:
     block_size: int
 
     def text(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
+        return _identity_text(self)
 
     def digest(self) -> bytes:
-        return hashlib.sha256(self.text()).digest()[:16]
+        return _identity_digest(self)
 
     @classmethod
     def from_text(cls, text: bytes) -> ModelIdentity:
         return _identity_from_text(text)
+
+
+# Every block of a model carries the same identity: its text and digest are computed once (an
+# onboard decodes and checks a header per block, 1,024 for a 16k-token prefix).
+@functools.lru_cache(maxsize=64)
+def _identity_text(identity: ModelIdentity) -> bytes:
+    return json.dumps(asdict(identity), sort_keys=True, separators=(",", ":")).encode()
+
+
+@functools.lru_cache(maxsize=64)
+def _identity_digest(identity: ModelIdentity) -> bytes:
+    return hashlib.sha256(_identity_text(identity)).digest()[:16]
 
 
 @functools.lru_cache(maxsize=64)
