@@ -167,7 +167,9 @@ def compare(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Replay the trace with the kv router on G1 alone, + G2 per worker, + a shared G4 (at each
     ``--s3-gbps``): hit rate, TTFT and the tiers' work, with ratios to G1 alone, one process.
 
-        python -m bench.replay_tiers --trace ../shared/traces/conversation_trace.jsonl
+        python -m bench.replay_tiers --trace conversation_trace.jsonl
+
+    (Mooncake's conversation trace: kvcache-ai/Mooncake, ``FAST25-release/traces/``.)
     """
     from bench.replay import ReplayConfig, run_offline
 
