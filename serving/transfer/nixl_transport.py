@@ -26,6 +26,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from serving.nixl_site.sitecustomize import (
+    DEFAULT_DELAY_US,
+    can_set_progress_delay,
+    construct_with_progress_delay,
+)
 from serving.transfer.base import KVTransport, PeerMetadata, TransportError, check_pool
 from serving.transfer.layout import BlockLayout
 from serving.transfer.wire import FrameServer, connect, recv_msg, send_msg
@@ -62,7 +67,7 @@ class NixlTransport(KVTransport):
         *,
         backend: str = "UCX",
         timeout_s: float = 30.0,
-        progress_delay_us: int = 100,
+        progress_delay_us: int = DEFAULT_DELAY_US,
         cuda_ipc_reads: bool = True,
     ) -> None:
         self.name = name or f"strata-nixl-{uuid.uuid4().hex[:12]}"
@@ -301,33 +306,20 @@ def _make_agent(name: str, backend: str, progress_delay_us: int) -> Any:
 
     NIXL's Python wrapper (1.5.1) hard-codes ``pthrDelay = 0``: the UCX progress thread then
     busy-polls one core for as long as the agent lives (100% of a core per idle worker, measured).
-    The wrapper builds its ``nixlAgentConfig`` from the bindings module, so a subclass that
-    replaces the ``pthrDelay`` it sets is swapped in for the duration of the constructor. The
-    thread itself stays: without it a peer's READ of our pool never completes unless we poll.
+    ``construct_with_progress_delay`` (the same helper vLLM workers get through ``nixl_site``)
+    passes the delay instead. The thread itself stays: without it a peer's READ of our pool never
+    completes unless we poll.
     """
     import nixl._api as nixl_api
 
     config = nixl_api.nixl_agent_config(backends=[backend])
-    bindings = getattr(nixl_api, "nixlBind", None)
-    base = getattr(bindings, "nixlAgentConfig", None)
-    if base is None or progress_delay_us <= 0:
-        if progress_delay_us > 0:
-            logger.warning("NIXL: cannot set the progress delay; its thread busy-polls a core")
+    if progress_delay_us <= 0:
         return nixl_api.nixl_agent(name, config)
-
-    class _DelayedProgressConfig(base):
-        def __setattr__(self, key: str, value: Any) -> None:
-            super().__setattr__(key, progress_delay_us if key == "pthrDelay" else value)
-
-    with _AGENT_CONFIG_LOCK:
-        bindings.nixlAgentConfig = _DelayedProgressConfig
-        try:
-            return nixl_api.nixl_agent(name, config)
-        finally:
-            bindings.nixlAgentConfig = base
-
-
-_AGENT_CONFIG_LOCK = threading.Lock()
+    if not can_set_progress_delay(nixl_api):
+        logger.warning("NIXL: cannot set the progress delay; its thread busy-polls a core")
+    return construct_with_progress_delay(
+        nixl_api, progress_delay_us, lambda: nixl_api.nixl_agent(name, config)
+    )
 
 
 def _descriptors(base_addr: int, layout: BlockLayout, device_id: int) -> np.ndarray:

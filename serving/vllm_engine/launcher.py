@@ -23,14 +23,12 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from serving.vllm_engine.nixl_site.sitecustomize import DELAY_ENV
+from serving.nixl_site import sitecustomize as nixl_site
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VENV_NAME = ".venv-vllm"
-# The ``sitecustomize`` that sets NIXL's progress-thread delay in vLLM's processes, and the delay
-# (Strata's own NIXL transport uses the same).
-NIXL_SITE_DIR = Path(__file__).resolve().parent / "nixl_site"
-DEFAULT_NIXL_PROGRESS_DELAY_US = 100
+# The ``sitecustomize`` that sets NIXL's progress-thread delay in vLLM's processes.
+NIXL_SITE_DIR = Path(nixl_site.__file__).resolve().parent
 PYTHON_ENV = "STRATA_VLLM_PYTHON"
 API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 # vLLM's CPU attention needs a multiple of 32 tokens per block.
@@ -172,10 +170,10 @@ def vllm_env(
     if nixl_side_channel_port is not None:
         env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = env.get("VLLM_NIXL_SIDE_CHANNEL_HOST", "127.0.0.1")
         env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(nixl_side_channel_port)
-        # NIXL's progress thread polls with a pause, not a core per worker (nixl_site/).
+        # NIXL's progress thread polls with a pause, not a core per worker (serving/nixl_site).
         paths = [str(NIXL_SITE_DIR), env.get("PYTHONPATH", "")]
         env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
-        env.setdefault(DELAY_ENV, str(DEFAULT_NIXL_PROGRESS_DELAY_US))
+        env.setdefault(nixl_site.DELAY_ENV, str(nixl_site.DEFAULT_DELAY_US))
     # vLLM's usage statistics would try to reach the internet.
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
     env.setdefault("DO_NOT_TRACK", "1")

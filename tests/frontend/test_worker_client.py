@@ -7,8 +7,8 @@ frontend sends such a request once more on a new connection, instead of failing 
 prefill worker: the CI failure that led to this). A worker that drops every request still fails.
 
 The server here is a raw asyncio HTTP/1.1 server: on each connection it answers the first
-request (keep-alive) and, with ``drop_reused``, closes the connection when a second request
-comes on it, without reading or answering it: the race, made deterministic.
+request (keep-alive) and closes the connection when a second request comes on it, without
+reading or answering it: the race, made deterministic (``drop_all``: every request).
 """
 
 from __future__ import annotations
@@ -31,8 +31,7 @@ BODY = json.dumps({"ok": True}).encode()
 class ClosingServer:
     """Counts what it answered and what it dropped."""
 
-    def __init__(self, drop_reused: bool = True, drop_all: bool = False) -> None:
-        self.drop_reused = drop_reused
+    def __init__(self, drop_all: bool = False) -> None:
         self.drop_all = drop_all
         self.num_answered = 0
         self.num_dropped = 0
@@ -44,7 +43,7 @@ class ClosingServer:
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
-                if self.drop_all or (self.drop_reused and served_here):
+                if self.drop_all or served_here:
                     self.num_dropped += 1
                     return  # closed under the request, nothing answered
                 length = _content_length(head)

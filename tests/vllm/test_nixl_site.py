@@ -1,4 +1,4 @@
-"""The start-up hook of vLLM processes with a NIXL connector (``serving/vllm_engine/nixl_site``).
+"""The start-up hook of vLLM processes with a NIXL connector (``serving/nixl_site``).
 
 NIXL's Python wrapper builds every agent with ``pthrDelay = 0`` and its UCX progress thread then
 takes a whole core per idle vLLM worker; the hook makes the wrapper pass Strata's delay instead.
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from serving.nixl_site.sitecustomize import DELAY_ENV
 from serving.vllm_engine.launcher import NIXL_SITE_DIR, vllm_env
-from serving.vllm_engine.nixl_site.sitecustomize import DELAY_ENV
 
 pytest.importorskip("nixl._api", reason="NIXL is not installed (make install brings nixl)")
 
@@ -79,3 +79,24 @@ def test_vllm_workers_with_a_nixl_connector_get_the_hook() -> None:
     assert vllm_env({DELAY_ENV: "7"}, nixl_side_channel_port=5600)[DELAY_ENV] == "7"
     aggregated = vllm_env({}, num_cpus=8)  # no connector: nothing to hook
     assert "PYTHONPATH" not in aggregated and DELAY_ENV not in aggregated
+
+
+def test_strata_transport_agents_get_the_delay_through_the_same_helper(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import nixl._api as api
+
+    from serving.transfer.nixl_transport import _make_agent
+
+    seen: list[int] = []
+    native = api.nixlBind.nixlAgent
+
+    def recording(name: str, config: object) -> object:
+        seen.append(config.pthrDelay)  # type: ignore[attr-defined]
+        return native(name, config)
+
+    monkeypatch.setattr(api.nixlBind, "nixlAgent", recording)
+    _make_agent("probe-delay", "UCX", 100)
+    _make_agent("probe-no-delay", "UCX", 0)
+    assert seen == [100, 0]
+    assert api.nixlBind.nixlAgentConfig.__name__ == "nixlAgentConfig"  # swapped back

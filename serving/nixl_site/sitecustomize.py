@@ -10,7 +10,8 @@ Python imports ``sitecustomize`` at start-up from the first ``sys.path`` entry t
 vLLM's engine and worker processes inherit the environment, so each of them runs this module.
 It watches for NIXL's API module (``nixl_cu12._api``, ``nixl_cu13._api``, ...) and, once it is
 loaded, makes ``nixl_agent`` build its native config with ``pthrDelay`` set to
-``STRATA_NIXL_PROGRESS_DELAY_US`` (the delay Strata's own NIXL transport uses, 100 us by default).
+``STRATA_NIXL_PROGRESS_DELAY_US`` (100 us by default). Strata's own NIXL transport builds its
+agents through ``construct_with_progress_delay`` here, so there is one way to do it.
 The thread stays: without it a peer's READ of this process's KV blocks waits for a local poll.
 
 Standard library only (vLLM's environment does not have Strata). Another ``sitecustomize`` later
@@ -19,48 +20,73 @@ on ``sys.path`` is run after this one, so nothing the environment had is lost.
 
 from __future__ import annotations
 
+import functools
 import importlib.abc
 import importlib.util
 import os
 import re
 import sys
 import threading
+from collections.abc import Callable
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 DELAY_ENV = "STRATA_NIXL_PROGRESS_DELAY_US"
+DEFAULT_DELAY_US = 100  # Strata's own NIXL transport (serving/transfer/nixl_transport.py) too
 _API_MODULE = re.compile(r"^nixl(_[a-z0-9]+)?\._api$")
-_LOCK = threading.Lock()
+_LOCK = threading.RLock()
 
 
 def progress_delay_us() -> int:
     try:
-        return max(0, int(os.environ.get(DELAY_ENV, "100")))
+        return max(0, int(os.environ.get(DELAY_ENV, str(DEFAULT_DELAY_US))))
     except ValueError:
-        return 100
+        return DEFAULT_DELAY_US
 
 
-def patch_api(api: ModuleType, delay_us: int) -> bool:
-    """Make ``api.nixl_agent`` build its native config with ``pthrDelay = delay_us``."""
+def can_set_progress_delay(api: ModuleType) -> bool:
+    """Whether ``api`` (``nixl._api``) builds its native config from a class this can swap."""
+    return getattr(getattr(api, "nixlBind", None), "nixlAgentConfig", None) is not None
+
+
+def construct_with_progress_delay(api: ModuleType, delay_us: int, construct: Callable[[], T]) -> T:
+    """``construct()`` (which builds a ``nixl_agent``) with ``pthrDelay = delay_us`` reaching
+    the native agent: the wrapper builds its ``nixlAgentConfig`` from the bindings module, so a
+    subclass that replaces the ``pthrDelay`` it sets is swapped in while ``construct`` runs."""
     bindings = getattr(api, "nixlBind", None)
     base = getattr(bindings, "nixlAgentConfig", None)
-    agent = getattr(api, "nixl_agent", None)
-    if base is None or agent is None or getattr(agent, "_strata_delay_us", None) is not None:
-        return False
+    if base is None:
+        return construct()
+    with _LOCK:  # the swap is visible to every thread while the constructor runs
+        bindings.nixlAgentConfig = _delayed_config(base, delay_us)
+        try:
+            return construct()
+        finally:
+            bindings.nixlAgentConfig = base
 
+
+@functools.lru_cache(maxsize=8)
+def _delayed_config(base: type, delay_us: int) -> type:
     class _DelayedProgressConfig(base):  # type: ignore[misc, valid-type]
         def __setattr__(self, key: str, value: Any) -> None:
             super().__setattr__(key, delay_us if key == "pthrDelay" else value)
 
+    return _DelayedProgressConfig
+
+
+def patch_api(api: ModuleType, delay_us: int) -> bool:
+    """Make every ``api.nixl_agent`` built from now on get ``pthrDelay = delay_us``."""
+    agent = getattr(api, "nixl_agent", None)
+    if not can_set_progress_delay(api) or agent is None:
+        return False
+    if getattr(agent, "_strata_delay_us", None) is not None:
+        return False
     original_init = agent.__init__
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        with _LOCK:  # the swap is visible to every thread while the constructor runs
-            bindings.nixlAgentConfig = _DelayedProgressConfig
-            try:
-                original_init(self, *args, **kwargs)
-            finally:
-                bindings.nixlAgentConfig = base
+        construct_with_progress_delay(api, delay_us, lambda: original_init(self, *args, **kwargs))
 
     agent.__init__ = __init__
     agent._strata_delay_us = delay_us
