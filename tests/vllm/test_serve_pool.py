@@ -277,7 +277,10 @@ def test_sigkilled_vllm_worker_streams_migrate_and_complete(
                                  f"{[len(t) for t in texts]} chunks, errors {errors}")  # fmt: skip
         listed = httpx.get(f"{frontend}/admin/workers", timeout=10).json()["workers"]
         active = next(w["active_requests"] for w in listed if w["worker_id"] == victim.worker_id)
-        return active >= 1 and all(len(t) >= 3 for t in texts)
+        # Kill as soon as the victim streams anything: the frontend relays a worker's tokens
+        # a network read at a time, so a whole answer can come in 2-3 chunks (seen in a full
+        # run) and a wait for several chunks per stream can outlast every stream.
+        return active >= 1
 
     wait_until(victim_streaming, "streams running on the victim", timeout_s=300)
     os.killpg(victim.pid(), signal.SIGKILL)  # the API server and its engine core, like a pod
