@@ -14,7 +14,6 @@ frontend first (draining), then the workers.
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import logging
 import os
@@ -52,6 +51,7 @@ from serving.router.policies import (
     KVCostConfig,
     PolicyName,
 )
+from serving.startup import freeze_startup_heap
 from serving.vllm_engine import launcher as vllm_launcher
 from serving.vllm_engine.discovery import pool_block_size
 
@@ -405,17 +405,6 @@ def reuse_port_socket(host: str, port: int) -> socket.socket:
 
 def _stop_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
-
-
-def freeze_startup_heap() -> None:
-    """Move every object alive after start-up (the modules, torch, transformers, the tokenizers:
-    ~360k objects) out of the cyclic GC's reach, as vLLM (``freeze_gc_heap``) and SGLang
-    (``freeze_gc``) do. A full collection over that heap holds the GIL for 200-370 ms; while it
-    runs every stream in flight waits (seen under aiperf's light load as a TTFT cluster of all 16
-    requests). After the freeze a full collection walks only what requests left behind (~2 ms).
-    Objects frozen here stay freed by reference counting; only cycles among them are kept."""
-    gc.collect()
-    gc.freeze()
 
 
 def run_serve(config: ServeConfig) -> None:

@@ -11,6 +11,7 @@ from serving.engine.output_processor import OutputProcessor
 from serving.kvcache.build import build_tiers
 from serving.kvcache.loop import TierLoop
 from serving.kvcache.metrics import TierMetrics
+from serving.startup import freeze_startup_heap
 from serving.worker.app import create_app
 from serving.worker.config import WorkerConfig
 from serving.worker.efa import check_efa
@@ -139,6 +140,7 @@ class DrainingServer(uvicorn.Server):
 def run_worker(config: WorkerConfig) -> None:
     state = build_state(config)
     app = create_app(state)
+    freeze_startup_heap()  # the model and the engine are built: long-lived from here on
     uv_config = uvicorn.Config(
         app,
         host=config.host,
