@@ -51,6 +51,9 @@ class KVPool:
         self.block_size = block_size
         # Layer i: [num_blocks, 2, block_size, kv_heads, head_dim], block stride = one block.
         self.layers: list[torch.Tensor] = list(self.tensor.unbind(1))
+        # [num_blocks, block_bytes] uint8 over the same memory: a block's bytes in one index
+        # (an onboard asks for 1,024 of them in a row).
+        self._block_bytes = self.tensor.view(num_blocks, -1).view(torch.uint8)
 
     @property
     def block_shape(self) -> tuple[int, ...]:
@@ -76,8 +79,9 @@ class KVPool:
         return self._check(block_id) * self.block_bytes, self.block_bytes
 
     def block_bytes_view(self, block_id: int) -> torch.Tensor:
-        """The block's bytes in place, as a 1-D ``uint8`` view (for copies to host/disk/S3)."""
-        return self.block(block_id).reshape(-1).view(torch.uint8)
+        """The block's bytes in place, as a 1-D ``uint8`` view (for copies to host/disk/S3).
+        Consecutive ids are consecutive bytes of one storage (block-major)."""
+        return self._block_bytes[self._check(block_id)]
 
     def read_blocks(self, block_ids: Sequence[int]) -> torch.Tensor:
         """A contiguous copy ``[len(block_ids), num_layers, 2, block_size, kv_heads, head_dim]``."""
