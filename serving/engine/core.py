@@ -159,9 +159,15 @@ class EngineCore:
         pool.touch(pool.blocks[block_id] for block_id in held)
         return self.tiers.take_jobs()
 
-    def finish_kv_onboard(self, onboard: KVOnboard, result: Any) -> bool:
+    def finish_kv_onboard(self, onboard: KVOnboard, result: Any, in_flight: Any = None) -> bool:
         """An onboard from ``step().kv_onboards`` ended (``serving.kvcache.stack.OnboardResult``):
-        its loaded blocks count as computed, failed ones are dropped from their tier."""
+        its loaded blocks count as computed, failed ones are dropped from their tier.
+
+        ``in_flight`` (``serving.kvcache.manager.CopiesInFlight``): the bytes are checked but
+        the copies into the GPU pool may still run; every later step on this thread's stream
+        is ordered after them, so the next step can be launched at once."""
+        if in_flight is not None:
+            in_flight.order_before_compute()
         self.tiers.finish_onboard(onboard, result)
         num_loaded = min(result.num_loaded_blocks * self.limits.block_size, onboard.num_tokens)
         return self.scheduler.finish_kv_onboard(onboard.request_id, num_loaded)

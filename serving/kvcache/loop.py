@@ -10,11 +10,11 @@ from typing import Any
 
 from serving.engine.core import EngineCore
 from serving.engine.outputs import EngineStepResult
-from serving.kvcache.manager import KVTierManager, Listed, OnboardDone, StoreDone
+from serving.kvcache.manager import KVTierManager, Listed, OnboardDone, OnboardLanded, StoreDone
 from serving.kvcache.metrics import TierMetrics
 from serving.kvcache.stack import TierStack
 
-TIER_MESSAGES = (StoreDone, OnboardDone, Listed)
+TIER_MESSAGES = (StoreDone, OnboardDone, OnboardLanded, Listed)
 
 
 class TierLoop:
@@ -34,13 +34,13 @@ class TierLoop:
                     message.tier, "offload", message.num_bytes, message.duration_s
                 )
         elif isinstance(message, OnboardDone):
-            result = message.result
-            self.core.finish_kv_onboard(message.onboard, result)
-            by_tier = dict(result.num_bytes_by_tier)
-            self.metrics.record_onboard(by_tier, result.duration_s)
+            self.core.finish_kv_onboard(message.onboard, message.result, message.in_flight)
+        elif isinstance(message, OnboardLanded):
+            by_tier = dict(message.num_bytes_by_tier)
+            self.metrics.record_onboard(by_tier, message.duration_s)
             if len(by_tier) == 1:  # one tier's bytes in one duration: a bandwidth sample
                 ((tier, num_bytes),) = by_tier.items()
-                self.stack.cost.observe_transfer(tier, num_bytes, result.duration_s)
+                self.stack.cost.observe_transfer(tier, num_bytes, message.duration_s)
         elif isinstance(message, Listed):
             self.stack.apply_listing(message.tier, message.block_hashes)
             self.metrics.record_listing(message.tier)

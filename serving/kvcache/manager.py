@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -51,9 +52,43 @@ class StoreDone:
 
 
 @dataclass(frozen=True, slots=True)
+class CopiesInFlight:
+    """An onboard's host -> device copies, queued on the manager's side stream and maybe still
+    running: the engine's own stream waits for them before it computes with those blocks."""
+
+    event: torch.cuda.Event
+    device: torch.device
+
+    @classmethod
+    def record(cls, stream: torch.cuda.Stream) -> CopiesInFlight:
+        event = torch.cuda.Event()
+        event.record(stream)
+        return cls(event, stream.device)
+
+    def order_before_compute(self) -> None:
+        """Work queued after this call on the device's current stream starts after the copies
+        (the GPU waits; the calling thread does not)."""
+        torch.cuda.current_stream(self.device).wait_event(self.event)
+
+
+@dataclass(frozen=True, slots=True)
 class OnboardDone:
+    """Every block's checks are done: ``result`` says which loaded. ``in_flight``: the copies
+    may still be running (GPU); None when they have ended."""
+
     onboard: KVOnboard
     result: OnboardResult
+    in_flight: CopiesInFlight | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OnboardLanded:
+    """The onboard's bytes are all in device memory (after its ``OnboardDone``): what moved and
+    how long from its start, for the transfer metrics and the cost check's bandwidth."""
+
+    request_id: str
+    num_bytes_by_tier: tuple[tuple[str, int], ...]
+    duration_s: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +97,7 @@ class Listed:
     block_hashes: tuple[int, ...]
 
 
-TierMessage = StoreDone | OnboardDone | Listed
+TierMessage = StoreDone | OnboardDone | OnboardLanded | Listed
 
 
 class KVTierManager:
@@ -79,7 +114,7 @@ class KVTierManager:
         identity: ModelIdentity,
         post: Callable[[TierMessage], None] | None = None,
         list_interval_s: float = 5.0,
-        num_read_threads: int = 8,
+        num_read_threads: int | None = None,
         max_copy_run_bytes: int = DEFAULT_MAX_RUN_BYTES,
     ) -> None:
         self.stores = {store.name: store for store in stores}
@@ -91,6 +126,8 @@ class KVTierManager:
             for name in self.stores
         }
         self._onboards = ThreadPoolExecutor(2, thread_name_prefix="kv-onboard")
+        if num_read_threads is None:  # reads wait on I/O; checksums want a core each
+            num_read_threads = max(8, min(16, os.cpu_count() or 1))
         self._reads = ThreadPoolExecutor(num_read_threads, thread_name_prefix="kv-read")
         self._num_read_threads = num_read_threads
         self._cuda_stream = None
@@ -104,6 +141,7 @@ class KVTierManager:
         # The largest run of consecutive blocks copied as one (0: a copy per block).
         self.max_copy_run_bytes = max_copy_run_bytes
         self._count_lock = threading.Lock()  # two onboard threads add to it
+        self._in_flight: list[CopiesInFlight] = []  # onboards whose copies may still run
 
     def start(self) -> None:
         """Start listing shared stores (the first listing is posted right away)."""
@@ -148,6 +186,8 @@ class KVTierManager:
         num_bytes = 0
         succeeded = False
         try:
+            if store.in_memory and job.evict_hashes:
+                self._wait_for_onboard_copies()  # an evicted slot may be a copy's source
             for block_hash in job.evict_hashes:
                 store.delete(block_hash)
             if job.source_tier == "G1":
@@ -177,6 +217,8 @@ class KVTierManager:
 
     def _run_drop(self, job: DropJob) -> None:
         store = self.stores[job.tier]
+        if store.in_memory:
+            self._wait_for_onboard_copies()
         for block_hash in job.block_hashes:
             try:
                 store.delete(block_hash)
@@ -203,8 +245,10 @@ class KVTierManager:
 
     def _run_onboard(self, onboard: KVOnboard) -> None:
         """Read every block, queue its copy as soon as its header passes (blocks that follow
-        each other on both sides go as one copy, ``CopyRun``), check the payloads' checksums in
-        parallel with the copies, and report once all have ended.
+        each other on both sides go as one copy, ``CopyRun``), hash the payloads on the read
+        pool while the copies run, and report twice: ``OnboardDone`` once every checksum is
+        known (on a GPU the copies may still be running: its ``in_flight`` orders the engine's
+        next step after them), then ``OnboardLanded`` once the bytes are all in.
 
         Bytes may land in a device block before their checksum is known: the block is not
         findable until ``OnboardDone`` says it loaded, and a block at or after the first
@@ -215,29 +259,34 @@ class KVTierManager:
         reads = [self._start_read(block_hash, tier) for block_hash, tier, _ in plan]
         reasons: list[str | None] = [None] * len(plan)
         num_bytes_by_tier: dict[str, int] = {}
-        to_verify: list[tuple[int, BlockHeader, torch.Tensor]] = []
+        verifying = _VerifyBatches(self._reads, self._num_read_threads, self.verify_checksums)
         run = CopyRun(self.max_copy_run_bytes)
-        with self._copy_context(onboard):
+        stream = self._onboard_stream(onboard)
+        with torch.cuda.stream(stream):  # None (CPU pool): copies run here, in order
             for position, ((block_hash, tier, block_id), read) in enumerate(
                 zip(plan, reads, strict=True)
             ):
-                if not read.done():
-                    run.flush()  # the copies go on while this read is awaited
+                if isinstance(read, Future) and not read.done():
+                    run.flush()  # the copies and checksums go on while this read is awaited
+                    verifying.hand_over()
                 reason, found = _read_result(read, tier)
                 num_bytes = 0 if found is None else found[1].numel()
                 if reason is None and found is not None:
                     reason, header = self._admit(block_hash, tier, block_id, found, run)
-                    if reason is None and self.verify_checksums:
-                        to_verify.append((position, header, found[1]))
+                    if header is not None:
+                        verifying.add(position, header, found[1])
                 reasons[position] = reason
                 num_bytes_by_tier[tier] = num_bytes_by_tier.get(tier, 0) + num_bytes
             run.flush()
-            with self._count_lock:
-                self.num_onboard_copies += run.num_copies
-            for position, reason in self._verify_all(to_verify, onboard.tiers):
-                reasons[position] = reason
-            if self._cuda_stream is not None:
-                self._cuda_stream.synchronize()
+            in_flight = None
+            if stream is not None:
+                in_flight = CopiesInFlight.record(stream)
+                self._track(in_flight)
+        with self._count_lock:
+            self.num_onboard_copies += run.num_copies
+        for position, exc in verifying.failures():
+            logger.warning("KV tier %s: block refused, recomputing it: %s", plan[position][1], exc)
+            reasons[position] = exc.reason
         rejected = tuple((i, r) for i, r in enumerate(reasons) if r is not None)
         result = OnboardResult(
             onboard.request_id,
@@ -246,28 +295,52 @@ class KVTierManager:
             tuple(num_bytes_by_tier.items()),
             time.perf_counter() - started_s,
         )
-        self.post(OnboardDone(onboard, result))
+        self.post(OnboardDone(onboard, result, in_flight))
+        if in_flight is not None:
+            in_flight.event.synchronize()
+            self._untrack(in_flight)
+        self.post(
+            OnboardLanded(
+                onboard.request_id, result.num_bytes_by_tier, time.perf_counter() - started_s
+            )
+        )
 
-    def _start_read(self, block_hash: int, tier: str) -> Future[tuple[bytes, torch.Tensor] | None]:
-        """In-memory stores answer at once; the others read on the read pool."""
+    def _start_read(
+        self, block_hash: int, tier: str
+    ) -> tuple[bytes, torch.Tensor] | BaseException | Future | None:
+        """In-memory stores answer at once (the answer itself); the others read on the pool."""
         store = self.stores[tier]
         if store.in_memory:
-            done: Future[tuple[bytes, torch.Tensor] | None] = Future()
             try:
-                done.set_result(store.read(block_hash))
+                return store.read(block_hash)
             except Exception as exc:
-                done.set_exception(exc)
-            return done
+                return exc
         return self._reads.submit(store.read, block_hash)
 
-    def _copy_context(self, onboard: KVOnboard) -> contextlib.AbstractContextManager[object]:
-        """The side CUDA stream (copies queue on it from this thread) when the pool is on a GPU."""
+    def _onboard_stream(self, onboard: KVOnboard) -> torch.cuda.Stream | None:
+        """The side CUDA stream the copies queue on when the pool is on a GPU, else None."""
         if not onboard.local_block_ids:
-            return contextlib.nullcontext()
+            return None
         device = self.block_view(onboard.local_block_ids[0]).device
-        if device.type != "cuda":
-            return contextlib.nullcontext()
-        return torch.cuda.stream(self._stream(device))
+        return self._stream(device) if device.type == "cuda" else None
+
+    # -- copies still running on the side stream ------------------------------------------------
+
+    def _track(self, in_flight: CopiesInFlight) -> None:
+        with self._count_lock:
+            self._in_flight.append(in_flight)
+
+    def _untrack(self, in_flight: CopiesInFlight) -> None:
+        with self._count_lock:
+            self._in_flight.remove(in_flight)
+
+    def _wait_for_onboard_copies(self) -> None:
+        """Before a host slot is overwritten or freed: the onboards still reading host memory
+        end first (the stack unpins their entries as soon as their checksums are known)."""
+        with self._count_lock:
+            pending = list(self._in_flight)
+        for in_flight in pending:
+            in_flight.event.synchronize()
 
     def _admit(
         self,
@@ -291,24 +364,6 @@ class KVTierManager:
         run.add(dest, payload)
         return None, header
 
-    def _verify_all(
-        self, to_verify: list[tuple[int, BlockHeader, torch.Tensor]], tiers: Sequence[str]
-    ) -> list[tuple[int, str]]:
-        """Checksums on the read pool, in chunks (xxhash releases the GIL): the failures."""
-        chunk = max(1, -(-len(to_verify) // (4 * self._num_read_threads)))
-        futures = [
-            self._reads.submit(_verify_chunk, to_verify[i : i + chunk])
-            for i in range(0, len(to_verify), chunk)
-        ]
-        failed: list[tuple[int, str]] = []
-        for future in futures:
-            for position, exc in future.result():
-                logger.warning(
-                    "KV tier %s: block refused, recomputing it: %s", tiers[position], exc
-                )
-                failed.append((position, exc.reason))
-        return failed
-
     # -- listing ---------------------------------------------------------------------------------
 
     def _list_loop(self, stores: list[KVTier]) -> None:
@@ -322,10 +377,14 @@ class KVTierManager:
 
 
 def _read_result(
-    read: Future[tuple[bytes, torch.Tensor] | None], tier: str
+    read: tuple[bytes, torch.Tensor] | BaseException | Future | None, tier: str
 ) -> tuple[str | None, tuple[bytes, torch.Tensor] | None]:
+    """What ``_start_read`` gave (an answer, an exception, or a pending read) as a reason to
+    refuse the block (None: read) and the header and payload."""
     try:
-        found = read.result()
+        found = read.result() if isinstance(read, Future) else read
+        if isinstance(found, BaseException):
+            raise found
     except TierIOError as exc:
         logger.warning("KV tier %s: %s", tier, exc)
         return "io", None
@@ -333,6 +392,36 @@ def _read_result(
         logger.exception("KV tier %s: a block read failed", tier)
         return "io", None
     return (None, found) if found is not None else ("missing", None)
+
+
+class _VerifyBatches:
+    """Payload checksums hashed on the read pool (xxhash releases the GIL). Admitted blocks are
+    held until the admitting thread would wait anyway (a read still pending, or the end), then
+    handed over split one chunk per read thread: hashing threads that start while the admission
+    loop still runs take the GIL back after every block and slowed it 4-6x on a GPU host."""
+
+    def __init__(self, pool: ThreadPoolExecutor, num_threads: int, enabled: bool) -> None:
+        self._pool = pool
+        self._num_threads = num_threads
+        self._enabled = enabled
+        self._held: list[tuple[int, BlockHeader, torch.Tensor]] = []
+        self._futures: list[Future[list[tuple[int, BlockRejected]]]] = []
+
+    def add(self, position: int, header: BlockHeader, payload: torch.Tensor) -> None:
+        if self._enabled:
+            self._held.append((position, header, payload))
+
+    def hand_over(self) -> None:
+        """Start hashing what is held, in up to one chunk per read thread."""
+        held, self._held = self._held, []
+        chunk = max(1, -(-len(held) // self._num_threads))
+        for start in range(0, len(held), chunk):
+            self._futures.append(self._pool.submit(_verify_chunk, held[start : start + chunk]))
+
+    def failures(self) -> list[tuple[int, BlockRejected]]:
+        """Wait for every chunk: the blocks whose bytes are not what their header says."""
+        self.hand_over()
+        return [failure for future in self._futures for failure in future.result()]
 
 
 def _verify_chunk(

@@ -6,13 +6,14 @@ from __future__ import annotations
 import queue
 from pathlib import Path
 
+import pytest
 import torch
 
 from serving.engine.kv_offload import KVOnboard
 from serving.kvcache.disk import DiskTier
 from serving.kvcache.header import ModelIdentity, make_header
 from serving.kvcache.host import HostTier
-from serving.kvcache.manager import KVTierManager, OnboardDone
+from serving.kvcache.manager import KVTierManager, OnboardDone, OnboardLanded
 from serving.kvcache.tier import KVTier
 
 IDENTITY = ModelIdentity("sha256:abc", 30, 3, 64, "float32", 16)
@@ -103,3 +104,53 @@ def test_blocks_in_consecutive_slots_and_blocks_go_as_one_copy(tmp_path: Path) -
     assert result.num_loaded_blocks == 4
     for block_id, data in zip(block_ids, [datas[0], datas[1], payload(99), datas[2]], strict=True):
         assert torch.equal(pool2[block_id], data)
+
+
+def test_messages_come_in_order_checked_then_landed() -> None:
+    """CPU pool: the copies end before ``OnboardDone`` (nothing in flight); ``OnboardLanded``
+    follows with the bytes moved."""
+    host = HostTier(4, BLOCK_BYTES)
+    for i in range(3):
+        put(host, 500 + i, payload(20 + i))
+    pool = torch.zeros(NUM_DEVICE_BLOCKS, BLOCK_BYTES, dtype=torch.uint8)
+    inbox: queue.Queue = queue.Queue()
+    manager = KVTierManager([host], block_view=lambda i: pool[i], identity=IDENTITY, post=inbox.put)
+    try:
+        manager.submit_onboard(KVOnboard("r1", (500, 501, 502), ("G2",) * 3, (1, 2, 3), 0, 48))
+        done, landed = inbox.get(timeout=60), inbox.get(timeout=60)
+    finally:
+        manager.close()
+    assert isinstance(done, OnboardDone) and done.in_flight is None
+    assert isinstance(landed, OnboardLanded) and landed.request_id == "r1"
+    assert dict(landed.num_bytes_by_tier) == {"G2": 3 * BLOCK_BYTES}
+    assert landed.duration_s >= done.result.duration_s
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_work_after_onboard_done_sees_every_byte() -> None:
+    """GPU pool, 512 MiB from pinned host memory: ``OnboardDone`` may come while the copies
+    still run; work queued on the engine's stream after ``order_before_compute`` sees the
+    landed bytes, never the old ones."""
+    num_blocks, block_bytes = 256, 2 << 20
+    host = HostTier(num_blocks, block_bytes, pin_memory=True)
+    datas = torch.randint(0, 256, (num_blocks, block_bytes), dtype=torch.uint8)
+    for i in range(num_blocks):
+        put(host, 1000 + i, datas[i])
+    pool = torch.zeros(num_blocks + 8, block_bytes, dtype=torch.uint8, device="cuda")
+    inbox: queue.Queue = queue.Queue()
+    manager = KVTierManager([host], block_view=lambda i: pool[i], identity=IDENTITY, post=inbox.put)
+    try:
+        ids = tuple(range(num_blocks - 1, -1, -1))  # reversed: one copy per block
+        hashes = tuple(1000 + i for i in range(num_blocks))
+        manager.submit_onboard(KVOnboard("r1", hashes, ("G2",) * num_blocks, ids, 0, 0))
+        done = inbox.get(timeout=120)
+        assert isinstance(done, OnboardDone) and done.result.num_loaded_blocks == num_blocks
+        assert done.in_flight is not None
+        done.in_flight.order_before_compute()
+        sums = pool[list(ids)].sum(dim=1, dtype=torch.int64).cpu()  # queued after the wait
+        landed = inbox.get(timeout=120)
+        assert isinstance(landed, OnboardLanded)
+    finally:
+        manager.close()
+    assert torch.equal(sums, datas.sum(dim=1, dtype=torch.int64))
