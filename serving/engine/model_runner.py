@@ -18,7 +18,12 @@ import torch
 from serving.engine.cpu_memory import keep_freed_memory, pack_on_huge_pages
 from serving.engine.cuda_graph import DecodeGraphs, graph_batch_sizes
 from serving.engine.kv_pool import KVPool
-from serving.engine.layers.attention import AttentionBackend, SeqSpan, make_attn_metadata
+from serving.engine.layers.attention import (
+    AttentionBackend,
+    SeqSpan,
+    host_to_device,
+    make_attn_metadata,
+)
 from serving.engine.layers.ops import Ops, TorchOps, TritonOps
 from serving.engine.layers.sampler import sample
 from serving.engine.models.llama import LlamaForCausalLM
@@ -144,12 +149,12 @@ class ModelRunner:
         if graphs is not None and num_decodes == len(seqs) and graphs.padded_size(num_decodes):
             logits = graphs.run(seqs)
             if len(sample_rows) != num_decodes:
-                logits = logits[torch.tensor(sample_rows, device=self.device)]
+                logits = logits[host_to_device(sample_rows, torch.int64, self.device)]
         else:
             hidden = self._forward(seqs)
             if not sample_seqs:
                 return ModelRunnerOutput(sampled_token_ids={})
-            rows = torch.tensor(sample_rows, device=self.device)
+            rows = host_to_device(sample_rows, torch.int64, self.device)
             logits = self.model.compute_logits(hidden.index_select(0, rows))
         if not sample_seqs:
             return ModelRunnerOutput(sampled_token_ids={})
@@ -178,7 +183,7 @@ class ModelRunner:
             spans, self.block_size, self.num_blocks, self.device, self.attn_backend
         )
         token_ids = [t for s in seqs for t in s.token_ids]
-        input_ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
+        input_ids = host_to_device(token_ids, torch.int64, self.device)
         return self.model(input_ids, positions, meta, self.kv_caches, self.ops)
 
     def _generator_for(self, seq: ScheduledSeq) -> torch.Generator:

@@ -256,7 +256,9 @@ class KVTierManager:
         """
         started_s = time.perf_counter()
         plan = list(zip(onboard.block_hashes, onboard.tiers, onboard.local_block_ids, strict=True))
-        reads = [self._start_read(block_hash, tier) for block_hash, tier, _ in plan]
+        # Slow stores start reading now, on the pool; in-memory ones answer in the loop, so the
+        # first copy is queued after one read, not after all of them.
+        pending = [self._start_read(block_hash, tier) for block_hash, tier, _ in plan]
         reasons: list[str | None] = [None] * len(plan)
         num_bytes_by_tier: dict[str, int] = {}
         verifying = _VerifyBatches(self._reads, self._num_read_threads, self.verify_checksums)
@@ -264,8 +266,10 @@ class KVTierManager:
         stream = self._onboard_stream(onboard)
         with torch.cuda.stream(stream):  # None (CPU pool): copies run here, in order
             for position, ((block_hash, tier, block_id), read) in enumerate(
-                zip(plan, reads, strict=True)
+                zip(plan, pending, strict=True)
             ):
+                if read is None:
+                    read = self._read_in_memory(block_hash, tier)
                 if isinstance(read, Future) and not read.done():
                     run.flush()  # the copies and checksums go on while this read is awaited
                     verifying.hand_over()
@@ -305,17 +309,21 @@ class KVTierManager:
             )
         )
 
-    def _start_read(
-        self, block_hash: int, tier: str
-    ) -> tuple[bytes, torch.Tensor] | BaseException | Future | None:
-        """In-memory stores answer at once (the answer itself); the others read on the pool."""
+    def _start_read(self, block_hash: int, tier: str) -> Future | None:
+        """A read on the pool, or None for an in-memory store (``_read_in_memory`` then)."""
         store = self.stores[tier]
         if store.in_memory:
-            try:
-                return store.read(block_hash)
-            except Exception as exc:
-                return exc
+            return None
         return self._reads.submit(store.read, block_hash)
+
+    def _read_in_memory(
+        self, block_hash: int, tier: str
+    ) -> tuple[bytes, torch.Tensor] | BaseException | None:
+        """An in-memory store's answer, or the exception it raised (for ``_read_result``)."""
+        try:
+            return self.stores[tier].read(block_hash)
+        except Exception as exc:
+            return exc
 
     def _onboard_stream(self, onboard: KVOnboard) -> torch.cuda.Stream | None:
         """The side CUDA stream the copies queue on when the pool is on a GPU, else None."""
@@ -379,7 +387,7 @@ class KVTierManager:
 def _read_result(
     read: tuple[bytes, torch.Tensor] | BaseException | Future | None, tier: str
 ) -> tuple[str | None, tuple[bytes, torch.Tensor] | None]:
-    """What ``_start_read`` gave (an answer, an exception, or a pending read) as a reason to
+    """A read (an answer, an exception, or a pending read on the pool) as a reason to
     refuse the block (None: read) and the header and payload."""
     try:
         found = read.result() if isinstance(read, Future) else read

@@ -259,6 +259,24 @@ def test_attn_metadata_for_the_paged_kernel() -> None:
     assert [c.start_pos for c in meta.prefills] == [2, 0]
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_building_a_step_does_not_wait_for_queued_gpu_work(backend: str) -> None:
+    """The metadata of a step is built while the stream is still busy (a KV onboard's copies):
+    the host goes on launching, and the indices are right once the GPU gets to them."""
+    device = torch.device("cuda")
+    spans = [SeqSpan(5, 1, [7, 2, 9]), SeqSpan(2, 5, [3, 0, 6]), SeqSpan(0, 3, [4])]
+    busy_until = torch.cuda.Event()
+    torch.cuda._sleep(2_000_000_000)  # about a second of GPU time on the current stream
+    busy_until.record()
+    meta, positions = make_attn_metadata(spans, 4, 10, device, backend=backend)  # type: ignore[arg-type]
+    assert not busy_until.query(), "building the step waited for the GPU"
+    torch.cuda.synchronize()
+    assert positions.tolist() == [5, 2, 3, 4, 5, 6, 0, 1, 2]
+    assert meta.slot_mapping.tolist() == [9, 14, 15, 0, 1, 2, 16, 17, 18]
+
+
 @pytest.mark.parametrize("device", _DEVICES)
 def test_logits_match_hf_forward_through_prefill_chunk_and_decode(tiny: Path, device: str) -> None:
     """Prefill (no cache), a chunk with cached context and decodes all give HF's logits."""

@@ -110,6 +110,19 @@ class AttentionMetadata:
     rows: StepRows | None = None
 
 
+def host_to_device(
+    values: Sequence[int] | Sequence[Sequence[int]], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """A step's host-side indices as a tensor on ``device`` without waiting for the GPU.
+
+    ``torch.tensor(values, device=cuda)`` copies and then synchronizes the stream: the host
+    waits for every kernel queued before it, such as a KV onboard's copies that the stream
+    waits on, and only then goes on launching the step. A non-blocking copy from pageable
+    memory is staged by the driver before it returns and is ordered on the stream.
+    """
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
 def make_attn_metadata(
     spans: Sequence[SeqSpan],
     block_size: int,
@@ -137,7 +150,7 @@ def make_attn_metadata(
         else:
             chunk = PrefillChunk(token_start, span.num_tokens, start)
             if start > 0 and backend == "torch":
-                chunk.block_ids = torch.tensor(used, dtype=torch.int64, device=device)
+                chunk.block_ids = host_to_device(used, torch.int64, device)
                 query_pos = torch.arange(start, end, device=device)
                 chunk.mask = torch.arange(end, device=device)[None, :] <= query_pos[:, None]
             prefills.append(chunk)
@@ -153,7 +166,7 @@ def make_attn_metadata(
             slots.extend(range(base + lo, base + hi))
         positions.extend(range(start, end))
     meta = AttentionMetadata(
-        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        slot_mapping=host_to_device(slots, torch.int64, device),
         num_decode_tokens=num_decodes,
         prefills=prefills,
         backend=backend,
@@ -164,7 +177,7 @@ def make_attn_metadata(
         )
     elif tables:
         meta.paged = _paged_batch(tables, paged_rows, device)
-    return meta, torch.tensor(positions, dtype=torch.int64, device=device)
+    return meta, host_to_device(positions, torch.int64, device)
 
 
 def _check_blocks(
@@ -183,9 +196,9 @@ def _decode_tables(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     max_blocks = max(len(t) for t in tables)
     padded = [t + [0] * (max_blocks - len(t)) for t in tables]
-    block_ids = torch.tensor(padded, dtype=torch.int64, device=device)
+    block_ids = host_to_device(padded, torch.int64, device)
     arange = torch.arange(max_blocks * block_size, device=device)
-    lens_t = torch.tensor(lens, dtype=torch.int64, device=device)
+    lens_t = host_to_device(lens, torch.int64, device)
     return block_ids, (arange[None, :] < lens_t[:, None])[:, None, None, :]
 
 
@@ -195,10 +208,10 @@ def _paged_batch(
     max_blocks = max(len(t) for t in tables)
     padded = [t + [0] * (max_blocks - len(t)) for t in tables]
     columns = list(zip(*rows, strict=True))
-    ints = torch.tensor([*columns[0], *columns[1], *columns[2]], dtype=torch.int32)
-    ints = ints.to(device, non_blocking=True).view(3, -1)
+    ints = host_to_device([*columns[0], *columns[1], *columns[2]], torch.int32, device)
+    ints = ints.view(3, -1)
     return PagedBatch(
-        block_tables=torch.tensor(padded, dtype=torch.int32).to(device, non_blocking=True),
+        block_tables=host_to_device(padded, torch.int32, device),
         seq_lens=ints[2],
         query_start=ints[0],
         query_lens=ints[1],

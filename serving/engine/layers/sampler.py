@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
+from serving.engine.layers.attention import host_to_device
 from serving.engine.request import SamplingParams
 from serving.engine.scheduler_output import TokenLogprobs
 
@@ -55,7 +56,7 @@ def sample(
     else:
         token_ids = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
         if greedy_rows:
-            rows = torch.tensor(greedy_rows, device=logits.device)
+            rows = host_to_device(greedy_rows, torch.int64, logits.device)
             token_ids[rows] = logits[rows].argmax(dim=-1)
         for i, p in enumerate(params):
             if not p.is_greedy:
@@ -82,7 +83,7 @@ def _logprobs(
     rows = [i for i, p in enumerate(params) if p.logprobs is not None]
     if not rows:
         return out
-    index = torch.tensor(rows, device=logits.device)
+    index = host_to_device(rows, torch.int64, logits.device)
     logprobs = torch.log_softmax(logits[index].float(), dim=-1)
     sampled = token_ids[index]
     sampled_lp = logprobs.gather(1, sampled[:, None])[:, 0].tolist()
