@@ -5,6 +5,7 @@
 #   bash bench/gpu_session.sh transfer   # bench.transfer on one GPU, online strata serve run
 #   bash bench/gpu_session.sh equality   # SmolLM2 greedy equality (graphs on/off), disagg on 1 GPU
 #   bash bench/gpu_session.sh tiers      # issue 16: 16k-token prefix onboarded from pinned memory
+#   bash bench/gpu_session.sh tiers-threads  # the same with 4, 8 and 16 read/checksum threads
 #
 # The device machine has torch + Triton but not this project's wheels, and only 64 MiB travel a
 # call: the wheels (.whl, see the device README) and the SmolLM2 GGUF in three parts (.dev/g1..g3,
@@ -77,6 +78,14 @@ case "${1:-}" in
       step "tiers-run$mib" 150 python3 -m bench.kv_tiers --device cuda --random-llama3-8b \
         --prefix-tokens 16384 --tiers G2 --repeats 5 --no-verify --max-num-batched-tokens 16448 \
         --copy-run-mib "$mib" --out "$OUT/kv-tiers-cuda-run$mib.json"
+    done
+    ;;
+  tiers-threads)
+    # Issue 16: the checksum threads share host memory bandwidth with the copies; how many?
+    for threads in 4 8 16; do
+      step "tiers-threads$threads" 150 python3 -m bench.kv_tiers --device cuda --random-llama3-8b \
+        --prefix-tokens 16384 --tiers G2 --repeats 7 --max-num-batched-tokens 16448 \
+        --read-threads "$threads" --out "$OUT/kv-tiers-cuda-threads$threads.json"
     done
     ;;
   *)

@@ -79,6 +79,7 @@ class OnboardDone:
     onboard: KVOnboard
     result: OnboardResult
     in_flight: CopiesInFlight | None = None
+    admitted_s: float = 0.0  # start -> every block read, its header checked and copy queued
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,6 +283,7 @@ class KVTierManager:
                 reasons[position] = reason
                 num_bytes_by_tier[tier] = num_bytes_by_tier.get(tier, 0) + num_bytes
             run.flush()
+            admitted_s = time.perf_counter() - started_s
             in_flight = None
             if stream is not None:
                 in_flight = CopiesInFlight.record(stream)
@@ -299,7 +301,7 @@ class KVTierManager:
             tuple(num_bytes_by_tier.items()),
             time.perf_counter() - started_s,
         )
-        self.post(OnboardDone(onboard, result, in_flight))
+        self.post(OnboardDone(onboard, result, in_flight, admitted_s))
         if in_flight is not None:
             in_flight.event.synchronize()
             self._untrack(in_flight)
