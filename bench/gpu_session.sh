@@ -69,15 +69,17 @@ case "${1:-}" in
       --out "$OUT/disagg-gpu-1xh200.json"
     ;;
   tiers)
-    # Issue 16, acceptance 7: onboarding a 16,384-token prefix from pinned host memory; the two
-    # copy paths (a copy per 2 MiB block, runs of up to 64 MiB) in one session, same machine.
+    # Issue 16, acceptance 7: onboarding a 16,384-token prefix from pinned host memory.
     step tier-kernels 120 python3 -m pytest -q -x -p no:cacheprovider tests/engine/test_triton_kernels.py \
       tests/kvcache/test_manager_onboard.py tests/engine/test_model_runner.py \
       -k "not test_model_runner or does_not_wait or cuda"
-    for mib in 0 64; do
-      step "tiers-run$mib" 150 python3 -m bench.kv_tiers --device cuda --random-llama3-8b \
+    # Checksums by the host tier's helper processes (the worker's default on a GPU) against
+    # hashing on the read threads after admission (--hash-processes 0), same machine.
+    for procs in default 0; do
+      extra=(); [ "$procs" = default ] || extra=(--hash-processes "$procs")
+      step "tiers-procs-$procs" 150 python3 -m bench.kv_tiers --device cuda --random-llama3-8b \
         --prefix-tokens 16384 --tiers G2 --repeats 5 --no-verify --max-num-batched-tokens 16448 \
-        --copy-run-mib "$mib" --out "$OUT/kv-tiers-cuda-run$mib.json"
+        "${extra[@]}" --out "$OUT/kv-tiers-cuda-procs-$procs.json"
     done
     ;;
   tiers-threads)

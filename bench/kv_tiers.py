@@ -45,7 +45,7 @@ from serving.engine.scheduler import SchedulerConfig
 from serving.kvcache.build import model_identity
 from serving.kvcache.copy_run import DEFAULT_MAX_RUN_BYTES
 from serving.kvcache.disk import DiskTier
-from serving.kvcache.host import HostTier
+from serving.kvcache.host import HostTier, default_hash_processes
 from serving.kvcache.manager import KVTierManager, Listed, OnboardDone, OnboardLanded, StoreDone
 from serving.kvcache.policy import (
     CUDA_HOST_BANDWIDTH_BYTES_PER_S,
@@ -211,9 +211,20 @@ def make_engine(args: argparse.Namespace, model_dir: Path) -> EngineCore:
     return EngineCore(runner, config)
 
 
-def make_store(tier: str, block_bytes: int, capacity_blocks: int, work: Path, on_cuda: bool):
+def make_store(
+    tier: str,
+    block_bytes: int,
+    capacity_blocks: int,
+    work: Path,
+    on_cuda: bool,
+    hash_processes: int | None = None,
+):
     if tier == "G2":
-        return HostTier(capacity_blocks, block_bytes, pin_memory=on_cuda)
+        if hash_processes is None:
+            hash_processes = default_hash_processes(on_cuda)
+        return HostTier(
+            capacity_blocks, block_bytes, pin_memory=on_cuda, hash_processes=hash_processes
+        )
     if tier == "G3":
         return DiskTier(work / "disk", capacity_blocks)
     from serving.kvcache.s3 import S3Tier, make_s3_client
@@ -378,7 +389,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
         capacity = 2 * (args.prefix_tokens // 16 + 4)
         results = {}
         for i, tier in enumerate(tiers):
-            store = make_store(tier, block_bytes, capacity, work, args.device.startswith("cuda"))
+            store = make_store(
+                tier,
+                block_bytes,
+                capacity,
+                work,
+                args.device.startswith("cuda"),
+                args.hash_processes,
+            )
             results[tier] = measure_tier(core, store, args, seed=args.seed + i)
             print(
                 f"{tier}: {json.dumps({k: v for k, v in results[tier].items() if k != 'samples'})}",
@@ -471,6 +489,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=int,
         default=None,
         help="Threads that read lower tiers and hash payloads (default: the worker's).",
+    )
+    p.add_argument(
+        "--hash-processes",
+        type=int,
+        default=None,
+        help="G2 checksum helper processes (0: hash on the read threads; default: the worker's).",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)

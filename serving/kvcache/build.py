@@ -12,7 +12,7 @@ from serving.engine.core import EngineCore
 from serving.kvcache.config import KVTierConfig
 from serving.kvcache.disk import DiskTier
 from serving.kvcache.header import ModelIdentity, model_digest
-from serving.kvcache.host import HostTier
+from serving.kvcache.host import HostTier, default_hash_processes
 from serving.kvcache.manager import KVTierManager
 from serving.kvcache.policy import (
     CUDA_HOST_BANDWIDTH_BYTES_PER_S,
@@ -69,7 +69,10 @@ def build_tiers(
     if config.host_gib > 0:
         stores.append(
             HostTier(
-                _blocks(config.host_gib, modelled_block_bytes), block_bytes, pin_memory=on_cuda
+                _blocks(config.host_gib, modelled_block_bytes),
+                block_bytes,
+                pin_memory=on_cuda,
+                hash_processes=default_hash_processes(on_cuda),
             )
         )
     if config.disk_gib > 0:

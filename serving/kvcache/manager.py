@@ -30,11 +30,13 @@ from serving.kvcache.copy_run import DEFAULT_MAX_RUN_BYTES, CopyRun
 from serving.kvcache.header import (
     BlockHeader,
     BlockRejected,
+    ChecksumMismatch,
     ModelIdentity,
     check_header,
     make_header,
     verify_payload,
 )
+from serving.kvcache.slot_hasher import DigestsInFlight
 from serving.kvcache.stack import DropJob, OnboardResult, StoreJob, TierJob
 from serving.kvcache.tier import KVTier, TierIOError
 
@@ -263,7 +265,9 @@ class KVTierManager:
         pending = [self._start_read(block_hash, tier) for block_hash, tier, _ in plan]
         reasons: list[str | None] = [None] * len(plan)
         num_bytes_by_tier: dict[str, int] = {}
-        verifying = _VerifyBatches(self._reads, self._num_read_threads, self.verify_checksums)
+        verifying = _VerifyBatches(
+            self._reads, self._num_read_threads, self.verify_checksums, self._hash_elsewhere(plan)
+        )
         run = CopyRun(self.max_copy_run_bytes)
         stream = self._onboard_stream(onboard)
         with torch.cuda.stream(stream):  # None (CPU pool): copies run here, in order
@@ -280,7 +284,7 @@ class KVTierManager:
                 if reason is None and found is not None:
                     reason, header = self._admit(block_hash, tier, block_id, found, run)
                     if header is not None:
-                        verifying.add(position, header, found[1])
+                        verifying.add(position, tier, header, found[1])
                 reasons[position] = reason
                 num_bytes_by_tier[tier] = num_bytes_by_tier.get(tier, 0) + num_bytes
             run.flush()
@@ -311,6 +315,19 @@ class KVTierManager:
                 onboard.request_id, result.num_bytes_by_tier, time.perf_counter() - started_s
             )
         )
+
+    def _hash_elsewhere(self, plan: list[tuple[int, str, int]]) -> dict[str, DigestsInFlight]:
+        """Start the checksums of the tiers that hash their own blocks (the host tier's helper
+        processes), before the admission loop: they share no GIL with it."""
+        if not self.verify_checksums:
+            return {}
+        started = {}
+        for tier in dict.fromkeys(tier for _, tier, _ in plan):
+            hashes = [block_hash for block_hash, t, _ in plan if t == tier]
+            in_flight = self.stores[tier].start_checksums(hashes)
+            if in_flight is not None:
+                started[tier] = in_flight
+        return started
 
     def _start_read(self, block_hash: int, tier: str) -> Future | None:
         """A read on the pool, or None for an in-memory store (``_read_in_memory`` then)."""
@@ -409,17 +426,32 @@ class _VerifyBatches:
     """Payload checksums hashed on the read pool (xxhash releases the GIL). Admitted blocks are
     held until the admitting thread would wait anyway (a read still pending, or the end), then
     handed over split one chunk per read thread: hashing threads that start while the admission
-    loop still runs take the GIL back after every block and slowed it 4-6x on a GPU host."""
+    loop still runs take the GIL back after every block and slowed it 4-6x on a GPU host.
 
-    def __init__(self, pool: ThreadPoolExecutor, num_threads: int, enabled: bool) -> None:
+    Blocks of a tier that hashes them itself (``elsewhere``: the host tier's helper processes,
+    started with the onboard) are only compared with their headers at the end."""
+
+    def __init__(
+        self,
+        pool: ThreadPoolExecutor,
+        num_threads: int,
+        enabled: bool,
+        elsewhere: dict[str, DigestsInFlight] | None = None,
+    ) -> None:
         self._pool = pool
         self._num_threads = num_threads
         self._enabled = enabled
         self._held: list[tuple[int, BlockHeader, torch.Tensor]] = []
         self._futures: list[Future[list[tuple[int, BlockRejected]]]] = []
+        self._elsewhere = elsewhere or {}
+        self._compare: dict[str, list[tuple[int, BlockHeader, torch.Tensor]]] = {}
 
-    def add(self, position: int, header: BlockHeader, payload: torch.Tensor) -> None:
-        if self._enabled:
+    def add(self, position: int, tier: str, header: BlockHeader, payload: torch.Tensor) -> None:
+        if not self._enabled:
+            return
+        if tier in self._elsewhere:
+            self._compare.setdefault(tier, []).append((position, header, payload))
+        else:
             self._held.append((position, header, payload))
 
     def hand_over(self) -> None:
@@ -431,8 +463,23 @@ class _VerifyBatches:
 
     def failures(self) -> list[tuple[int, BlockRejected]]:
         """Wait for every chunk: the blocks whose bytes are not what their header says."""
+        failed = []
+        for tier, items in self._compare.items():
+            try:
+                digests = self._elsewhere[tier].result()
+            except Exception as exc:  # a helper died: hash here instead
+                logger.warning("KV tier %s: checksum helpers failed (%s), hashing here", tier, exc)
+                digests = {}
+            for position, header, payload in items:
+                digest = digests.get(header.block_hash)
+                if digest is None:
+                    self._held.append((position, header, payload))
+                elif digest != header.checksum or payload.numel() != header.payload_bytes:
+                    exc = ChecksumMismatch(f"block {header.block_hash:016x} failed its checksum")
+                    failed.append((position, exc))
         self.hand_over()
-        return [failure for future in self._futures for failure in future.result()]
+        failed += [failure for future in self._futures for failure in future.result()]
+        return failed
 
 
 def _verify_chunk(

@@ -17,9 +17,13 @@ the ``KVTierManager``'s (``manager.py``). Every stored block is ``header || payl
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from serving.kvcache.slot_hasher import DigestsInFlight
 
 # Tier name -> the ``medium`` its KV events carry (vLLM's field; "GPU" is G1's).
 TIER_MEDIA: dict[str, str] = {"G1": "GPU", "G2": "CPU", "G3": "DISK", "G4": "S3"}
@@ -60,6 +64,11 @@ class KVTier(ABC):
     def list_hashes(self) -> Iterable[int]:
         """Blocks the store holds now, whoever wrote them (shared tiers list; others need not)."""
         return ()
+
+    def start_checksums(self, block_hashes: Sequence[int]) -> DigestsInFlight | None:
+        """Start hashing these blocks' payloads away from the caller's GIL (the host tier with
+        helper processes); None: the caller hashes what it reads."""
+        return None
 
     def close(self) -> None:  # noqa: B027 - optional: most stores hold nothing open
         """Release what the store holds open (threads, sockets); idempotent."""

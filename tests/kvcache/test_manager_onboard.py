@@ -4,6 +4,7 @@ or missing block is refused (never counted as loaded), and the run stops at the 
 from __future__ import annotations
 
 import queue
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from serving.kvcache.disk import DiskTier
 from serving.kvcache.header import ModelIdentity, make_header
 from serving.kvcache.host import HostTier
 from serving.kvcache.manager import KVTierManager, OnboardDone, OnboardLanded
+from serving.kvcache.slot_hasher import DigestsInFlight
 from serving.kvcache.tier import KVTier
 
 IDENTITY = ModelIdentity("sha256:abc", 30, 3, 64, "float32", 16)
@@ -63,8 +65,11 @@ def test_every_good_block_lands_byte_for_byte(tmp_path: Path) -> None:
     assert dict(result.num_bytes_by_tier) == {"G2": 3 * BLOCK_BYTES, "G3": 3 * BLOCK_BYTES}
 
 
-def test_damaged_foreign_and_missing_blocks_are_refused(tmp_path: Path) -> None:
-    host = HostTier(8, BLOCK_BYTES)
+@pytest.mark.parametrize("hash_processes", [0, 2], ids=["hashed-here", "helper-processes"])
+def test_damaged_foreign_and_missing_blocks_are_refused(hash_processes: int) -> None:
+    """Checksums hashed by the read threads, or by the host tier's helper processes (over its
+    shared-memory slots, started before the admission loop): the same refusals."""
+    host = HostTier(8, BLOCK_BYTES, hash_processes=hash_processes)
     for i in range(5):
         put(host, 200 + i, payload(i), identity=OTHER if i == 3 else IDENTITY)
     slot = host._hash_to_slot[201]
@@ -74,6 +79,26 @@ def test_damaged_foreign_and_missing_blocks_are_refused(tmp_path: Path) -> None:
     assert result.num_loaded_blocks == 1  # the run stops at the damaged second block
     assert dict(result.rejected) == {1: "checksum", 3: "foreign", 5: "missing"}
     assert torch.equal(pool[block_ids[0]], payload(0))
+
+
+def test_a_failed_checksum_helper_falls_back_to_hashing_here(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The helpers' answer is lost (a helper died): the blocks are hashed by the read threads,
+    and a damaged one is still refused."""
+    host = HostTier(4, BLOCK_BYTES, hash_processes=1)
+    for i in range(3):
+        put(host, 600 + i, payload(30 + i))
+    host.slots[host._hash_to_slot[602]][5] ^= 0x01
+
+    def broken(self: DigestsInFlight) -> dict[int, bytes]:
+        raise BrokenProcessPool("a helper died")
+
+    monkeypatch.setattr(DigestsInFlight, "result", broken)
+    result, pool, block_ids = onboard([host], [600, 601, 602], ["G2"] * 3)
+    assert result.num_loaded_blocks == 2
+    assert dict(result.rejected) == {2: "checksum"}
+    assert torch.equal(pool[block_ids[1]], payload(31))
 
 
 def test_blocks_in_consecutive_slots_and_blocks_go_as_one_copy(tmp_path: Path) -> None:
