@@ -70,6 +70,7 @@ class _Helper:
         )
         self._lock = threading.Lock()
         self._pending: collections.deque[Future[list[bytes]]] = collections.deque()
+        self._exited = False  # set by the reader once the helper's answers end
         self._reader = threading.Thread(target=self._read_answers, daemon=True)
         self._reader.start()
 
@@ -79,6 +80,9 @@ class _Helper:
         stdin = self.process.stdin
         assert stdin is not None
         with self._lock:
+            if self._exited:
+                future.set_exception(RuntimeError("checksum helper exited"))
+                return future
             self._pending.append(future)
             try:
                 stdin.write(request)
@@ -101,7 +105,8 @@ class _Helper:
             future.set_result(
                 [body[i : i + DIGEST_BYTES] for i in range(0, len(body), DIGEST_BYTES)]
             )
-        with self._lock:  # the helper ended: nothing pending will be answered
+        with self._lock:  # the helper ended: nothing pending or later will be answered
+            self._exited = True
             while self._pending:
                 self._pending.popleft().set_exception(RuntimeError("checksum helper exited"))
 
