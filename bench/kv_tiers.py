@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import queue
@@ -31,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -234,7 +235,11 @@ def make_store(
     return S3Tier(f"s3://{bucket}/bench", capacity_blocks)
 
 
-def measure_tier(core: EngineCore, store: KVTier, args: argparse.Namespace, seed: int) -> dict:
+def measure_tier(
+    core: EngineCore, new_store: Callable[[], KVTier], args: argparse.Namespace, seed: int
+) -> dict:
+    """Each pass (with checksums, then without) gets a store of its own: the manager closes
+    its stores when it is closed (the host tier's helpers and shared memory with them)."""
     on_cuda = args.device.startswith("cuda")
     rng = random.Random(seed)
     vocab = core.executor.arch.vocab_size  # type: ignore[attr-defined]
@@ -248,6 +253,7 @@ def measure_tier(core: EngineCore, store: KVTier, args: argparse.Namespace, seed
         "g1_hit_s": [],
     }
     for verify in (True, False) if args.no_verify else (True,):
+        store = new_store()
         driver = Driver(core, store, on_cuda=on_cuda, verify=verify,
                         max_copy_run_bytes=args.copy_run_mib << 20,
                         num_read_threads=args.read_threads)  # fmt: skip
@@ -389,7 +395,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         capacity = 2 * (args.prefix_tokens // 16 + 4)
         results = {}
         for i, tier in enumerate(tiers):
-            store = make_store(
+            new_store = functools.partial(
+                make_store,
                 tier,
                 block_bytes,
                 capacity,
@@ -397,7 +404,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 args.device.startswith("cuda"),
                 args.hash_processes,
             )
-            results[tier] = measure_tier(core, store, args, seed=args.seed + i)
+            results[tier] = measure_tier(core, new_store, args, seed=args.seed + i)
             print(
                 f"{tier}: {json.dumps({k: v for k, v in results[tier].items() if k != 'samples'})}",
                 flush=True,
