@@ -371,8 +371,12 @@ def test_kv_tier_volumes_requests_and_s3_settings(rendered_envs: dict[str, Rende
             < size
             == int(c["resources"]["requests"]["ephemeral-storage"].removesuffix("Gi"))
         )
-        # The G2 tier fits the memory limit; the region reaches boto3.
+        # The G2 tier fits the memory limit and, as a shared-memory segment, /dev/shm beside
+        # the worker's own use; the region reaches boto3.
         assert int(c["resources"]["limits"]["memory"].removesuffix("Gi")) > tiers["hostGiB"]
+        (dshm,) = [v for v in pod["volumes"] if v["name"] == "dshm"]
+        shm_gib = int(dshm["emptyDir"]["sizeLimit"].removesuffix("Gi"))
+        assert shm_gib >= tiers["hostGiB"] + 16 and mounts["dshm"]["mountPath"] == "/dev/shm"
         assert {"name": "AWS_REGION", "value": tiers["s3Region"]} in c["env"]
     with pytest.raises(PlatformError, match=r"kvTiers.hostGiB \(300\) does not fit in .*200Gi"):
         render_strata(kvTiers={"hostGiB": 300})
@@ -380,6 +384,8 @@ def test_kv_tier_volumes_requests_and_s3_settings(rendered_envs: dict[str, Rende
     for deployment in by_component(off, "Deployment", "worker"):
         assert not any(a.startswith(("--kv-host", "--kv-disk", "--kv-s3"))
                        for a in pod_container(deployment)["args"])  # fmt: skip
+        volumes = deployment["spec"]["template"]["spec"]["volumes"]
+        assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}} in volumes
 
 
 def test_frontend_admits_the_planner_and_the_planner_only_prometheus() -> None:
