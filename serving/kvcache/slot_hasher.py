@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -39,7 +40,10 @@ def _read_exactly(stream: BinaryIO, num_bytes: int) -> bytes | None:
 
 
 def _serve(shm_name: str, slot_bytes: int) -> None:
-    """A helper's loop: answer requests on stdin until it closes."""
+    """A helper's loop: answer requests on stdin until it closes. Ctrl-C in a terminal reaches
+    the whole process group; a helper leaves on the end of its input, when its worker closes
+    the tier or dies, not on the signal."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     segment = shared_memory.SharedMemory(name=shm_name)
     # Attaching registers the segment with a resource tracker that would unlink it when this
     # helper exits (CPython gh-82300); the parent owns it.
