@@ -24,7 +24,6 @@ import contextlib
 import functools
 import json
 import os
-import queue
 import random
 import shutil
 import statistics
@@ -39,22 +38,13 @@ from typing import Any
 import torch
 
 from bench.engine import LLAMA3_8B_SHAPE
+from bench.kv_tiers_driver import Driver
 from serving.engine.core import EngineCore
 from serving.engine.model_runner import ModelRunner
-from serving.engine.request import Request, SamplingParams
 from serving.engine.scheduler import SchedulerConfig
-from serving.kvcache.build import model_identity
 from serving.kvcache.copy_run import DEFAULT_MAX_RUN_BYTES
 from serving.kvcache.disk import DiskTier
 from serving.kvcache.host import HostTier, default_hash_processes
-from serving.kvcache.manager import KVTierManager, Listed, OnboardDone, OnboardLanded, StoreDone
-from serving.kvcache.policy import (
-    CUDA_HOST_BANDWIDTH_BYTES_PER_S,
-    CUDA_PREFILL_TOKENS_PER_S,
-    DEFAULT_PREFILL_TOKENS_PER_S,
-    CostModel,
-)
-from serving.kvcache.stack import TierIndex, TierStack
 from serving.kvcache.tier import KVTier
 from serving.startup import freeze_startup_heap
 
@@ -66,130 +56,6 @@ LLAMA3_8B_CONFIG: dict[str, Any] = {
     **LLAMA3_8B_SHAPE,
     "torch_dtype": "bfloat16",
 }
-
-
-class Driver:
-    """Steps one engine synchronously with one tier behind it; the manager's threads copy."""
-
-    def __init__(
-        self,
-        core: EngineCore,
-        store: KVTier,
-        *,
-        on_cuda: bool,
-        verify: bool,
-        max_copy_run_bytes: int = DEFAULT_MAX_RUN_BYTES,
-        num_read_threads: int | None = None,
-    ) -> None:
-        self.core = core
-        for block_hash in list(store.list_hashes()):  # a new stack starts from an empty tier
-            store.delete(block_hash)
-        runner: Any = core.executor
-        block_size = core.limits.block_size
-        cost = CostModel.make(
-            block_size,
-            runner.kv_bytes_per_token * block_size,
-            bandwidths={"G2": CUDA_HOST_BANDWIDTH_BYTES_PER_S} if on_cuda else None,
-            prefill_tokens_per_s=CUDA_PREFILL_TOKENS_PER_S
-            if on_cuda
-            else DEFAULT_PREFILL_TOKENS_PER_S,
-        )
-        cost.check = False  # turn 2 always onboards; the check's choice is asked separately
-        self.stack = TierStack(
-            [TierIndex(store.name, store.capacity_blocks, store.shared)], cost, min_uses=1
-        )
-        core.attach_tiers(self.stack)
-        self.inbox: queue.Queue[Any] = queue.Queue()
-        self.manager = KVTierManager(
-            [store],
-            block_view=runner.kv_pool.block_bytes_view,
-            identity=model_identity(core, None),
-            post=self.inbox.put,
-            list_interval_s=3600,
-            max_copy_run_bytes=max_copy_run_bytes,
-            num_read_threads=num_read_threads,
-        )
-        if not verify:
-            self.manager.verify_checksums = False
-        self.onboard_s: list[float] = []  # start -> every byte in device memory
-        self.checked_s: list[float] = []  # start -> every checksum known (the engine goes on)
-        self.admitted_s: list[float] = []  # start -> every header checked and copy queued
-        self.onboard_done_at_s: float | None = None
-        self.after_onboard_s = 0.0
-
-    def _apply(self, message: Any) -> None:
-        if isinstance(message, StoreDone):
-            self.core.finish_tier_job(message.job_id, succeeded=message.succeeded)
-        elif isinstance(message, OnboardDone):
-            self.core.finish_kv_onboard(message.onboard, message.result, message.in_flight)
-            self.checked_s.append(message.result.duration_s)
-            self.admitted_s.append(message.admitted_s)
-            self.onboard_done_at_s = time.perf_counter()
-        elif isinstance(message, OnboardLanded):
-            self.onboard_s.append(message.duration_s)
-            for tier, num_bytes in message.num_bytes_by_tier:
-                self.stack.cost.observe_transfer(tier, num_bytes, message.duration_s)
-        elif isinstance(message, Listed):
-            self.stack.apply_listing(message.tier, message.block_hashes)
-        jobs = self.core.take_tier_jobs()
-        if jobs:
-            self.manager.submit(jobs)
-
-    def _drain(self, block: bool) -> None:
-        """Apply what the manager reported; with ``block``, wait for at least one report."""
-        if block:
-            try:
-                self._apply(self.inbox.get(timeout=120))
-            except queue.Empty:
-                raise TimeoutError("no tier copy reported within 120 s") from None
-        while True:
-            try:
-                self._apply(self.inbox.get_nowait())
-            except queue.Empty:
-                return
-
-    def ttft(self, request_id: str, prompt: list[int], observe: bool = True) -> tuple[float, int]:
-        """Seconds from arrival to the first token, and the prompt tokens found cached;
-        ``observe``: the steps' times feed the cost check's prefill speed (not while warming
-        up: a first step's compilation is not the machine's speed)."""
-        started_s = time.perf_counter()
-        self.onboard_done_at_s = None
-        self.core.add_request(Request(request_id, prompt, SamplingParams(max_tokens=1)))
-        while True:
-            self._drain(block=False)
-            if not self.core.has_unfinished_requests():
-                self._drain(block=True)  # waiting for an onboard
-                continue
-            step_started_s = time.perf_counter()
-            result = self.core.step()
-            if observe and result.stats.num_prompt_tokens:
-                self.stack.cost.observe_prefill(
-                    result.stats.num_prompt_tokens, time.perf_counter() - step_started_s
-                )
-            for onboard in result.kv_onboards:
-                self.manager.submit_onboard(onboard)
-            if result.tier_jobs:
-                self.manager.submit(result.tier_jobs)
-            if result.idle:
-                self._drain(block=True)  # waiting for an onboard: sleep, as the worker does
-                continue
-            for out in result.outputs:
-                if out.request_id == request_id:
-                    ended_s = time.perf_counter()
-                    ttft_s = ended_s - started_s
-                    if self.onboard_done_at_s is not None:
-                        self.after_onboard_s = ended_s - self.onboard_done_at_s
-                    self.core.take_kv_events()
-                    return ttft_s, out.num_cached_tokens
-
-    def wait_stored(self) -> None:
-        """Until every copy down is done (the prefix is all in the tier) and every onboard's
-        bytes have landed."""
-        while self.stack.num_jobs_in_flight or len(self.onboard_s) < len(self.checked_s):
-            self._drain(block=True)
-
-    def close(self) -> None:
-        self.manager.close()
 
 
 def make_engine(args: argparse.Namespace, model_dir: Path) -> EngineCore:

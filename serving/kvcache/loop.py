@@ -45,13 +45,17 @@ class TierLoop:
             self.stack.apply_listing(message.tier, message.block_hashes)
             self.metrics.record_listing(message.tier)
 
-    def after_step(self, result: EngineStepResult, wall_s: float) -> None:
+    def after_step(
+        self, result: EngineStepResult, wall_s: float, observe_prefill: bool = True
+    ) -> None:
+        """Hand the step's onboards and copies to the manager; its prefill time feeds the cost
+        check unless ``observe_prefill`` is off (a warm-up step's compilation)."""
         for onboard in result.kv_onboards:
             self.manager.submit_onboard(onboard)
         if result.tier_jobs:
             self.manager.submit(result.tier_jobs)
         num_prompt_tokens = result.stats.num_prompt_tokens
-        if num_prompt_tokens:
+        if num_prompt_tokens and observe_prefill:
             self.stack.cost.observe_prefill(num_prompt_tokens, result.step_duration_s or wall_s)
 
     def pump(self) -> None:
