@@ -90,8 +90,10 @@ case "${1:-}" in
         --read-threads "$threads" --out "$OUT/kv-tiers-cuda-threads$threads.json"
     done
     ;;
+  setup)  # only install the carried wheels (for ad-hoc commands in the same call)
+    ;;
   *)
-    echo "usage: $0 engine|transfer|equality|tiers" >&2
+    echo "usage: $0 setup|engine|transfer|equality|tiers|tiers-threads" >&2
     exit 2
     ;;
 esac

@@ -360,7 +360,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--read-threads",
         type=int,
-        default=None,
+        default=8,
         help="Threads that read lower tiers and hash payloads (default: the worker's).",
     )
     p.add_argument(

@@ -38,7 +38,7 @@ class Driver:
         on_cuda: bool,
         verify: bool,
         max_copy_run_bytes: int = DEFAULT_MAX_RUN_BYTES,
-        num_read_threads: int | None = None,
+        num_read_threads: int = 8,
     ) -> None:
         self.core = core
         for block_hash in list(store.list_hashes()):  # a new stack starts from an empty tier

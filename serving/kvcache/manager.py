@@ -116,7 +116,9 @@ class KVTierManager:
         identity: ModelIdentity,
         post: Callable[[TierMessage], None] | None = None,
         list_interval_s: float = 5.0,
-        num_read_threads: int | None = None,
+        # On the GPU hosts 16 threads checked a 2 GiB onboard no sooner than 8 (the hashing
+        # shares host memory bandwidth with the copies) and made the next steps noisier.
+        num_read_threads: int = 8,
         max_copy_run_bytes: int = DEFAULT_MAX_RUN_BYTES,
     ) -> None:
         self.stores = {store.name: store for store in stores}
@@ -128,10 +130,6 @@ class KVTierManager:
             for name in self.stores
         }
         self._onboards = ThreadPoolExecutor(2, thread_name_prefix="kv-onboard")
-        if num_read_threads is None:
-            # On the GPU hosts 16 threads checked a 2 GiB onboard no sooner than 8 (the hashing
-            # shares host memory bandwidth with the copies) and made the next steps noisier.
-            num_read_threads = 8
         self._reads = ThreadPoolExecutor(num_read_threads, thread_name_prefix="kv-read")
         self._num_read_threads = num_read_threads
         self._cuda_stream = None
