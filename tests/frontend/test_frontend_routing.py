@@ -118,12 +118,17 @@ def test_chat_streaming_and_usage_through_the_frontend(
             t for c in chunks if c.choices for t in c.choices[0].model_extra.get("token_ids") or []
         ]
         assert len(token_ids) == 12
+        # What one network read carries reaches the client as one piece (tokens coalesce on a
+        # loaded machine): the frontend's ITL is between the pieces the client received.
+        num_pieces = sum(
+            1 for c in chunks if c.choices and c.choices[0].model_extra.get("token_ids")
+        )
         whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12)
         assert whole.usage.completion_tokens == 12
         assert whole.choices[0].finish_reason == "length"
         values = scrape(frontend.url)
         assert metric(values, "strata_frontend_time_to_first_token_seconds_count") >= 2
-        assert metric(values, "strata_frontend_inter_token_latency_seconds_count") >= 11
+        assert metric(values, "strata_frontend_inter_token_latency_seconds_count") >= num_pieces - 1
     finally:
         frontend.stop()
 
