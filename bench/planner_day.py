@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from bench.replay_fluid import WorkerShape
 from bench.replay_planner import (
+    DAILY_CURVES,
     DAY_S,
     SimSetup,
     day_requests,
@@ -88,6 +89,12 @@ class DayStudyConfig(BaseModel):
         "attains lead-time's SLA (the static pool of equal SLA).",
     )
     arrival_jitter_s: float = Field(default=3.0, ge=0)
+    daily_curve: Literal["chat", "sine"] = Field(
+        default="chat",
+        description="The day's shape (bench/replay_planner.py): chat (night trough, morning "
+        "ramp, midday plateau, evening peak; mean/peak 0.67) or sine (one-day sinusoid, mean/peak "
+        "0.6); both peak/trough 5.",
+    )
     seed: int = 0
 
 
@@ -108,7 +115,7 @@ def simulation(config: DayStudyConfig) -> tuple[SimSetup, PerfProfile]:
         requests=lambda: day_requests(
             trace, peak_speedup=config.peak_speedup, duration_s=config.warmup_s + config.duration_s,
             start_s=config.start_s - config.warmup_s, seed=config.seed,
-            jitter_s=config.arrival_jitter_s,
+            jitter_s=config.arrival_jitter_s, share=DAILY_CURVES[config.daily_curve],
         ),
         duration_s=config.duration_s, warmup_s=config.warmup_s, shape=shape, timing=timing,
         lead_time_s=config.lead_time_s, sla_ttft_s=config.sla_ttft_s, sla_itl_s=config.sla_itl_s,
@@ -302,7 +309,8 @@ def print_study(report: dict[str, Any], console: Any = None) -> None:
     cfg = report["config"]
     table = Table(
         title=f"planner day study: {Path(cfg['trace']).name} x{cfg['peak_speedup']:g}, "
-        f"{cfg['duration_s'] / 3600:.0f} h, lead time {cfg['lead_time_s']:.0f} s, "
+        f"{cfg['duration_s'] / 3600:.0f} h ({cfg.get('daily_curve', 'chat')} curve), "
+        f"lead time {cfg['lead_time_s']:.0f} s, "
         f"SLA TTFT {cfg['sla_ttft_s']:g} s / ITL {cfg['sla_itl_s'] * 1000:.0f} ms"
     )
     for column in ("policy", "SLA met", "TTFT p50/p99", "ITL p50/p99", "GPU-hours",

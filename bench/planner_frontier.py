@@ -203,11 +203,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/planner-frontier.json"))
     parser.add_argument("--speedup", type=float, default=4.0, help="Trace speed-up at the peak.")
     parser.add_argument("--duration-s", type=float, default=86_400.0)
+    parser.add_argument("--curve", choices=("chat", "sine"), default="chat",
+                        help="The day's shape (bench/replay_planner.py DAILY_CURVES).")  # fmt: skip
     args = parser.parse_args(argv)
     config = DayStudyConfig(
-        trace=args.trace, peak_speedup=args.speedup, duration_s=args.duration_s
+        trace=args.trace, peak_speedup=args.speedup, duration_s=args.duration_s,
+        daily_curve=args.curve,
     )  # fmt: skip
-    points = json.loads(args.out.read_text())["points"] if args.out.is_file() else {}
+    saved = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    if saved and saved["config"].get("daily_curve", "chat") != args.curve:
+        parser.error(f"--out {args.out} holds points of another --curve; name another file")
+    points = saved.get("points", {})
     for point in args.point:
         started = time.process_time()
         points[point] = run_point(config, point)

@@ -4,8 +4,8 @@ bench replay --planner``) and ``bench/planner_frontier.py``; the trace is a requ
 there (Mooncake's conversation trace: see ``bench/planner_day.py``).
 
 The day: the trace's own arrivals, replayed ``peak_speedup`` times faster and repeated to fill
-24 hours, each request kept with the probability of the hour's share of the peak (a diurnal
-curve, ``DIURNAL``): the daily cycle on top of the trace's minute-scale burstiness. Workers are
+24 hours, each request kept with the probability of the hour's share of the peak (a daily
+curve, ``DAILY_CURVES``): the daily cycle on top of the trace's minute-scale burstiness. Workers are
 ``bench/replay_fluid.py``'s (the mock's H100 timing model); a scale-up serves one lead time
 after it is ordered and is paid for from that moment; a scale-down drains.
 
@@ -52,9 +52,26 @@ DIURNAL = (0.30, 0.25, 0.21, 0.20, 0.20, 0.24, 0.33, 0.48, 0.66, 0.82, 0.92, 0.9
 
 
 def diurnal_share(time_s: float) -> float:
+    """``chat``: the share of the peak rate at ``time_s`` on ``DIURNAL`` (mean/peak 0.67)."""
     hour = (time_s % DAY_S) / 3600.0
     low = int(hour)
     return DIURNAL[low] + (DIURNAL[low + 1] - DIURNAL[low]) * (hour - low)
+
+
+SINE_TROUGH_SHARE = 0.2  # the same peak/trough (5) as ``DIURNAL``
+SINE_TROUGH_HOUR = 4.0
+
+
+def sine_share(time_s: float) -> float:
+    """``sine``: a sinusoid with a one-day period between ``SINE_TROUGH_SHARE`` (at 04:00) and
+    1.0 (at 16:00), mean/peak 0.6: the shape of Dynamo's planner benchmarks
+    (``benchmarks/sin_load_generator``), stretched to a day."""
+    hour = (time_s % DAY_S) / 3600.0
+    swing = (1.0 - SINE_TROUGH_SHARE) / 2
+    return 1.0 - swing - swing * math.cos(2 * math.pi * (hour - SINE_TROUGH_HOUR) / 24.0)
+
+
+DAILY_CURVES: dict[str, Callable[[float], float]] = {"chat": diurnal_share, "sine": sine_share}
 
 
 def day_requests(
@@ -65,10 +82,12 @@ def day_requests(
     start_s: float = 0.0,
     seed: int = 0,
     jitter_s: float = 3.0,
+    share: Callable[[float], float] = diurnal_share,
 ) -> Iterator[SimRequest]:
     """The trace, ``peak_speedup`` times faster, repeated over ``[start_s, start_s +
-    duration_s)``, thinned by ``diurnal_share``; arrivals spread over ``jitter_s`` (trace
-    seconds; the Mooncake trace buckets them every ~3 s). Deterministic in ``seed``."""
+    duration_s)``, thinned by ``share`` (a ``DAILY_CURVES`` entry); arrivals spread over
+    ``jitter_s`` (trace seconds; the Mooncake trace buckets them every ~3 s). Deterministic in
+    ``seed``."""
     rng = np.random.default_rng(seed)
     span_s = (trace[-1].arrival_s - trace[0].arrival_s + jitter_s) / peak_speedup
     base = trace[0].arrival_s
@@ -81,7 +100,7 @@ def day_requests(
         keep = rng.random(len(order))
         for position in order:
             arrival = cycle_start + offsets[position]
-            if arrival < start_s or keep[position] >= diurnal_share(arrival):
+            if arrival < start_s or keep[position] >= share(arrival):
                 continue
             if arrival >= start_s + duration_s:
                 return

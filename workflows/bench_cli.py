@@ -63,6 +63,7 @@ def replay(
     sla_ttft_s: opts.SlaTtftSOpt = 2.0,
     sla_itl_s: opts.SlaItlSOpt = 0.05,
     duration_s: opts.DurationSOpt = 86_400.0,
+    daily_curve: opts.DailyCurveOpt = "chat",
     static_replicas: opts.StaticReplicasOpt = None,
     planner_config: opts.PlannerConfigOpt = None,
     out: opts.OutOpt = None,
@@ -81,6 +82,7 @@ def replay(
             "max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_num_batched_tokens,
             "kv_capacity_tokens": kv_blocks_per_worker * block_size,
             "timing_profile": timing_profile, "static_replicas": static_replicas,
+            "daily_curve": daily_curve,
         }  # fmt: skip
         if arrival_jitter_s is not None:
             options["arrival_jitter_s"] = arrival_jitter_s

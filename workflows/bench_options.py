@@ -170,6 +170,15 @@ DurationSOpt = Annotated[
     float,
     _opt("--duration-s", help="--planner: simulated time measured, s.", env="DURATION_S"),
 ]
+DailyCurveOpt = Annotated[
+    str,
+    _opt(
+        "--daily-curve",
+        help="--planner: the day's shape, chat (night trough, midday plateau, evening peak) "
+        "or sine (one-day sinusoid); both peak/trough 5.",
+        env="DAILY_CURVE",
+    ),
+]
 StaticReplicasOpt = Annotated[
     int | None,
     _opt(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -13,7 +14,16 @@ from bench.planner_day import DayStudyConfig, equal_sla_statics, simulation, ver
 from bench.planner_frontier import equal_sla_static
 from bench.planner_frontier import main as frontier_main
 from bench.replay_fluid import SimRequest
-from bench.replay_planner import WindowStats, run_hindsight, run_hindsight_roles
+from bench.replay_planner import (
+    DAILY_CURVES,
+    WindowStats,
+    day_requests,
+    diurnal_share,
+    run_hindsight,
+    run_hindsight_roles,
+    sine_share,
+)
+from bench.trace import load_mooncake
 from workflows.bench_cli import app as bench_app
 
 
@@ -192,3 +202,49 @@ def test_frontier_runs_disaggregated_points(tmp_path: Path, capsys) -> None:
     assert all(p["requests"] == points["static:1+1"]["requests"] > 0 for p in points.values())
     assert points["static:1+1"]["gpu_hours"] > 0 and points["static:1+1"]["replicas"]["max"] == 2
     assert "static of equal SLA" in capsys.readouterr().out
+
+
+def test_daily_curves_have_the_documented_shape() -> None:
+    fine = [i * 60.0 for i in range(24 * 60)]
+    assert sine_share(4 * 3600.0) == pytest.approx(0.2)
+    assert sine_share(16 * 3600.0) == pytest.approx(1.0)
+    assert max(map(sine_share, fine)) == pytest.approx(1.0)
+    assert sum(map(sine_share, fine)) / len(fine) == pytest.approx(0.6)
+    chat = [diurnal_share(t) for t in fine]
+    assert max(chat) == 1.0 and min(chat) == 0.2  # the same peak/trough as the sine
+    assert sum(chat) / len(chat) == pytest.approx(0.67, abs=0.01)
+    assert DAILY_CURVES["chat"] is diurnal_share and DAILY_CURVES["sine"] is sine_share
+
+
+def test_day_requests_follow_the_chosen_curve(tmp_path: Path) -> None:
+    trace = load_mooncake(_trace(tmp_path / "trace.jsonl"))
+    for name, curve in DAILY_CURVES.items():
+        per_hour = [0] * 24
+        for request in day_requests(trace, peak_speedup=1.0, share=curve, seed=1):
+            per_hour[int(request.arrival_s // 3600)] += 1
+        expected = [3600 * curve(h * 3600.0 + 1800.0) for h in range(24)]  # one prompt a second
+        for count, mean in zip(per_hour, expected, strict=True):
+            assert abs(count - mean) < 5 * mean**0.5, (name, per_hour)
+
+
+def test_replay_planner_takes_a_daily_curve_and_names_a_bad_one(tmp_path: Path) -> None:
+    trace, out = _trace(tmp_path / "trace.jsonl"), tmp_path / "study.json"
+    common = ["replay", "--trace", str(trace), "--planner", "static", "--speedup", "8",
+              "--duration-s", "1200", "--max-num-seqs", "4", "--out", str(out)]  # fmt: skip
+    result = CliRunner().invoke(bench_app, [*common, "--daily-curve", "moon"])
+    assert result.exit_code == 2 and "daily_curve" in result.output
+    assert not out.exists()
+    result = CliRunner().invoke(bench_app, [*common, "--daily-curve", "sine"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["config"]["daily_curve"] == "sine"
+
+
+def test_frontier_keeps_each_curve_in_its_own_file(tmp_path: Path) -> None:
+    trace, out = _trace(tmp_path / "trace.jsonl"), tmp_path / "frontier.json"
+    common = ["--trace", str(trace), "--duration-s", "1200", "--speedup", "8", "--out", str(out)]
+    frontier_main([*common, "--curve", "sine", "--point", "static:1"])
+    before = out.read_text()
+    with pytest.raises(SystemExit) as exited:
+        frontier_main([*common, "--point", "static:2"])  # chat: another day
+    assert exited.value.code == 2
+    assert out.read_text() == before
