@@ -6,7 +6,9 @@
 The trace (required) is Mooncake's conversation trace (FAST'25; Apache-2.0), one hour of Kimi's
 requests: ``FAST25-release/traces/conversation_trace.jsonl`` in
 https://github.com/kvcache-ai/Mooncake (``curl -LO https://raw.githubusercontent.com/kvcache-ai/
-Mooncake/main/FAST25-release/traces/conversation_trace.jsonl``). Any Mooncake-format JSONL works.
+Mooncake/main/FAST25-release/traces/conversation_trace.jsonl``). Any Mooncake-format JSONL works,
+and so does an Azure LLM inference trace (``.csv``, ``bench/trace.load_azure``; exact arrival
+times, so ``--arrival-jitter-s 0``).
 
 ``DayStudyConfig`` (validated once) -> ``run_study`` -> a report dict -> ``print_study``. The
 requests (``bench/replay_planner.day_requests``: the trace repeated over the day, thinned by a
@@ -46,7 +48,7 @@ from bench.replay_planner import (
     run_planned,
     run_static,
 )
-from bench.trace import load_mooncake
+from bench.trace import load_trace
 from serving.engine.timing import TimingProfile
 from serving.planner.capacity import CapacityModel
 from serving.planner.config import PlannerConfig, load_config, parse_config
@@ -100,7 +102,7 @@ class DayStudyConfig(BaseModel):
 
 def simulation(config: DayStudyConfig) -> tuple[SimSetup, PerfProfile]:
     """The day (requests, workers, SLA, lead time) and the planner's profile of the workers."""
-    trace = load_mooncake(config.trace)
+    trace = load_trace(config.trace)
     if not trace:
         raise ValueError(f"{config.trace}: no requests")
     timing = (

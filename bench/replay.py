@@ -45,7 +45,7 @@ from bench.replay_report import report_head  # noqa: E402
 from bench.replay_result import PolicyResult, percentiles  # noqa: E402
 from bench.replay_tiers import TierFlow  # noqa: E402
 from bench.replay_timing import ScalarTimingProfile  # noqa: E402
-from bench.trace import PromptBuilder, TraceRequest, jitter_arrivals, load_mooncake  # noqa: E402
+from bench.trace import PromptBuilder, TraceRequest, jitter_arrivals, load_trace  # noqa: E402
 from serving.engine.core import EngineCore  # noqa: E402
 from serving.engine.kv_offload import KVOnboard  # noqa: E402
 from serving.engine.kv_transfer import KVPull  # noqa: E402
@@ -443,7 +443,7 @@ class OfflineReplay:
 
 
 def load_requests(config: ReplayConfig) -> list[TraceRequest]:
-    requests = load_mooncake(config.trace, config.limit)
+    requests = load_trace(config.trace, config.limit)
     return jitter_arrivals(requests, config.arrival_jitter_s, config.seed)
 
 

@@ -39,7 +39,7 @@ class ReplayConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    trace: Path = Field(description="Mooncake-format JSONL trace.")
+    trace: Path = Field(description="Mooncake-format JSONL trace, or an Azure LLM trace (.csv).")
     workers: int = _non_negative(8, "Aggregated engines (each prefills and decodes).")
     prefill_workers: int = _non_negative(0, "Prefill-only engines: remote prefill for the others.")
     decode_workers: int = _non_negative(0, "Decode-only engines: routed to like aggregated ones.")

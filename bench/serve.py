@@ -42,7 +42,7 @@ from bench.load import (
     summarize,
 )
 from bench.serve_probe import WorkerSample, list_workers, root_url, sample_workers
-from bench.trace import MOONCAKE_BLOCK_SIZE, PromptBuilder, TraceRequest, load_mooncake
+from bench.trace import MOONCAKE_BLOCK_SIZE, PromptBuilder, TraceRequest, load_trace
 
 RUN_FILE = "run.json"
 
@@ -86,7 +86,7 @@ def make_requests(config: ServeBenchConfig) -> list[TraceRequest]:
     """The trace's first ``limit`` requests, or ``num_requests`` synthetic ones (no hash ids:
     every prompt is a request-unique tail, so no two share a prefix)."""
     if config.trace is not None:
-        requests = load_mooncake(config.trace, config.limit)
+        requests = load_trace(config.trace, config.limit)
         if not requests:
             raise ValueError(f"{config.trace}: no requests")
         return requests

@@ -17,11 +17,13 @@ from a vectorized splitmix64 over ``(seed, key, position)``: no per-block genera
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +81,54 @@ def load_mooncake(path: Path, limit: int | None = None) -> list[TraceRequest]:
             last_ms = timestamp_ms
             requests.append(request)
     return requests
+
+
+AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
+
+
+def load_azure(path: Path, limit: int | None = None) -> list[TraceRequest]:
+    """Parse an Azure LLM inference trace (Azure/AzurePublicDataset: ``TIMESTAMP,ContextTokens,
+    GeneratedTokens`` CSV, e.g. ``AzureLLMInferenceTrace_conv.csv``); arrivals in seconds from
+    the first row. The traces carry no prefix information: every request gets hash ids of its
+    own (``ceil(input / 512)`` of them), so no two share a block.
+
+    Raises ``ValueError`` naming the file and line on a missing column, a malformed row, a
+    length below 1 or a timestamp that goes backwards.
+    """
+    requests: list[TraceRequest] = []
+    next_id, first, last_s = 0, None, -math.inf
+    with Path(path).open(newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in AZURE_COLUMNS if c not in (reader.fieldnames or ())]
+        if missing:
+            raise ValueError(f"{path}: not an Azure LLM trace: no column {', '.join(missing)}")
+        for row in reader:
+            if limit is not None and len(requests) >= limit:
+                break
+            line_no = reader.line_num
+            try:
+                stamp = datetime.fromisoformat(row["TIMESTAMP"].strip())
+                input_length, output_length = int(row["ContextTokens"]), int(row["GeneratedTokens"])
+            except (ValueError, TypeError, AttributeError) as exc:
+                raise ValueError(f"{path}:{line_no}: not an Azure trace row: {exc}") from exc
+            first = first or stamp
+            arrival_s = (stamp - first).total_seconds()
+            if arrival_s < last_s:
+                raise ValueError(f"{path}:{line_no}: timestamp {row['TIMESTAMP']} goes backwards")
+            if input_length < 1 or output_length < 1:
+                raise ValueError(f"{path}:{line_no}: input and output lengths must be >= 1")
+            blocks = math.ceil(input_length / MOONCAKE_BLOCK_SIZE)
+            requests.append(TraceRequest(len(requests), arrival_s, input_length, output_length,
+                                         tuple(range(next_id, next_id + blocks))))  # fmt: skip
+            next_id, last_s = next_id + blocks, arrival_s
+    return requests
+
+
+def load_trace(path: Path, limit: int | None = None) -> list[TraceRequest]:
+    """A ``.csv`` file is an Azure LLM inference trace, anything else Mooncake JSONL."""
+    if Path(path).suffix.lower() == ".csv":
+        return load_azure(path, limit)
+    return load_mooncake(path, limit)
 
 
 def write_mooncake(path: Path, requests: Iterable[TraceRequest]) -> None:

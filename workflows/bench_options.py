@@ -17,7 +17,10 @@ def _opt(*names: str, help: str, env: str) -> object:
 # -- replay's options (one alias each; the command's signature stays one line per option)
 
 # the trace and the pools
-TraceOpt = Annotated[Path, _opt("--trace", help="Mooncake-format JSONL trace.", env="TRACE")]
+TraceOpt = Annotated[
+    Path,
+    _opt("--trace", help="Mooncake-format JSONL trace, or an Azure LLM trace (.csv).", env="TRACE"),
+]
 WorkersOpt = Annotated[
     int | None,
     _opt(
@@ -213,7 +216,8 @@ ServeOutOpt = Annotated[
     Path | None, _opt("--out", help="Directory for run.json, *.png, report.html.", env="OUT")
 ]
 ServeTraceOpt = Annotated[
-    Path | None, _opt("--trace", help="Mooncake-format JSONL trace (open loop).", env="TRACE")
+    Path | None,
+    _opt("--trace", help="Mooncake JSONL or Azure LLM trace (.csv), open loop.", env="TRACE"),
 ]
 ServeSpeedupOpt = Annotated[
     float, _opt("--speedup", help="Trace: divide arrival times by this.", env="SPEEDUP")
