@@ -205,14 +205,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--duration-s", type=float, default=86_400.0)
     parser.add_argument("--curve", choices=("chat", "sine"), default="chat",
                         help="The day's shape (bench/replay_planner.py DAILY_CURVES).")  # fmt: skip
+    parser.add_argument("--arrival-jitter-s", type=float, default=3.0,
+                        help="Spread arrivals over this many trace seconds (0 for an Azure "
+                        "trace's exact times).")  # fmt: skip
     args = parser.parse_args(argv)
     config = DayStudyConfig(
         trace=args.trace, peak_speedup=args.speedup, duration_s=args.duration_s,
-        daily_curve=args.curve,
+        daily_curve=args.curve, arrival_jitter_s=args.arrival_jitter_s,
     )  # fmt: skip
     saved = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    if saved and saved["config"].get("daily_curve", "chat") != args.curve:
-        parser.error(f"--out {args.out} holds points of another --curve; name another file")
+    day = ("daily_curve", "arrival_jitter_s", "peak_speedup", "trace")
+    if saved and any(saved["config"].get(k) != config.model_dump(mode="json")[k] for k in day):
+        parser.error(f"--out {args.out} holds points of another day (--trace, --speedup, "
+                     "--curve or --arrival-jitter-s); name another file")  # fmt: skip
     points = saved.get("points", {})
     for point in args.point:
         started = time.process_time()
