@@ -61,12 +61,29 @@ class CapacityModel:
         # Without a known pool (an endpoint profile), max_num_seqs full contexts fit by fiat.
         self.kv_capacity_tokens = kv if kv is not None else math.inf
         self.capacity = lru_cache(maxsize=4096)(self._capacity)
+        self._corrected: dict[float, CapacityModel] = {}
 
     # -- the public questions ------------------------------------------------------------------
 
     def per_replica(self, role: Role, isl: float, osl: float) -> ReplicaCapacity:
         """One replica's capacity for requests of about this shape (cached)."""
         return self.capacity(role, _round(isl), _round(osl))
+
+    def per_replica_corrected(
+        self, role: Role, isl: float, osl: float, latency_factor: float
+    ) -> ReplicaCapacity:
+        """The capacity when real latencies are ``latency_factor`` times the model's: the
+        model's answer for an SLA divided by that factor (the factor rounded to 1%)."""
+        factor = round(latency_factor, 2)
+        if factor == 1.0:
+            return self.per_replica(role, isl, osl)
+        model = self._corrected.get(factor)
+        if model is None:
+            sla = SlaConfig(ttft_s=self.sla.ttft_s / factor, itl_s=self.sla.itl_s / factor)
+            model = CapacityModel(self.profile, sla, target_utilization=self.target_utilization,
+                                  kv_transfer_s=self.kv_transfer_s)  # fmt: skip
+            self._corrected[factor] = model
+        return model.per_replica(role, isl, osl)
 
     def replicas_needed(self, role: Role, rate: float, isl: float, osl: float) -> int:
         """Replicas of ``role`` for ``rate`` requests/s of this shape (0 for no traffic)."""

@@ -152,6 +152,15 @@ class ScalingConfig(_Strict):
     queue_ticks_up: int = Field(default=2, ge=1, description="... for this many ticks in a row.")
     min_requests_for_correction: int = Field(default=20, ge=1)
     correction_smoothing: float = Field(default=0.3, gt=0, le=1)
+    correction_applies_to: Literal["capacity", "latency"] = Field(
+        default="capacity",
+        description="capacity: a replica sustains 1/correction of the model's rate; latency: "
+        "the model's TTFT and ITL are scaled by the correction and a replica sustains the "
+        "highest rate whose corrected latencies meet the SLA (capped at target_utilization), "
+        "so latencies far inside the SLA cost nothing (Dynamo's use; where no rate meets the "
+        "corrected SLA, the utilization cap, as for an SLA the model calls infeasible). "
+        "docs/planner.md: measured, not the default.",
+    )
 
 
 class MetricsSourceConfig(_Strict):

@@ -35,7 +35,7 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
-from serving.planner.capacity import CapacityModel
+from serving.planner.capacity import CapacityModel, ReplicaCapacity
 from serving.planner.config import PlannerConfig, Role
 from serving.planner.predictors import MovingAveragePredictor, Predictor, make_predictor
 from serving.planner.sizing import replicas_for
@@ -264,8 +264,8 @@ def _model_targets(
         load = Load(rate, observed.input_tokens, observed.output_tokens)
         state.predicted = load
         correction = _correction(role, state)
-        per_replica = state.capacity.per_replica(role, load.input_tokens, load.output_tokens)
-        exact = rate * correction / per_replica.request_rate  # the load, in replicas
+        per_replica, capacity_factor = _capacity(role, load, correction, state)
+        exact = rate * capacity_factor / per_replica.request_rate  # the load, in replicas
         # The margin goes on the size; the bands below compare the load with the current size.
         needed = replicas_for(exact, sqrt_headroom=cfg.scaling.sqrt_headroom)
         tolerance = cfg.scaling.tolerance
@@ -279,7 +279,7 @@ def _model_targets(
             and exact <= current[role] * (1 + tolerance)
         ):
             needed = current[role]
-        state.replica_rates[role] = per_replica.request_rate / correction
+        state.replica_rates[role] = per_replica.request_rate / capacity_factor
         target = min(max(needed, role_cfg.min_replicas), role_cfg.replica_limit)
         state.model_targets[role] = target
         bound = (
@@ -290,12 +290,26 @@ def _model_targets(
         )  # fmt: skip
         state.model_reasons[role] = (
             f"{rate:.2f} req/s ({how}; {load.input_tokens:.0f}/{load.output_tokens:.0f} tokens)"
-            f" x{correction:.2f} / {per_replica.request_rate:.2f} per replica"
+            f"{f' x{correction:.2f}' if capacity_factor != 1.0 else ''}"
+            f" / {per_replica.request_rate:.2f} per replica"
+            f"{f' (latencies x{correction:.2f})' if capacity_factor == 1.0 else ''}"
             f" ({per_replica.limit}){margin} -> {target}{bound}"
         )
         if not state.queued_since_model[role]:
             state.queue_floor[role] = 0
         state.queued_since_model[role] = False
+
+
+def _capacity(
+    role: Role, load: Load, correction: float, state: PlannerState
+) -> tuple[ReplicaCapacity, float]:
+    """One replica's capacity and the factor the load is multiplied by before dividing by it:
+    the correction itself (``correction_applies_to: capacity``), or 1 with the correction in
+    the latencies the capacity is found from (``latency``)."""
+    isl, osl = load.input_tokens, load.output_tokens
+    if state.config.scaling.correction_applies_to == "latency":
+        return state.capacity.per_replica_corrected(role, isl, osl, correction), 1.0
+    return state.capacity.per_replica(role, isl, osl), correction
 
 
 def _correction(role: Role, state: PlannerState) -> float:

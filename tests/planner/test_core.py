@@ -189,6 +189,40 @@ def test_slow_observed_ttft_raises_the_correction_and_the_size(profile: PerfProf
     assert "x2.50 / 14.23 per replica (utilization) -> 8" in decision.roles["both"].reason
 
 
+def test_a_latency_correction_costs_nothing_while_latencies_stay_inside_the_sla(
+    profile: PerfProfile,
+) -> None:
+    """``correction_applies_to: latency``: observed TTFT 1.2x the model's, with the model's
+    TTFT far inside the 2 s SLA at the utilization cap, leaves the size as it was (the capacity
+    mode divides the capacity by 1.2); 5x (an ITL the SLA no longer holds at the cap) lowers
+    a replica's capacity to the rate the corrected latencies allow."""
+    sizes = {}
+    for mode in ("capacity", "latency"):
+        state = make_planner(profile, scaling={"correction_smoothing": 1.0,
+                                               "correction_applies_to": mode})  # fmt: skip
+        clock = FakeClock()
+        base = run(state, clock, {"both": 1}, [traffic(40.0)] * 2)[-1].roles["both"].target
+        expected = state.capacity.expected_ttft_s("both", 40.0 / base, 1000, 200)
+        slow = replace(traffic(40.0), ttft_mean_s=1.2 * expected)
+        decision = run(state, clock, {"both": base}, [slow])[-1]
+        assert decision.corrections["ttft"] == pytest.approx(1.2)
+        sizes[mode] = (base, decision.roles["both"].target, decision.roles["both"].reason)
+    capacity_base, capacity_target, _ = sizes["capacity"]
+    latency_base, latency_target, reason = sizes["latency"]
+    assert latency_base == capacity_base == 3
+    assert capacity_target == state.capacity.replicas_needed("both", 1.2 * 40.0, 1000, 200) == 4
+    assert latency_target == 3
+    assert "/ 14.23 per replica (latencies x1.20) (utilization) -> 3" in reason
+    # A correction that puts the model's ITL over the SLA at the cap lowers the capacity.
+    profile_sla_itl_s = state.config.sla.itl_s
+    corrected = state.capacity.per_replica_corrected("both", 1000, 200, 5.0)
+    assert corrected.limit == "itl" and corrected.request_rate < 10.0
+    assert corrected.itl_s <= profile_sla_itl_s / 5.0
+    assert state.capacity.per_replica_corrected("both", 1000, 200, 1.0) == (
+        state.capacity.per_replica("both", 1000, 200)
+    )
+
+
 def test_holt_sizes_for_an_upper_quantile_of_its_forecast() -> None:
     from serving.planner.config import PredictorConfig
     from serving.planner.predictors import make_predictor
