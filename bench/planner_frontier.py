@@ -45,7 +45,7 @@ from typing import Any
 
 import yaml
 
-from bench.planner_day import DayStudyConfig, planner_config, simulation
+from bench.planner_day import SLA_EQUAL_TOLERANCE, DayStudyConfig, planner_config, simulation
 from bench.replay_planner import (
     hindsight_sizes,
     run_hindsight,
@@ -150,7 +150,7 @@ def equal_sla_static(
         ),
         key=lambda item: (item[0], item[1]["sla_attainment"]),  # a size's best split last
     )
-    above = [(n, p) for n, p in statics if p["sla_attainment"] >= sla]
+    above = [(n, p) for n, p in statics if p["sla_attainment"] >= sla - SLA_EQUAL_TOLERANCE]
     if not above:
         return None
     n, p = above[0]
@@ -159,7 +159,7 @@ def equal_sla_static(
     if below:
         m, q = below[-1]
         low, high = q["sla_attainment"], p["sla_attainment"]
-        size = m + (n - m) * (sla - low) / (high - low) if high > low else float(n)
+        size = min(m + (n - m) * (sla - low) / (high - low), n) if high > low else float(n)
     return {"replicas": n, "gpu_hours": p["gpu_hours"], "interpolated_replicas": size,
             "interpolated_gpu_hours": p["gpu_hours"] * size / n}  # fmt: skip
 

@@ -150,6 +150,27 @@ def test_verdict_compares_with_the_static_pool_of_equal_sla() -> None:
     assert v["more_sla_than_reactive"]
 
 
+def test_sla_attainments_a_request_in_a_million_apart_count_as_equal() -> None:
+    """Near a 100% ceiling: static 8 (99.9986%) is the pool of (c)'s SLA (99.9999%), not a
+    static-10 that happens to lose no request (the study once printed 30.5% saved from that)."""
+
+    def row(policy: str, sla: float, gpu_hours: float) -> dict:
+        return {"policy": policy, "sla_attainment": sla, "gpu_hours": gpu_hours}
+
+    static, lead = row("static", 0.999986, 192.0), row("lead-time", 0.999999, 166.7)
+    v = verdict([static, lead, row("static-9", 0.999998, 216.0), row("static-10", 1.0, 240.0)])
+    assert v["sla_at_least_static"]
+    assert abs(v["gpu_hours_saved_vs_static"] - (1 - 166.7 / 192.0)) < 1e-9
+    assert "equal_sla_static_replicas" not in v  # static itself is the pool of equal SLA
+    points = {"static:7": {"sla_attainment": 0.8756, "gpu_hours": 168.0},
+              "static:8": {"sla_attainment": 0.999986, "gpu_hours": 192.0},
+              "static:10": {"sla_attainment": 1.0, "gpu_hours": 240.0}}  # fmt: skip
+    same = equal_sla_static(points, 0.999999)
+    assert same is not None and same["replicas"] == 8 and same["interpolated_replicas"] == 8
+    below = equal_sla_static(points, 0.9995)  # below static 8 by more than the tolerance
+    assert below is not None and below["replicas"] == 8 and 7 < below["interpolated_replicas"] < 8
+
+
 def test_study_adds_static_pools_until_one_attains_lead_time_sla(tmp_path: Path) -> None:
     config = DayStudyConfig(trace=_trace(tmp_path / "trace.jsonl"), peak_speedup=8.0,
                             duration_s=600.0, warmup_s=0.0, max_num_seqs=4,
