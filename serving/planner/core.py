@@ -265,6 +265,7 @@ def _model_targets(
         state.predicted = load
         correction = _correction(role, state)
         per_replica, capacity_factor = _capacity(role, load, correction, state)
+        in_latency = cfg.scaling.correction_applies_to == "latency"
         exact = rate * capacity_factor / per_replica.request_rate  # the load, in replicas
         # The margin goes on the size; the bands below compare the load with the current size.
         needed = replicas_for(exact, sqrt_headroom=cfg.scaling.sqrt_headroom)
@@ -290,9 +291,9 @@ def _model_targets(
         )  # fmt: skip
         state.model_reasons[role] = (
             f"{rate:.2f} req/s ({how}; {load.input_tokens:.0f}/{load.output_tokens:.0f} tokens)"
-            f"{f' x{correction:.2f}' if capacity_factor != 1.0 else ''}"
+            f"{'' if in_latency else f' x{correction:.2f}'}"
             f" / {per_replica.request_rate:.2f} per replica"
-            f"{f' (latencies x{correction:.2f})' if capacity_factor == 1.0 else ''}"
+            f"{f' (latencies x{correction:.2f})' if in_latency else ''}"
             f" ({per_replica.limit}){margin} -> {target}{bound}"
         )
         if not state.queued_since_model[role]:

@@ -207,7 +207,8 @@ def test_a_latency_correction_costs_nothing_while_latencies_stay_inside_the_sla(
         decision = run(state, clock, {"both": base}, [slow])[-1]
         assert decision.corrections["ttft"] == pytest.approx(1.2)
         sizes[mode] = (base, decision.roles["both"].target, decision.roles["both"].reason)
-    capacity_base, capacity_target, _ = sizes["capacity"]
+    capacity_base, capacity_target, capacity_reason = sizes["capacity"]
+    assert "x1.20 / 14.23 per replica (utilization) -> 4" in capacity_reason
     latency_base, latency_target, reason = sizes["latency"]
     assert latency_base == capacity_base == 3
     assert capacity_target == state.capacity.replicas_needed("both", 1.2 * 40.0, 1000, 200) == 4
