@@ -47,6 +47,7 @@ import yaml
 
 from bench.planner_day import SLA_EQUAL_TOLERANCE, DayStudyConfig, planner_config, simulation
 from bench.replay_planner import (
+    DAILY_CURVES,
     hindsight_sizes,
     run_hindsight,
     run_hindsight_roles,
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/planner-frontier.json"))
     parser.add_argument("--speedup", type=float, default=4.0, help="Trace speed-up at the peak.")
     parser.add_argument("--duration-s", type=float, default=86_400.0)
-    parser.add_argument("--curve", choices=("chat", "sine"), default="chat",
+    parser.add_argument("--curve", choices=tuple(DAILY_CURVES), default="chat",
                         help="The day's shape (bench/replay_planner.py DAILY_CURVES).")  # fmt: skip
     parser.add_argument("--arrival-jitter-s", type=float, default=3.0,
                         help="Spread arrivals over this many trace seconds (0 for an Azure "
@@ -214,8 +215,9 @@ def main(argv: list[str] | None = None) -> None:
         daily_curve=args.curve, arrival_jitter_s=args.arrival_jitter_s,
     )  # fmt: skip
     saved = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    this_day = config.model_dump(mode="json")
     day = ("daily_curve", "arrival_jitter_s", "peak_speedup", "trace")
-    if saved and any(saved["config"].get(k) != config.model_dump(mode="json")[k] for k in day):
+    if saved and any(saved["config"].get(k) != this_day[k] for k in day):
         parser.error(f"--out {args.out} holds points of another day (--trace, --speedup, "
                      "--curve or --arrival-jitter-s); name another file")  # fmt: skip
     points = saved.get("points", {})
