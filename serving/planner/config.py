@@ -151,7 +151,16 @@ class ScalingConfig(_Strict):
     )
     queue_ticks_up: int = Field(default=2, ge=1, description="... for this many ticks in a row.")
     min_requests_for_correction: int = Field(default=20, ge=1)
-    correction_smoothing: float = Field(default=0.3, gt=0, le=1)
+    correction_smoothing: float = Field(
+        default=0.02,
+        gt=0,
+        le=1,
+        description="Weight of each tick's observed/expected latency ratio in the correction "
+        "factor (an exponential average: a time constant of about interval_s / this, 500 s "
+        "by default): a slow calibration of the profile. A fast one (0.3, the default until "
+        "2026-12-07) chases the ratio's rise near a replica's rating and makes the pool swing; "
+        "docs/benchmarks.md, 'The best schedule with hindsight'.",
+    )
     correction_applies_to: Literal["capacity", "latency"] = Field(
         default="capacity",
         description="capacity: a replica sustains 1/correction of the model's rate; latency: "

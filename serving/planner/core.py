@@ -9,7 +9,8 @@ NOTE: one tick.
 2. Feed the predictors (request rate; mean prompt and output length) and, with enough requests
    in the window and no role queueing (a short pool's latencies measure the shortage, not the
    model's error), the correction factors: observed TTFT / ITL over what the capacity model
-   expects at this load (as Dynamo's planner does), smoothed and clamped to [0.5, 3].
+   expects at this load (as Dynamo's planner does), smoothed slowly (a calibration of the
+   profile, not a signal that follows the load) and clamped to [0.5, 3].
 3. Slow loop, every ``model_interval_s``: per role, the peak predicted rate until a replica
    ordered now would serve and the next re-size (``lookahead: lead_time``; the upper
    ``predictor.quantile`` of the prediction, whose interval widens with the lead time; ``none``
