@@ -13,6 +13,8 @@ lead time are ``bench/planner_day.py``'s (its defaults: 4x at the peak, lead tim
 * ``static:N``: N replicas all day;
 * ``reactive[:key=value,...]``, ``lead-time[:key=value,...]``: the planner with these config
   overrides (dotted keys of ``PlannerConfig``, values parsed as YAML);
+* ``perfect[:key=value,...]``: the lead-time planner fed the day's true request rate
+  (``replay_planner.PerfectForecast``) instead of its predictor: what its other parts cost;
 * ``hindsight:WINDOW_S:HEADROOM[:SQRT_HEADROOM]``: every window sized for its own arrivals by
   the capacity model, ``ceil(HEADROOM * a + SQRT_HEADROOM * sqrt(a))`` replicas for a load of
   ``a`` replicas (``serving/planner/sizing.py``; square-root staffing with ``HEADROOM`` 1),
@@ -48,6 +50,7 @@ import yaml
 from bench.planner_day import SLA_EQUAL_TOLERANCE, DayStudyConfig, planner_config, simulation
 from bench.replay_planner import (
     DAILY_CURVES,
+    PerfectForecast,
     hindsight_sizes,
     run_hindsight,
     run_hindsight_roles,
@@ -98,16 +101,21 @@ def run_point(config: DayStudyConfig, point: str) -> dict[str, Any]:
             setup, capacity, "both", config.min_replicas, window_s, headroom, *sqrt_headroom
         )
         outcome = run_hindsight(setup, sizes, window_s, "both", name=point)
-    elif kind in ("reactive", "lead-time"):
-        planner = with_overrides(planner_config(config, kind), rest)
+    elif kind in ("reactive", "lead-time", "perfect"):
+        policy = "lead-time" if kind == "perfect" else kind
+        planner = with_overrides(planner_config(config, policy), rest)
         capacity = CapacityModel(
             profile, planner.sla, target_utilization=planner.scaling.target_utilization
         )
-        outcome = run_planned(setup, planner, capacity, point)
+        perfect = None
+        if kind == "perfect":
+            arrivals = (r.arrival_s for r in setup.requests())
+            perfect = PerfectForecast(list(arrivals), planner.metrics.window_s)
+        outcome = run_planned(setup, planner, capacity, point, perfect)
     else:
         raise ValueError(
             f"{point}: not static:N, static:P+D, reactive[-pd][:k=v], lead-time[-pd][:k=v], "
-            "hindsight[-pd]:W:H[:B]"
+            "perfect[:k=v], hindsight[-pd]:W:H[:B]"
         )
     figures = outcome.figures(config.price_usd_per_gpu_hour)
     figures["peak_hour_sla_attainment"] = _busiest_hour(outcome.hourly)

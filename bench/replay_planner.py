@@ -41,6 +41,7 @@ from serving.planner.capacity import CapacityModel
 from serving.planner.config import PlannerConfig, Role
 from serving.planner.connectors.virtual import VirtualConnector
 from serving.planner.core import PlannerState, make_state, tick
+from serving.planner.predictors import Predictor
 from serving.planner.sizing import replicas_for
 from serving.planner.types import Observation, RoleObservation, Traffic
 
@@ -228,15 +229,22 @@ def run_static(setup: SimSetup, replicas: dict[Role, int], name: str = "static")
 
 
 def run_planned(
-    setup: SimSetup, config: PlannerConfig, capacity: CapacityModel, name: str
+    setup: SimSetup,
+    config: PlannerConfig,
+    capacity: CapacityModel,
+    name: str,
+    rate_predictor: Predictor | None = None,
 ) -> Outcome:
-    """The planner ticking in virtual time over the virtual connector."""
+    """The planner ticking in virtual time over the virtual connector; ``rate_predictor``
+    replaces the configured one (``PerfectForecast``: what a perfect prediction is worth)."""
     outcome = Outcome(name)
     window = WindowStats(config.metrics.window_s)
     cluster = _cluster(setup, outcome, window.add, window.arrive)
     roles = tuple(config.roles)
     connector = VirtualConnector(cluster, roles)
     state = make_state(config, capacity, {r: setup.lead_time_s for r in roles})
+    if rate_predictor is not None:
+        state.rate = rate_predictor
     for role, role_cfg in config.roles.items():
         for _ in range(role_cfg.min_replicas):
             cluster.provision(role, lead_time_s=0.0)
@@ -262,6 +270,34 @@ def run_planned(
 
     cluster.schedule(interval, on_tick)
     return _finish(setup, cluster, outcome, state)
+
+
+class PerfectForecast(Predictor):
+    """The request rate the day will bring, read off its arrivals: at ``t + h``, the arrivals
+    of the ``window_s`` before it over ``window_s`` (what the metrics will show then). No
+    planner has this; with it, the planner's other losses stand alone. The quantile is
+    ignored: there is no uncertainty."""
+
+    name = "perfect"
+
+    def __init__(self, arrivals_s: Sequence[float], window_s: float = 60.0) -> None:
+        self.arrivals_s = sorted(arrivals_s)
+        self.window_s = window_s
+
+    def observe(self, time_s: float, value: float) -> None:
+        pass
+
+    def forecast(
+        self, time_s: float, horizons_s: Sequence[float], quantile: float | None = None
+    ) -> list[float]:
+        rates = []
+        for horizon_s in horizons_s:
+            end = time_s + horizon_s
+            count = bisect.bisect_left(self.arrivals_s, end) - bisect.bisect_left(
+                self.arrivals_s, end - self.window_s
+            )
+            rates.append(count / self.window_s)
+        return rates
 
 
 def _role_observation(cluster: FluidCluster, role: Role, counts: Any) -> RoleObservation:

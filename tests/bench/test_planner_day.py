@@ -16,6 +16,7 @@ from bench.planner_frontier import main as frontier_main
 from bench.replay_fluid import SimRequest
 from bench.replay_planner import (
     DAILY_CURVES,
+    PerfectForecast,
     WindowStats,
     day_requests,
     diurnal_share,
@@ -269,3 +270,21 @@ def test_frontier_keeps_each_curve_in_its_own_file(tmp_path: Path) -> None:
         frontier_main([*common, "--point", "static:2"])  # chat: another day
     assert exited.value.code == 2
     assert out.read_text() == before
+
+
+def test_perfect_forecast_reads_the_rate_off_the_days_arrivals() -> None:
+    arrivals = [float(i) for i in range(0, 120)] + [120 + i / 4 for i in range(240)]  # 1, then 4/s
+    perfect = PerfectForecast(arrivals, window_s=60.0)
+    assert perfect.forecast(0.0, [60.0, 120.0, 180.0], quantile=0.9) == [1.0, 1.0, 4.0]
+    perfect.observe(60.0, 100.0)  # observations change nothing
+    assert perfect.forecast(60.0, [0.0, 90.0]) == [1.0, 2.5]
+
+
+def test_frontier_runs_the_planner_with_a_perfect_forecast(tmp_path: Path) -> None:
+    trace, out = _trace(tmp_path / "trace.jsonl"), tmp_path / "frontier.json"
+    common = ["--trace", str(trace), "--duration-s", "1200", "--speedup", "8", "--out", str(out)]
+    frontier_main([*common, "--point", "perfect:scaling.interval_s=30", "--point", "static:1"])
+    points = json.loads(out.read_text())["points"]
+    perfect = points["perfect:scaling.interval_s=30"]
+    assert perfect["requests"] == points["static:1"]["requests"] > 0
+    assert perfect["gpu_hours"] > 0
