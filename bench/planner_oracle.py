@@ -34,7 +34,7 @@ import numpy as np
 
 from bench.planner_day import DayStudyConfig, simulation
 from bench.planner_frontier import equal_sla_static
-from bench.replay_planner import DAILY_CURVES, Outcome, SimSetup, _cluster, _finish, run_hindsight
+from bench.replay_planner import DAILY_CURVES, SimSetup, run_hindsight, run_static
 from serving.planner.config import Role
 
 _ROLE: Role = "both"
@@ -167,11 +167,7 @@ def measure_tables(setup: SimSetup, sizes: list[int], window_s: float,
             if r.ttft_s <= setup.sla_ttft_s and r.itl_s <= setup.sla_itl_s:
                 counts[min(int(r.arrival_s // window_s), num_windows - 1)] += 1
 
-        outcome = Outcome(f"static:{n}")
-        cluster = _cluster(setup, outcome, done)
-        for _ in range(n):
-            cluster.provision(_ROLE, lead_time_s=0.0)
-        _finish(setup, cluster, outcome)
+        outcome = run_static(setup, {_ROLE: n}, f"static:{n}", on_done=done)
         met[n] = counts
         progress(f"static:{n}: {outcome.met_sla / max(len(outcome.ttft_s), 1):.2%} SLA met")
     first = int(setup.warmup_s // window_s)

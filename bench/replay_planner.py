@@ -217,10 +217,16 @@ class SimSetup:
         return self.warmup_s + self.duration_s
 
 
-def run_static(setup: SimSetup, replicas: dict[Role, int], name: str = "static") -> Outcome:
-    """A fixed pool for the whole run (no planner)."""
+def run_static(
+    setup: SimSetup,
+    replicas: dict[Role, int],
+    name: str = "static",
+    on_done: Callable[[SimRequest], None] | None = None,
+) -> Outcome:
+    """A fixed pool for the whole run (no planner); ``on_done`` sees every finished request
+    (the warm-up's too)."""
     outcome = Outcome(name)
-    cluster = _cluster(setup, outcome)
+    cluster = _cluster(setup, outcome, on_done)
     for role, count in replicas.items():
         for _ in range(count):
             cluster.provision(role, lead_time_s=0.0)
