@@ -25,17 +25,8 @@ from bench.replay_planner import (
     sine_share,
 )
 from bench.trace import load_mooncake
+from tests.bench.conftest import tiny_trace
 from workflows.bench_cli import app as bench_app
-
-
-def _trace(path: Path) -> Path:
-    """Ten minutes of trace time: one 400-token prompt with 40 output tokens every second."""
-    rows = [
-        {"timestamp": i * 1000, "input_length": 400, "output_length": 40, "hash_ids": [i]}
-        for i in range(600)
-    ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def test_replay_planner_compares_static_and_the_planner(tmp_path: Path) -> None:
@@ -46,7 +37,7 @@ def test_replay_planner_compares_static_and_the_planner(tmp_path: Path) -> None:
     }))  # fmt: skip
     out = tmp_path / "study.json"
     result = CliRunner().invoke(bench_app, [
-        "replay", "--trace", str(_trace(tmp_path / "trace.jsonl")),
+        "replay", "--trace", str(tiny_trace(tmp_path / "trace.jsonl")),
         "--planner", "static,lead-time", "--planner-config", str(config),
         "--speedup", "8", "--duration-s", "3600", "--lead-time-s", "60",
         "--max-num-seqs", "4", "--max-num-batched-tokens", "512",
@@ -67,7 +58,7 @@ def test_replay_planner_compares_static_and_the_planner(tmp_path: Path) -> None:
 
 def test_replay_planner_names_an_unknown_policy(tmp_path: Path) -> None:
     result = CliRunner().invoke(bench_app, [
-        "replay", "--trace", str(_trace(tmp_path / "trace.jsonl")), "--planner", "psychic",
+        "replay", "--trace", str(tiny_trace(tmp_path / "trace.jsonl")), "--planner", "psychic",
     ])  # fmt: skip
     assert result.exit_code == 2
     assert "policies" in result.output
@@ -85,7 +76,7 @@ def test_window_counts_arrivals_not_only_finished_requests() -> None:
 def test_hindsight_pool_has_each_window_s_size_on_time(tmp_path: Path) -> None:
     """The hindsight reference: every window's replicas serve from its start, paid from one
     lead time before; GPU-hours follow the sizes."""
-    config = DayStudyConfig(trace=_trace(tmp_path / "trace.jsonl"), peak_speedup=8.0,
+    config = DayStudyConfig(trace=tiny_trace(tmp_path / "trace.jsonl"), peak_speedup=8.0,
                             duration_s=1200.0, warmup_s=600.0, lead_time_s=60.0,
                             max_num_seqs=4, max_num_batched_tokens=512,
                             kv_capacity_tokens=4096)  # fmt: skip
@@ -115,7 +106,7 @@ def test_equal_sla_static_interpolates_between_static_pools() -> None:
 
 
 def test_frontier_merges_points_into_one_file(tmp_path: Path, capsys) -> None:
-    trace, out = _trace(tmp_path / "trace.jsonl"), tmp_path / "frontier.json"
+    trace, out = tiny_trace(tmp_path / "trace.jsonl"), tmp_path / "frontier.json"
     common = ["--trace", str(trace), "--duration-s", "1200", "--speedup", "8", "--out", str(out)]
     frontier_main([*common, "--point", "static:1"])
     frontier_main(
@@ -173,7 +164,7 @@ def test_sla_attainments_a_request_in_a_million_apart_count_as_equal() -> None:
 
 
 def test_study_adds_static_pools_until_one_attains_lead_time_sla(tmp_path: Path) -> None:
-    config = DayStudyConfig(trace=_trace(tmp_path / "trace.jsonl"), peak_speedup=8.0,
+    config = DayStudyConfig(trace=tiny_trace(tmp_path / "trace.jsonl"), peak_speedup=8.0,
                             duration_s=600.0, warmup_s=0.0, max_num_seqs=4,
                             max_num_batched_tokens=512, kv_capacity_tokens=4096)  # fmt: skip
     setup, _ = simulation(config)
@@ -187,7 +178,7 @@ def test_study_adds_static_pools_until_one_attains_lead_time_sla(tmp_path: Path)
 def test_hindsight_pools_per_role_serve_on_time(tmp_path: Path) -> None:
     """Disaggregated hindsight: each role's window has its own size; the replica count is the
     sum; every request is prefilled on a prefill worker and decoded on a decode worker."""
-    config = DayStudyConfig(trace=_trace(tmp_path / "trace.jsonl"), peak_speedup=8.0,
+    config = DayStudyConfig(trace=tiny_trace(tmp_path / "trace.jsonl"), peak_speedup=8.0,
                             duration_s=1200.0, warmup_s=600.0, lead_time_s=60.0,
                             max_num_seqs=4, max_num_batched_tokens=512,
                             kv_capacity_tokens=4096)  # fmt: skip
@@ -213,7 +204,7 @@ def test_equal_sla_static_keeps_disaggregated_pools_apart() -> None:
 
 
 def test_frontier_runs_disaggregated_points(tmp_path: Path, capsys) -> None:
-    trace, out = _trace(tmp_path / "trace.jsonl"), tmp_path / "frontier.json"
+    trace, out = tiny_trace(tmp_path / "trace.jsonl"), tmp_path / "frontier.json"
     common = ["--trace", str(trace), "--duration-s", "1200", "--speedup", "8", "--out", str(out)]
     frontier_main(
         [*common, "--point", "static:1+1", "--point", "hindsight-pd:300:1.0",
@@ -239,7 +230,7 @@ def test_daily_curves_have_the_documented_shape() -> None:
 
 
 def test_day_requests_follow_the_chosen_curve(tmp_path: Path) -> None:
-    trace = load_mooncake(_trace(tmp_path / "trace.jsonl"))
+    trace = load_mooncake(tiny_trace(tmp_path / "trace.jsonl"))
     for name, curve in DAILY_CURVES.items():
         per_hour = [0] * 24
         for request in day_requests(trace, peak_speedup=1.0, share=curve, seed=1):
@@ -250,7 +241,7 @@ def test_day_requests_follow_the_chosen_curve(tmp_path: Path) -> None:
 
 
 def test_replay_planner_takes_a_daily_curve_and_names_a_bad_one(tmp_path: Path) -> None:
-    trace, out = _trace(tmp_path / "trace.jsonl"), tmp_path / "study.json"
+    trace, out = tiny_trace(tmp_path / "trace.jsonl"), tmp_path / "study.json"
     common = ["replay", "--trace", str(trace), "--planner", "static", "--speedup", "8",
               "--duration-s", "1200", "--max-num-seqs", "4", "--out", str(out)]  # fmt: skip
     result = CliRunner().invoke(bench_app, [*common, "--daily-curve", "moon"])
@@ -262,7 +253,7 @@ def test_replay_planner_takes_a_daily_curve_and_names_a_bad_one(tmp_path: Path) 
 
 
 def test_frontier_keeps_each_curve_in_its_own_file(tmp_path: Path) -> None:
-    trace, out = _trace(tmp_path / "trace.jsonl"), tmp_path / "frontier.json"
+    trace, out = tiny_trace(tmp_path / "trace.jsonl"), tmp_path / "frontier.json"
     common = ["--trace", str(trace), "--duration-s", "1200", "--speedup", "8", "--out", str(out)]
     frontier_main([*common, "--curve", "sine", "--point", "static:1"])
     before = out.read_text()
@@ -281,7 +272,7 @@ def test_perfect_forecast_reads_the_rate_off_the_days_arrivals() -> None:
 
 
 def test_frontier_runs_the_planner_with_a_perfect_forecast(tmp_path: Path) -> None:
-    trace, out = _trace(tmp_path / "trace.jsonl"), tmp_path / "frontier.json"
+    trace, out = tiny_trace(tmp_path / "trace.jsonl"), tmp_path / "frontier.json"
     common = ["--trace", str(trace), "--duration-s", "1200", "--speedup", "8", "--out", str(out)]
     frontier_main([*common, "--point", "perfect:scaling.interval_s=30", "--point", "static:1"])
     points = json.loads(out.read_text())["points"]

@@ -20,16 +20,7 @@ from bench.planner_oracle import (
 )
 from bench.planner_oracle import main as oracle_main
 from bench.replay_planner import run_static
-
-
-def _trace(path: Path) -> Path:
-    """Ten minutes of trace time: one 400-token prompt with 40 output tokens every second."""
-    rows = [
-        {"timestamp": i * 1000, "input_length": 400, "output_length": 40, "hash_ids": [i]}
-        for i in range(600)
-    ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+from tests.bench.conftest import tiny_trace
 
 
 def _tables(arrivals: list[int], met: dict[int, list[int]]) -> WindowTables:
@@ -67,7 +58,7 @@ def test_windows_before_the_measurement_are_not_counted() -> None:
 
 def test_tables_count_what_the_static_pools_measure(tmp_path: Path) -> None:
     """Per-window counts add up to each static pool's own SLA figure and request count."""
-    config = DayStudyConfig(trace=_trace(tmp_path / "trace.jsonl"), peak_speedup=8.0,
+    config = DayStudyConfig(trace=tiny_trace(tmp_path / "trace.jsonl"), peak_speedup=8.0,
                             start_s=20 * 3600.0, duration_s=1200.0, warmup_s=600.0, max_num_seqs=4,
                             max_num_batched_tokens=512, kv_capacity_tokens=4096)  # fmt: skip
     setup, _ = simulation(config)
@@ -85,7 +76,7 @@ def test_tables_count_what_the_static_pools_measure(tmp_path: Path) -> None:
 
 
 def test_oracle_cli_bounds_static_pools_and_the_planner(tmp_path: Path, capsys) -> None:
-    trace = _trace(tmp_path / "trace.jsonl")
+    trace = tiny_trace(tmp_path / "trace.jsonl")
     common = ["--trace", str(trace), "--duration-s", "1200", "--speedup", "8"]
     frontier_file, out = tmp_path / "frontier.json", tmp_path / "oracle.json"
     frontier_main([*common, "--out", str(frontier_file), "--point", "lead-time"])
@@ -111,7 +102,7 @@ def test_oracle_cli_bounds_static_pools_and_the_planner(tmp_path: Path, capsys) 
 def test_oracle_cli_names_bad_sizes(tmp_path: Path, capsys) -> None:
     out = tmp_path / "oracle.json"
     with pytest.raises(SystemExit) as exited:
-        oracle_main(["--trace", str(_trace(tmp_path / "t.jsonl")), "--sizes", "0-3",
+        oracle_main(["--trace", str(tiny_trace(tmp_path / "t.jsonl")), "--sizes", "0-3",
                      "--out", str(out)])  # fmt: skip
     assert exited.value.code == 2 and "--sizes" in capsys.readouterr().err
     assert not out.exists()
