@@ -61,6 +61,8 @@ from serving.planner.capacity import CapacityModel
 from serving.planner.config import PlannerConfig, parse_config
 
 PD_ROLES = ("prefill", "decode")
+# What makes two runs the same day (DayStudyConfig fields): points of one file share them.
+DAY_KEYS = ("daily_curve", "arrival_jitter_s", "peak_speedup", "trace", "duration_s")
 
 
 def run_point(config: DayStudyConfig, point: str) -> dict[str, Any]:
@@ -177,7 +179,7 @@ def _static_size(name: str) -> int:
     return sum(int(x) for x in name.split(":")[1].split("+"))
 
 
-def _is_disagg(name: str) -> bool:
+def is_disagg(name: str) -> bool:
     kind, _, rest = name.partition(":")
     return kind.endswith("-pd") or (kind == "static" and "+" in rest)
 
@@ -191,7 +193,7 @@ def print_frontier(points: dict[str, dict[str, Any]]) -> None:
                    "static of equal SLA", "saved", "saved (interp.)"):  # fmt: skip
         table.add_column(column, justify="right")
     for name, p in sorted(points.items(), key=lambda item: item[1]["gpu_hours"]):
-        same = equal_sla_static(points, p["sla_attainment"], _is_disagg(name))
+        same = equal_sla_static(points, p["sla_attainment"], is_disagg(name))
         saved = saved_interp = equal = "-"
         if same is not None:
             equal = f"{same['replicas']} ({same['interpolated_replicas']:.2f})"
@@ -224,10 +226,9 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     saved = json.loads(args.out.read_text()) if args.out.is_file() else {}
     this_day = config.model_dump(mode="json")
-    day = ("daily_curve", "arrival_jitter_s", "peak_speedup", "trace")
-    if saved and any(saved["config"].get(k) != this_day[k] for k in day):
+    if saved and any(saved["config"].get(k) != this_day[k] for k in DAY_KEYS):
         parser.error(f"--out {args.out} holds points of another day (--trace, --speedup, "
-                     "--curve or --arrival-jitter-s); name another file")  # fmt: skip
+                     "--curve, --arrival-jitter-s or --duration-s); name another file")  # fmt: skip
     points = saved.get("points", {})
     for point in args.point:
         started = time.process_time()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,12 +34,11 @@ from typing import Any
 import numpy as np
 
 from bench.planner_day import DayStudyConfig, simulation
-from bench.planner_frontier import equal_sla_static
+from bench.planner_frontier import DAY_KEYS, equal_sla_static, is_disagg
 from bench.replay_planner import DAILY_CURVES, SimSetup, run_hindsight, run_static
 from serving.planner.config import Role
 
 _ROLE: Role = "both"
-_DAY_KEYS = ("daily_curve", "arrival_jitter_s", "peak_speedup", "trace", "duration_s")
 
 
 @dataclass(frozen=True)
@@ -83,11 +83,17 @@ class OraclePoint:
 def allocate(tables: WindowTables, price: float) -> tuple[int, ...]:
     """Per window, the size with the most SLA-met requests less ``price`` per GPU-hour (ties:
     the smaller size)."""
+    return next(_allocations(tables, [price]))
+
+
+def _allocations(tables: WindowTables, prices: Iterable[float]) -> Iterator[tuple[int, ...]]:
+    """``allocate`` at each price; the tables become arrays once."""
     sizes = np.array(tables.sizes)
     met = np.array([tables.met[n] for n in sizes], dtype=float)  # size x window
     gpu_hours = sizes * tables.gpus_per_replica * tables.window_s / 3600.0
-    score = met - price * gpu_hours[:, None]
-    return tuple(int(n) for n in sizes[score.argmax(axis=0)])  # argmax: the first (smallest)
+    for price in prices:
+        score = met - price * gpu_hours[:, None]
+        yield tuple(int(n) for n in sizes[score.argmax(axis=0)])  # argmax: the first (smallest)
 
 
 def evaluate(tables: WindowTables, sizes: tuple[int, ...]) -> tuple[float, float]:
@@ -105,8 +111,7 @@ def frontier(tables: WindowTables, prices: np.ndarray | None = None) -> list[Ora
     if prices is None:
         prices = np.geomspace(1e-2, 1e7, 600)
     points: dict[tuple[int, ...], OraclePoint] = {}
-    for price in prices:
-        sizes = allocate(tables, float(price))
+    for price, sizes in zip(prices, _allocations(tables, prices), strict=True):
         if sizes not in points:
             points[sizes] = OraclePoint(float(price), *evaluate(tables, sizes), sizes)
     return sorted(points.values(), key=lambda p: (p.gpu_hours, p.sla_attainment))
@@ -265,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
         trace=args.trace, peak_speedup=args.speedup, duration_s=args.duration_s,
         daily_curve=args.curve, arrival_jitter_s=args.arrival_jitter_s,
     )  # fmt: skip
-    day = {k: v for k, v in config.model_dump(mode="json").items() if k in _DAY_KEYS}
+    day = {k: v for k, v in config.model_dump(mode="json").items() if k in DAY_KEYS}
     frontier_points = _frontier_points(parser, args.frontier, day)
     saved = json.loads(args.out.read_text()) if args.out.is_file() else {}
     if saved and (saved.get("day") != day or saved["tables"]["window_s"] != args.window_s):
@@ -303,12 +308,11 @@ def _frontier_points(parser: argparse.ArgumentParser, path: Path | None,
     if not path.is_file():
         parser.error(f"--frontier {path}: no such file")
     data = json.loads(path.read_text())
-    theirs = {k: data["config"].get(k) for k in _DAY_KEYS}
+    theirs = {k: data["config"].get(k) for k in DAY_KEYS}
     if theirs != day:
         parser.error(f"--frontier {path}: points of another day ({theirs} against {day})")
     return {name: p for name, p in data["points"].items()
-            if not name.startswith("static:") and not name.endswith("-pd")
-            and not name.startswith(("hindsight-pd", "reactive-pd", "lead-time-pd"))}  # fmt: skip
+            if not name.startswith("static:") and not is_disagg(name)}  # fmt: skip
 
 
 if __name__ == "__main__":

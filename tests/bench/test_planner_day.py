@@ -10,7 +10,13 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from bench.planner_day import DayStudyConfig, equal_sla_statics, simulation, verdict
+from bench.planner_day import (
+    DayStudyConfig,
+    equal_sla_statics,
+    planner_config,
+    simulation,
+    verdict,
+)
 from bench.planner_frontier import equal_sla_static
 from bench.planner_frontier import main as frontier_main
 from bench.replay_fluid import SimRequest
@@ -22,9 +28,11 @@ from bench.replay_planner import (
     diurnal_share,
     run_hindsight,
     run_hindsight_roles,
+    run_planned,
     sine_share,
 )
 from bench.trace import load_mooncake
+from serving.planner.capacity import CapacityModel
 from tests.bench.conftest import tiny_trace
 from workflows.bench_cli import app as bench_app
 
@@ -279,3 +287,19 @@ def test_frontier_runs_the_planner_with_a_perfect_forecast(tmp_path: Path) -> No
     perfect = points["perfect:scaling.interval_s=30"]
     assert perfect["requests"] == points["static:1"]["requests"] > 0
     assert perfect["gpu_hours"] > 0
+
+
+def test_planner_sizes_from_an_injected_forecast(tmp_path: Path) -> None:
+    """``run_planned``'s ``rate_predictor`` replaces the planner's own: told of ten times the
+    day's arrivals, it holds a larger pool than when told the truth."""
+    config = DayStudyConfig(trace=tiny_trace(tmp_path / "trace.jsonl"), peak_speedup=8.0,
+                            start_s=20 * 3600.0, duration_s=1200.0, warmup_s=600.0)  # fmt: skip
+    setup, profile = simulation(config)
+    planner = planner_config(config, "lead-time")
+    capacity = CapacityModel(profile, planner.sla)
+    arrivals = [r.arrival_s for r in setup.requests()]
+    tenfold = [t + i / 10 for t in arrivals for i in range(10)]
+    truth = run_planned(setup, planner, capacity, "truth", PerfectForecast(arrivals))
+    inflated = run_planned(setup, planner, capacity, "x10", PerfectForecast(tenfold))
+    assert truth.figures(4.0)["requests"] == inflated.figures(4.0)["requests"]
+    assert inflated.gpu_s > truth.gpu_s
